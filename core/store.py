@@ -1,0 +1,229 @@
+"""The persisted document cache: one directory per (document text, model, KV settings).
+
+Layout under the data directory ($RA_HOME, default the platform's user cache dir):
+
+  store/entries/<key>/             one prefilled document; <key> = sha256 of `StoreKey` (hex, 32)
+    manifest.json                  format version, key fields, shapes, source document, timings
+    tokens.npy     int32 [P]       the cached prefix tokens (chat template head + document + ...)
+    sources.npy    int32 [P, 2]    per token: char offset in text.txt, page (0-based); -1 = template
+    text.txt                       the extracted document text (UTF-8), what `sources` points into
+    keys.npy       fp16 [L, KVH, P, D]   post-RoPE keys of every prefix token
+    values.npy     fp16 [L, KVH, P, D]   values
+    queries.npy    fp16 [L, Hq, Q, D]    a strided sample of prefill queries (for query-aware indexes)
+    query_positions.npy int32 [Q]
+    indexes/<kind>-s<sink>-r<recent>/    index over the offloaded range (see core/index.py)
+  store/tmp/       entries and indexes being written; renamed into place only when complete
+  store/locks/     one file lock per key, so two processes never build the same entry twice
+
+Why .npy: a documented header plus raw little-endian data, so `np.load(mmap_mode=...)` maps it
+without reading it (a 128K-token Llama-8B entry is 16 GiB) and nothing is ever unpickled
+(`allow_pickle=False` everywhere). [L, KVH, P, D] keeps each head's keys contiguous, so the rows
+a query retrieves are small reads from one region.
+
+The static / offloaded split is not baked into the entry: the static set is the first `sink` and
+last `recent` rows of each head, read at load time, and indexes are kept per split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    """Everything that changes the cached tokens or KV values."""
+
+    text_sha256: str
+    model: str          # model identity (core/model.py), e.g. "gguf:<sha256>"
+    prompt: int         # prompt format version (core/prompt.py)
+    compute_dtype: str  # dtype the prefill ran in
+    kv_dtype: str       # dtype the KV is stored in
+    format: int = FORMAT_VERSION
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The data directory's document cache."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.entries = self.root / "entries"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        for d in (self.entries, self.tmp, self.locks):
+            d.mkdir(parents=True, exist_ok=True)
+        self._clean_stale_tmp()
+
+    def _clean_stale_tmp(self) -> None:
+        # a temp dir is named <pid>-<uuid>; a dead pid means a crashed writer left it behind
+        for d in self.tmp.iterdir():
+            pid = d.name.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def lock(self, key: StoreKey):
+        from filelock import FileLock
+
+        return FileLock(str(self.locks / f"{key.digest}.lock"))
+
+    def path(self, key: StoreKey) -> Path:
+        return self.entries / key.digest
+
+    def open(self, key: StoreKey) -> "Entry | None":
+        p = self.path(key)
+        return Entry(p) if (p / "manifest.json").exists() else None
+
+    @contextmanager
+    def staging(self):
+        """A fresh temp dir; the caller renames it into place. Removed on any error."""
+        d = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        d.mkdir()
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def commit(self, staged: Path, final: Path) -> None:
+        """Atomically publish a complete temp dir (same filesystem: rename is atomic)."""
+        _fsync_tree(staged)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staged, final)
+        except OSError:
+            if not final.exists():
+                raise  # else another process published the same content first: keep theirs
+
+    def list(self) -> list["Entry"]:
+        return [Entry(p) for p in sorted(self.entries.iterdir()) if (p / "manifest.json").exists()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EntryWriter:
+    """Fills a staging directory while the prefill runs, chunk by chunk (bounded memory)."""
+
+    def __init__(self, d: Path, n_tokens: int, n_layers: int, kv_heads: int, q_heads: int, head_dim: int,
+                 kv_dtype: str, query_positions: np.ndarray):
+        self.dir = d
+        shape = (n_layers, kv_heads, n_tokens, head_dim)
+        self.keys = np.lib.format.open_memmap(d / "keys.npy", mode="w+", dtype=kv_dtype, shape=shape)
+        self.values = np.lib.format.open_memmap(d / "values.npy", mode="w+", dtype=kv_dtype, shape=shape)
+        self.query_positions = query_positions.astype(np.int32)
+        self.queries = np.lib.format.open_memmap(
+            d / "queries.npy", mode="w+", dtype=kv_dtype, shape=(n_layers, q_heads, len(query_positions), head_dim))
+
+    def write_kv(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v: [KVH, T, D] for tokens start..start+T"""
+        self.keys[layer, :, start:start + k.shape[1]] = k
+        self.values[layer, :, start:start + v.shape[1]] = v
+
+    def write_queries(self, layer: int, slot: slice, q: np.ndarray) -> None:
+        """q: [Hq, n, D] for query_positions[slot]"""
+        self.queries[layer, :, slot] = q
+
+    def finish(self, manifest: dict, tokens: np.ndarray, sources: np.ndarray, text: str) -> None:
+        for m in (self.keys, self.values, self.queries):
+            m.flush()
+        del self.keys, self.values, self.queries
+        np.save(self.dir / "tokens.npy", tokens.astype(np.int32), allow_pickle=False)
+        np.save(self.dir / "sources.npy", sources.astype(np.int32), allow_pickle=False)
+        np.save(self.dir / "query_positions.npy", self.query_positions, allow_pickle=False)
+        (self.dir / "text.txt").write_text(text, encoding="utf-8")
+        # the manifest is written last: an entry without one is never opened
+        (self.dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+class Entry:
+    """An opened cache entry. Arrays are memory-mapped copy-on-write: nothing is read until used,
+    and torch can wrap them without copying (writes, if any, never reach the file)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        self.tokens = self._load("tokens.npy")
+        self.keys = self._load("keys.npy")      # [L, KVH, P, D]
+        self.values = self._load("values.npy")
+        self.n_layers, self.kv_heads, self.n_tokens, self.head_dim = self.keys.shape
+        try:
+            os.utime(self.path / "manifest.json")  # "last used", for LRU eviction
+        except OSError:
+            pass
+
+    def _load(self, name: str):
+        return np.load(self.path / name, mmap_mode="c", allow_pickle=False)
+
+    @property
+    def sources(self) -> np.ndarray:
+        return self._load("sources.npy")
+
+    @property
+    def text(self) -> str:
+        return (self.path / "text.txt").read_text(encoding="utf-8")
+
+    def split(self, sink: int, recent: int) -> tuple[int, int]:
+        """(end of the sink range, start of the recent range); offloaded = [a, b)."""
+        a = min(sink, self.n_tokens)
+        b = max(a, self.n_tokens - recent)
+        return a, b
+
+    def offloaded_keys(self, layer: int, sink: int, recent: int) -> np.ndarray:
+        a, b = self.split(sink, recent)
+        return self.keys[layer, :, a:b]  # [KVH, N_off, D], a view into the memory map
+
+    def index_dir(self, kind: str, sink: int, recent: int) -> Path:
+        return self.path / "indexes" / f"{kind}-s{sink}-r{recent}"
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def ensure_index(self, store: Store, kind: str, sink: int, recent: int, progress=None) -> Path:
+        """Build the index for this split if it is missing (atomically, under the entry's lock)."""
+        from filelock import FileLock
+
+        from .index import build_index_dir
+
+        final = self.index_dir(kind, sink, recent)
+        if (final / "index.json").exists():
+            return final
+        with FileLock(str(store.locks / f"{self.path.name}.index.lock")):
+            if (final / "index.json").exists():
+                return final
+            with store.staging() as tmp:
+                build_index_dir(kind, lambda layer: np.asarray(self.offloaded_keys(layer, sink, recent), np.float32),
+                                self.n_layers, tmp, progress)
+                store.commit(tmp, final)
+        return final
+
