@@ -88,7 +88,10 @@ def converted_dir(ref: ModelRef, models_root: Path) -> Path:
 def _convert_gguf(ref: ModelRef, models_root: Path, notice=None) -> Path:
     from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     final = converted_dir(ref, models_root)
     if (final / "ra-model.json").exists():
         return final
@@ -146,8 +149,12 @@ def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trus
     """-> (model, tokenizer), the model in eval mode on `device` using the "ra" attention."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from . import attention  # noqa: F401  registers the "ra" attention implementation
+
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs is noise here
+    hf_logging.set_verbosity_error()
 
     path = str(_convert_gguf(ref, models_root, notice)) if ref.kind == "gguf" else ref.path
     try:

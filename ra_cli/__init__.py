@@ -1,0 +1,1 @@
+"""ra's command line; see ra_cli/main.py."""

@@ -1,0 +1,44 @@
+"""Shared fixtures. Every test gets its own RA_HOME; the embedded model is converted once per
+session (set RA_TEST_MODELS to a directory to keep the converted copy between runs)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_docs"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    d = os.environ.get("RA_TEST_MODELS")
+    path = Path(d) if d else tmp_path_factory.mktemp("models")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def ra_home(tmp_path, models_dir, monkeypatch):
+    home = tmp_path / "ra_home"
+    home.mkdir()
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    monkeypatch.setenv("RA_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def smol(models_dir):
+    """(model, tokenizer, identity) of the embedded SmolLM2, loaded once, fp32 on the CPU."""
+    from core import model as models
+
+    ref = models.resolve(None)
+    model, tok = models.load(ref, models_dir, "cpu")
+    return model, tok, ref.identity
+
+
+def book_text(n_chars: int, start_marker: str = "CHAPTER I.") -> str:
+    text = (SAMPLES / "alice.txt").read_text(encoding="utf-8")
+    i = text.index(start_marker)
+    return text[i:i + n_chars]
