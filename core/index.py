@@ -88,7 +88,8 @@ def build_index_dir(kind: str, offloaded_keys, n_layers: int, out: Path, progres
     means = np.zeros((n_layers, first.shape[0], first.shape[2]), dtype=np.float32)
     for layer in range(n_layers):
         keys = first if layer == 0 else offloaded_keys(layer)
-        means[layer] = keys.mean(axis=1)
+        if keys.shape[1] > 0:
+            means[layer] = keys.mean(axis=1)
         if kind == "hnsw" and keys.shape[1] > 0:
             for h in range(keys.shape[0]):
                 build_hnsw(np.ascontiguousarray(keys[h] - means[layer, h]), out / f"l{layer:03d}h{h:02d}.hnsw")

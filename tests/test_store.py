@@ -1,0 +1,120 @@
+"""The store: complete entries only, nothing unpickled, sources that point back into the text,
+and no second prefill of a cached document."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import book_text
+from core.documents import Document
+from core.engine import AnswerStats, Engine, Settings
+from core.store import Store
+
+
+def _doc(n=2500):
+    return Document(text=book_text(n), name="alice-part", kind="text")
+
+
+def test_entry_layout_and_no_pickle(smol, tmp_path):
+    engine = Engine(tmp_path, Settings(index="hnsw", sink=8, recent=16), loaded=smol)
+    p = engine.prepare(_doc())
+    d = p.entry.path
+    m = json.loads((d / "manifest.json").read_text())
+    L, KVH, P, D = p.entry.keys.shape
+    assert (L, KVH, D) == (30, 3, 64) and P == m["n_tokens"]
+    for name in ("tokens", "sources", "keys", "values", "queries", "query_positions"):
+        arr = np.load(d / f"{name}.npy", allow_pickle=False, mmap_mode="r")  # raises on pickled data
+        assert arr.dtype != object
+    assert np.load(d / "keys.npy", mmap_mode="r").dtype == np.float16
+    idx = p.entry.index_dir("hnsw", 8, 16)
+    assert len(list(idx.glob("*.hnsw"))) == L * KVH and (idx / "means.npy").exists()
+    assert not any(engine.store.tmp.iterdir())
+
+
+def test_sources_point_into_the_text(smol, tmp_path):
+    model, tok, _ = smol
+    engine = Engine(tmp_path, Settings(), loaded=smol)
+    doc = _doc()
+    p = engine.prepare(doc)
+    src, ids = p.entry.sources, p.entry.tokens
+    doc_rows = np.nonzero(src[:, 0] >= 0)[0]
+    assert len(doc_rows) > 400 and src[: doc_rows[0], 0].max() == -1  # template head first
+    text = p.entry.text
+    for row in doc_rows[::37]:
+        piece = tok.decode([int(ids[row])])
+        assert text[src[row, 0]:].startswith(piece.lstrip()) or text[src[row, 0]:].lstrip().startswith(piece.strip())
+
+
+def test_pdf_tokens_know_their_page(smol, tmp_path):
+    from conftest import SAMPLES
+    from core.documents import load_document
+
+    doc = load_document(str(SAMPLES / "R-intro.pdf"))
+    assert doc.kind == "pdf" and len(doc.page_starts) == 113
+    small = Document(text=doc.text[: doc.page_starts[3] + 200], name="r3", kind="pdf", page_starts=doc.page_starts[:4])
+    p = Engine(tmp_path, Settings(), loaded=smol).prepare(small)
+    pages = p.entry.sources[:, 1]
+    assert set(pages[pages >= 0].tolist()) == {0, 1, 2, 3}
+    assert np.all(np.diff(pages[pages >= 0]) >= 0)  # pages only go forward
+
+
+def test_failed_prefill_leaves_no_entry(smol, tmp_path):
+    class Boom(Exception):
+        pass
+
+    def progress(stage, done, total):
+        if stage == "prefill" and done > 0:
+            raise Boom()
+
+    engine = Engine(tmp_path, Settings(chunk_size=256), progress=progress, loaded=smol)
+    with pytest.raises(Boom):
+        engine.prepare(_doc())
+    assert list(engine.store.entries.iterdir()) == []
+    assert list(engine.store.tmp.iterdir()) == []
+    engine.progress = lambda *a: None
+    assert engine.prepare(_doc()).cache_hit is False  # and the next try builds it normally
+
+
+def test_killed_writer_leftovers_are_cleaned(tmp_path):
+    # a temp dir from a process that no longer exists (as after kill -9) is removed on open
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    store = Store(tmp_path / "store")
+    stale = store.tmp / f"{dead}-deadbeef"
+    stale.mkdir()
+    (stale / "keys.npy").write_bytes(b"partial")
+    mine = store.tmp / f"{os.getpid()}-alive000"
+    mine.mkdir()
+    Store(tmp_path / "store")
+    assert not stale.exists() and mine.exists()
+
+
+def test_second_ask_does_no_prefill_and_answers_the_same(smol, tmp_path):
+    """A new Engine (as in a new process) on the same data directory: the document never goes
+    through the model again; only the question and answer tokens do."""
+    model, tok, identity = smol
+    seen = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        s = Settings(max_tokens=12)
+        first = Engine(tmp_path, s, loaded=smol)
+        p1 = first.prepare(_doc())
+        assert not p1.cache_hit and sum(seen) == p1.entry.n_tokens  # the prefill, chunk by chunk
+        st1 = AnswerStats()
+        a1 = "".join(first.ask(p1, "Who is late?", st1))
+        seen.clear()
+        second = Engine(tmp_path, Settings(max_tokens=12), loaded=smol)
+        p2 = second.prepare(_doc())
+        assert p2.cache_hit and seen == []  # opening a cached document runs no model forward at all
+        st2 = AnswerStats()
+        a2 = "".join(second.ask(p2, "Who is late?", st2))
+        assert a2 == a1 and a2.strip()
+        # question tokens in one forward, then one forward per generated token
+        assert seen[0] == st2.question_tokens and set(seen[1:]) <= {1}
+        assert sum(seen) < 100 < p2.entry.n_tokens
+    finally:
+        hook.remove()
