@@ -76,21 +76,41 @@ def reference_attention(q, k, v, scale: float, causal_offset: int | None = None)
     return torch.softmax(scores, dim=-1) @ v
 
 
-def retrieval_attention(q, k_local, v_local, k_sel, v_sel, scale: float):
+def attention_from_scores(scores, v, scale: float):
+    """Partial attention when the logits are already known (an index returns them with the ids).
+
+    scores: [..., K] unscaled q.k of the K selected keys; v: [..., K, D] -> o: [..., D], lse: [...]
+    """
+    s = scores * scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    return torch.matmul(p[..., None, :], v)[..., 0, :], lse
+
+
+def retrieval_attention(q, k_local, v_local, s_sel, v_sel, scale: float):
     """Attention over the local keys (causal for the newest) merged with per-query retrieved keys.
 
-    q:        [KVH, G, T, D]   queries grouped by the KV head they share (GQA)
-    k_local:  [KVH, S, D]      static set + tokens after the document; the last T are the queries' own
-    k_sel:    [KVH, G, T, K, D] the K offloaded keys retrieved for each query (K may be 0)
+    q:        [KVH, G, T, D]    queries grouped by the KV head they share (GQA)
+    k_local:  [KVH, S, D]       static set + tokens after the document; the last T are the queries' own
+    s_sel:    [KVH, G, T, K]    q.k logits (unscaled) of the K offloaded keys retrieved for each query
+    v_sel:    [KVH, G, T, K, D] their values (K may be 0)
     returns   [KVH, G, T, D]
     """
-    T, S = q.shape[-2], k_local.shape[-2]
-    o_loc, lse_loc = partial_attention(q, k_local[:, None], v_local[:, None], scale, causal_offset=S - T)
-    if k_sel.shape[-2] == 0:
+    KVH, G, T, D = q.shape
+    S = k_local.shape[-2]
+    # [KVH, G*T, D] against [KVH, S, D]: one bmm per KV head, no broadcast copies of the keys
+    scores = torch.bmm(q.reshape(KVH, G * T, D), k_local.transpose(1, 2)).view(KVH, G, T, S) * scale
+    if T > 1:  # the new tokens see each other causally; everything before them is visible
+        t = torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        scores = scores.masked_fill(j > S - T + t, float("-inf"))
+    lse_loc = torch.logsumexp(scores, dim=-1)  # [KVH, G, T]; finite: a token always sees itself
+    p = torch.exp(scores - lse_loc[..., None]).view(KVH, G * T, S)
+    o_loc = torch.bmm(p, v_local).view(KVH, G, T, D)
+    if s_sel.shape[-1] == 0:
         return o_loc
-    # one query against its own K keys: [KVH, G, T, 1, D] @ [KVH, G, T, D, K]
-    o_ret, lse_ret = partial_attention(q[..., None, :], k_sel, v_sel, scale)
-    o, _ = merge_partials(o_loc, lse_loc, o_ret[..., 0, :], lse_ret[..., 0])
+    o_ret, lse_ret = attention_from_scores(s_sel, v_sel, scale)
+    o, _ = merge_partials(o_loc, lse_loc, o_ret, lse_ret)
     return o
 
 
@@ -101,8 +121,8 @@ class RetrievalLayer(DynamicLayer):
 
     `keys`/`values` (inherited, [1, KVH, S, D], on the compute device) start as the static set and
     grow by `update` with every token after the document, as a DynamicLayer does. The offloaded
-    middle lives in `offloaded` (an `OffloadedKV` of core/store.py, CPU, memory-mapped) and is
-    reached only through `index`.
+    middle lives in `offloaded` (an `OffloadedKV` of core/engine.py: CPU, memory-mapped) and is
+    reached only through `index`, which returns the ids and logits of each query's top-k keys.
     """
 
     def __init__(self, static_k, static_v, offloaded, index, top_k: int, n_prefix: int):
@@ -126,18 +146,20 @@ class RetrievalLayer(DynamicLayer):
         """query: [1, Hq, T, D]; key/value: [1, KVH, S, D] as returned by update -> [1, T, Hq, D]."""
         _, Hq, T, D = query.shape
         KVH = key.shape[1]
-        q = query[0].reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
+        # the attention math runs in fp32 whatever the model's dtype (cheap: few keys per query)
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
         k = min(self.top_k, self.n_offloaded)
         if k > 0:
-            ids = self.index.search(q.reshape(KVH, -1, D), k)  # [KVH, G*T, k] CPU int64
+            # the index returns the ids of each query's top-k keys and their exact logits q.k
+            ids, scores = self.index.search(q.reshape(KVH, -1, D), k)  # [KVH, G*T, k], CPU
             self.last_retrieved = ids
-            k_sel, v_sel = self.offloaded.gather(ids)  # [KVH, G*T, k, D] each, CPU
-            k_sel = k_sel.to(q.device, q.dtype, non_blocking=True).reshape(*q.shape[:3], k, D)
-            v_sel = v_sel.to(q.device, q.dtype, non_blocking=True).reshape(*q.shape[:3], k, D)
+            v_sel = self.offloaded.gather_values(ids)  # [KVH, G*T, k, D], CPU, store dtype
+            s_sel = scores.to(q.device).reshape(*q.shape[:3], k)
+            v_sel = v_sel.to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
         else:
-            k_sel = v_sel = q.new_zeros(*q.shape[:3], 0, D)
-        o = retrieval_attention(q, key[0], value[0], k_sel, v_sel.to(q.dtype), scale)
-        return o.reshape(Hq, T, D).transpose(0, 1)[None].contiguous()
+            s_sel, v_sel = q.new_zeros(*q.shape[:3], 0), q.new_zeros(*q.shape[:3], 0, D)
+        o = retrieval_attention(q, key[0].float(), value[0].float(), s_sel, v_sel, scale)
+        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 
 class RetrievalCache(Cache):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import attention  # noqa: F401  registers the "ra" attention implementation with transformers
 from .documents import Document
 from .store import Entry, EntryWriter, Store, StoreKey
 
@@ -32,9 +33,10 @@ class Settings:
     top_k: int = 100
     sink: int = 128
     recent: int = 512
-    chunk_size: int = 512
+    chunk_size: int = 1024
     kv_dtype: str = "float16"
     max_tokens: int = 256
+    stop_at_eos: bool = True       # False: always generate max_tokens (benchmarks)
     query_samples: int = 512       # prefill queries kept per layer for query-aware indexes
     trust_remote_code: bool = False
 
@@ -70,9 +72,9 @@ class OffloadedKV:
         self.v = torch.from_numpy(values)
         self.heads = torch.arange(keys.shape[0])[:, None, None]
 
-    def gather(self, ids):
-        """ids: [KVH, M, k] -> k, v: [KVH, M, k, D] (store dtype, CPU)."""
-        return self.k[self.heads, ids], self.v[self.heads, ids]
+    def gather_values(self, ids):
+        """ids: [KVH, M, k] -> v: [KVH, M, k, D] (store dtype, CPU)."""
+        return self.v[self.heads, ids]
 
 
 class Engine:
@@ -224,7 +226,8 @@ class Engine:
         stream = TextStream(self.tokenizer)
         t = time.perf_counter()
         for tok in generate(self.model, cache, q, prepared.entry.n_tokens, self.s.max_tokens,
-                            stop_ids(self.tokenizer, self.model.config), on_logits):
+                            stop_ids(self.tokenizer, self.model.config) if self.s.stop_at_eos else set(),
+                            on_logits):
             if stats.answer_tokens == 0:
                 stats.first_token_s = time.perf_counter() - t
             stats.answer_tokens += 1

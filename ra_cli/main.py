@@ -83,7 +83,7 @@ def ask(
     sink: int = typer.Option(128, min=0, help="First tokens of the document kept static."),
     recent: int = typer.Option(512, min=0, help="Last tokens of the document kept static."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Longest answer, in tokens."),
-    chunk_size: int = typer.Option(512, min=16, help="Prefill chunk size, in tokens."),
+    chunk_size: int = typer.Option(1024, min=16, help="Prefill chunk size, in tokens."),
     trust_remote_code: bool = typer.Option(False, help="Allow a model's own Python code to run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or notices on stderr."),
 ):

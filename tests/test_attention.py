@@ -54,7 +54,8 @@ def test_retrieval_attention_with_every_key_retrieved_is_full_attention():
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(0))
     k_sel = k_off[:, perm][:, None, None].expand(KVH, G, T, N, D)
     v_sel = v_off[:, perm][:, None, None].expand(KVH, G, T, N, D)
-    out = retrieval_attention(q, k_loc, v_loc, k_sel, v_sel, 0.25)
+    s_sel = (q[..., None, :] * k_sel).sum(-1)  # the logits an index returns with its ids
+    out = retrieval_attention(q, k_loc, v_loc, s_sel, v_sel, 0.25)
     # reference: offloaded keys come before the local ones, all visible; local ones causal
     k_all = torch.cat([k_off, k_loc], 1)[:, None]
     v_all = torch.cat([v_off, v_loc], 1)[:, None]
@@ -68,7 +69,8 @@ def test_retrieval_attention_with_few_keys_differs_from_full():
     q = _rand(KVH, G, T, D, seed=1) * 3
     k_loc, v_loc = _rand(KVH, S, D, seed=2), _rand(KVH, S, D, seed=3)
     k_off, v_off = _rand(KVH, N, D, seed=4), _rand(KVH, N, D, seed=5)
-    out = retrieval_attention(q, k_loc, v_loc, k_off[:, None, None, :2].expand(KVH, G, T, 2, D),
+    k_sel = k_off[:, None, None, :2].expand(KVH, G, T, 2, D)
+    out = retrieval_attention(q, k_loc, v_loc, (q[..., None, :] * k_sel).sum(-1),
                               v_off[:, None, None, :2].expand(KVH, G, T, 2, D), 0.35)
     ref = reference_attention(q, torch.cat([k_off, k_loc], 1)[:, None], torch.cat([v_off, v_loc], 1)[:, None], 0.35)
     assert (out - ref).abs().max() > 1e-3
