@@ -56,10 +56,11 @@ class Prepared:
 
 @dataclass
 class AnswerStats:
-    question_tokens: int = 0
+    question_tokens: int = 0       # everything fed before the answer: earlier turns + this question
     answer_tokens: int = 0
     answer_s: float = 0.0
     first_token_s: float = 0.0
+    answer_ids: list = field(default_factory=list)  # the generated tokens (kept for the next turn)
 
 
 class OffloadedKV:
@@ -162,7 +163,7 @@ class Engine:
             manifest = {
                 "format": key.format, "key": key.__dict__, "digest": key.digest,
                 "document": {"name": doc.name, "kind": doc.kind, "chars": len(doc.text),
-                             "page_starts": doc.page_starts},
+                             "page_starts": doc.page_starts, "files": doc.files},
                 "model": {"spec": self.ref.spec, "identity": self.ref.identity,
                           "layers": self.n_layers, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
                           "head_dim": self.head_dim},
@@ -182,7 +183,7 @@ class Engine:
         for layer in range(entry.n_layers):
             off = OffloadedKV(entry.keys[layer, :, a:b], entry.values[layer, :, a:b])
             index = None
-            if b > a:
+            if b > a and self.s.attention != "full":  # full attention reads the KV, not the index
                 keys32 = off.k.float() if self.s.index == "flat" else None
                 index = open_layer_index(self.s.index, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads)
             layers.append((off, index))
@@ -214,23 +215,42 @@ class Engine:
             layers.append(RetrievalLayer(to_dev(k), to_dev(v), off, index, self.s.top_k, e.n_tokens))
         return RetrievalCache(layers)
 
-    def ask(self, prepared: Prepared, question: str, stats: AnswerStats | None = None, on_logits=None):
-        """Stream the answer to `question` as text pieces. Fills `stats` if given."""
+    def ask(self, prepared: Prepared, question: str, stats: AnswerStats | None = None, on_logits=None,
+            history: list | None = None):
+        """Stream the answer to `question` as text pieces. Fills `stats` if given.
+
+        history: earlier turns of a conversation about this document, [(question, answer_ids)];
+        they are run again on top of the document's cache (a few hundred tokens, no document
+        prefill), so the answer sees the conversation."""
         from .generation import TextStream, generate
-        from .prompt import question_ids, stop_ids
+        from .prompt import followup_ids, question_ids, stop_ids
 
         stats = stats if stats is not None else AnswerStats()
-        q = question_ids(self.tokenizer, question)
+        turns = list(history or []) + [(question, None)]
+        q: list[int] = []
+        for i, (text, answer_ids) in enumerate(turns):
+            q += question_ids(self.tokenizer, text) if i == 0 else followup_ids(self.tokenizer, text)
+            if answer_ids is not None:
+                q += list(answer_ids)
         stats.question_tokens = len(q)
+        n = prepared.entry.n_tokens
+        if self.max_positions and n + len(q) + 1 > self.max_positions:
+            from .documents import DocumentError
+
+            raise DocumentError(f"the conversation no longer fits in the model's {self.max_positions:,} tokens "
+                                f"(document {n:,} + {len(q):,}); start over (/reset)")
+        max_new = min(self.s.max_tokens, self.max_positions - n - len(q)) if self.max_positions else self.s.max_tokens
         cache = self.build_cache(prepared)
         stream = TextStream(self.tokenizer)
         t = time.perf_counter()
-        for tok in generate(self.model, cache, q, prepared.entry.n_tokens, self.s.max_tokens,
+        for tok in generate(self.model, cache, q, n, max_new,
                             stop_ids(self.tokenizer, self.model.config) if self.s.stop_at_eos else set(),
                             on_logits):
             if stats.answer_tokens == 0:
                 stats.first_token_s = time.perf_counter() - t
             stats.answer_tokens += 1
+            stats.answer_ids.append(tok)
+            stats.answer_s = time.perf_counter() - t
             piece = stream.push(tok)
             if piece:
                 yield piece

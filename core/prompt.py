@@ -66,6 +66,20 @@ def question_ids(tokenizer, question: str) -> list[int]:
     return _encode(tokenizer, question.strip(), split_special_tokens=True) + _encode(tokenizer, tail)
 
 
+def followup_ids(tokenizer, question: str) -> list[int]:
+    """Tokens that end the previous answer's turn and ask a follow-up question (multi-turn)."""
+    a_sentinel = "\u2063RA-ANSWER\u2063"
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": a_sentinel},
+             {"role": "user", "content": Q_SENTINEL}], tokenize=False, add_generation_prompt=True)
+        between, tail = rendered.split(a_sentinel)[1].split(Q_SENTINEL)
+    else:
+        between, tail = "\n\nQuestion: ", "\nAnswer:"
+    return (_encode(tokenizer, between) + _encode(tokenizer, question.strip(), split_special_tokens=True)
+            + _encode(tokenizer, tail))
+
+
 def stop_ids(tokenizer, model_config) -> set[int]:
     ids = set()
     for source in (getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id):

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 FORMAT_VERSION = 1
 
@@ -87,8 +88,6 @@ class Store:
                 shutil.rmtree(d, ignore_errors=True)
 
     def lock(self, key: StoreKey):
-        from filelock import FileLock
-
         return FileLock(str(self.locks / f"{key.digest}.lock"))
 
     def path(self, key: StoreKey) -> Path:
@@ -120,6 +119,65 @@ class Store:
 
     def list(self) -> list["Entry"]:
         return [Entry(p) for p in sorted(self.entries.iterdir()) if (p / "manifest.json").exists()]
+
+    def infos(self) -> list["EntryInfo"]:
+        """Every complete entry, least recently used first, read from manifests only (opening an
+        Entry would count as a use)."""
+        out = [EntryInfo.read(p) for p in self.entries.iterdir() if (p / "manifest.json").exists()]
+        return sorted(out, key=lambda e: (e.last_used, e.digest))
+
+    def find(self, prefix: str) -> "EntryInfo":
+        """The one entry whose key starts with `prefix` (KeyError with a message otherwise)."""
+        hits = [e for e in self.infos() if e.digest.startswith(prefix)] if prefix else []
+        if len(hits) != 1:
+            raise KeyError(f"{'no' if not hits else 'more than one'} cache entry matches {prefix!r}"
+                           + ("; see `ra cache list`" if not hits else "; give more characters"))
+        return hits[0]
+
+    def remove(self, digest: str) -> None:
+        """Delete an entry: renamed out of `entries/` first, so no reader ever sees half of one.
+        A process that has it open keeps its memory maps until it exits."""
+        src = self.entries / digest
+        with FileLock(str(self.locks / f"{digest}.lock")):
+            if not src.exists():
+                return
+            trash = self.tmp / f"{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
+            os.rename(src, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def gc(self, max_bytes: int, dry_run: bool = False) -> list["EntryInfo"]:
+        """Evict least recently used entries until the store holds at most `max_bytes`."""
+        infos = self.infos()
+        total = sum(e.size_bytes for e in infos)
+        evicted = []
+        for e in infos:
+            if total <= max_bytes:
+                break
+            if not dry_run:
+                self.remove(e.digest)
+            evicted.append(e)
+            total -= e.size_bytes
+        return evicted
+
+
+@dataclass
+class EntryInfo:
+    """What `ra cache` shows about an entry, without opening its arrays."""
+
+    path: Path
+    manifest: dict
+    size_bytes: int
+    last_used: float  # manifest.json's mtime, touched each time the entry is opened
+
+    @classmethod
+    def read(cls, path: Path) -> "EntryInfo":
+        m = path / "manifest.json"
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return cls(path, json.loads(m.read_text()), size, m.stat().st_mtime)
+
+    @property
+    def digest(self) -> str:
+        return self.path.name
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,33 +1,39 @@
 """The `ra` command line (Typer). Heavy imports (torch, transformers) happen inside commands that
-need a model, so `ra --help` and `ra cache ...` start instantly.
+need a model, so `ra --help`, `ra --version`, `ra models` and `ra cache ...` start instantly.
 
-stdout carries only answers; progress, notices and errors go to stderr.
-Exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted.
+stdout carries only answers (and `index`/`cache`/`models` listings); progress, notices and errors
+go to stderr. Exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted.
+Settings: option > environment variable > $RA_HOME/config.toml > default (ra_cli/config.py).
 """
 from __future__ import annotations
 
-import os
+import json
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from .cache import cache_app, models
+from .session import ModelOptions, UsageError, WalkOptions
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Ask questions about whole books, PDFs and codebases with a local LLM.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect the document cache.")
-app.add_typer(cache_app, name="cache")
 
 _debug = False
 
 
-class UsageError(Exception):
-    """Bad arguments: exit code 2."""
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ra {version('ra')}")
+        raise typer.Exit()
 
 
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Ask questions about whole books, PDFs and codebases with a local LLM."""
 
 
 def _home():
@@ -36,126 +42,160 @@ def _home():
     return data_home()
 
 
-class _Progress:
-    """rich progress bars on stderr for the engine's progress(stage, done, total) callback."""
+def _err_console():
+    from rich.console import Console
 
-    LABELS = {"prefill": "prefill (tokens)", "index": "index (layers)"}
+    return Console(stderr=True, highlight=False)
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bars, self.tasks = enabled, None, {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                                   TimeRemainingColumn)
-        from rich.text import Text
+# Options shared by ask, repl and index (each is a default value Typer reads; reusing them is fine).
+MODEL = typer.Option(None, "--model", "-m", envvar="RA_MODEL",
+                     help="Model: .gguf file, model directory or Hugging Face id. Default: embedded SmolLM2-135M-Instruct.")
+DEVICE = typer.Option("auto", envvar="RA_DEVICE", help="auto, cpu or cuda.")
+DTYPE = typer.Option("auto", envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
+ATTENTION = typer.Option("retrieval", envvar="RA_ATTENTION",
+                         help="retrieval, or full (exact attention over the same cached KV).")
+INDEX = typer.Option("flat", envvar="RA_INDEX", help="Offloaded-key index: flat (exact) or hnsw.")
+TOP_K = typer.Option(100, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
+SINK = typer.Option(128, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")
+RECENT = typer.Option(512, envvar="RA_RECENT", min=0, help="Last tokens of the document kept static.")
+MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", envvar="RA_MAX_TOKENS", min=1, help="Longest answer, in tokens.")
+CHUNK = typer.Option(1024, envvar="RA_CHUNK_SIZE", min=16, help="Prefill chunk size, in tokens.")
+TRUST = typer.Option(False, help="Allow a model's own Python code to run.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or notices on stderr.")
+INCLUDE = typer.Option([], "--include", help="Directories: index only files matching this glob (repeatable).")
+EXCLUDE = typer.Option([], "--exclude", help="Directories: skip files matching this glob (repeatable).")
+MAX_FILE = typer.Option("256K", envvar="RA_MAX_FILE_SIZE", help="Directories: skip files larger than this.")
 
-        class Rate(ProgressColumn):
-            def render(self, task):
-                return Text(f"{task.speed:,.0f}/s" if task.speed else "", style="cyan")
 
-        if self.bars is None:
-            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                                 TextColumn("eta"), TimeRemainingColumn(), console=_err_console())
-            self.bars.start()
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bars.add_task(self.LABELS.get(stage, stage), total=total)
-        self.bars.update(self.tasks[stage], completed=done, total=total)
+def _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size, trust_remote_code):
+    o = ModelOptions(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+                     trust_remote_code)
+    o.check()
+    return o
 
-    def stop(self) -> None:
-        if self.bars is not None:
-            self.bars.stop()
-            self.bars = None
+
+def _questions(target: str, question: Optional[str], extra: List[str], questions_file: Optional[str]) -> list[str]:
+    qs = ([question] if question is not None else []) + list(extra)
+    if questions_file:
+        if questions_file == "-":
+            if target == "-":
+                raise UsageError("stdin holds the document; give --questions a file")
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                lines = open(questions_file, encoding="utf-8").read().splitlines()
+            except OSError as e:
+                raise UsageError(f"cannot read --questions {questions_file}: {e.strerror}") from None
+        qs += [line for line in lines if line.strip()]
+        if not qs:
+            raise UsageError(f"--questions {questions_file} holds no question")
+    elif not qs:
+        if target == "-" or sys.stdin.isatty():
+            raise UsageError("no question: give one as an argument, with --question/-Q, --questions FILE, or on stdin")
+        qs = [sys.stdin.read()]
+    for q in qs:
+        if not q.strip():
+            raise UsageError("the question is empty")
+    return [q.strip() for q in qs]
 
 
 @app.command()
 def ask(
-    target: str = typer.Argument(..., help="Document to ask about: a text or PDF file, or - for stdin."),
-    question: str = typer.Argument(..., help="The question."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="RA_MODEL",
-                                        help="Model: .gguf file, model directory or Hugging Face id. Default: embedded SmolLM2-135M-Instruct."),
-    device: str = typer.Option("auto", envvar="RA_DEVICE", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16."),
-    attention: str = typer.Option("retrieval", help="retrieval, or full (exact attention over the same cached KV)."),
-    index: str = typer.Option("flat", envvar="RA_INDEX", help="Offloaded-key index: flat (exact) or hnsw."),
-    top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Keys retrieved per head and step."),
-    sink: int = typer.Option(128, min=0, help="First tokens of the document kept static."),
-    recent: int = typer.Option(512, min=0, help="Last tokens of the document kept static."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Longest answer, in tokens."),
-    chunk_size: int = typer.Option(1024, min=16, help="Prefill chunk size, in tokens."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a model's own Python code to run."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or notices on stderr."),
+    target: str = typer.Argument(..., help="A text or PDF file, a directory (a codebase), or - for stdin."),
+    question: Optional[str] = typer.Argument(None, help="The question (else --question, --questions or stdin)."),
+    more: List[str] = typer.Option([], "--question", "-Q", help="A question; repeat for several."),
+    questions_file: Optional[str] = typer.Option(None, "--questions", help="A file with one question per line (- for stdin)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout (JSON Lines)."),
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
+    index: str = INDEX, top_k: int = TOP_K, sink: int = SINK, recent: int = RECENT, max_tokens: int = MAX_TOKENS,
+    chunk_size: int = CHUNK, trust_remote_code: bool = TRUST, quiet: bool = QUIET,
+    include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
-    """Answer a question about a document (prefilled once, then answered from the cache)."""
-    if not question.strip():
-        raise UsageError("the question is empty")
-    if attention not in ("retrieval", "full"):
-        raise UsageError(f"--attention must be retrieval or full, not {attention!r}")
-    if index not in ("flat", "hnsw"):
-        raise UsageError(f"--index must be flat or hnsw, not {index!r}")
-    console = _err_console()
-    say = (lambda msg: None) if quiet else (lambda msg: console.print(f"[dim]ra:[/dim] {msg}"))
+    """Answer questions about a document (prefilled once, then answered from the cache)."""
+    from core.engine import AnswerStats
 
-    from core.documents import load_document
+    from .session import Session, answer_record, read_document, write_answer
 
-    doc = load_document(target)
-    progress = _Progress(enabled=not quiet)
-    say("loading model...")
-    from core.engine import AnswerStats, Engine, Settings
-
-    settings = Settings(model=model, device=device, dtype=dtype, attention=attention, index=index, top_k=top_k,
-                        sink=sink, recent=recent, max_tokens=max_tokens, chunk_size=chunk_size,
-                        trust_remote_code=trust_remote_code)
-    try:
-        engine = Engine(_home(), settings, progress=progress, notice=say)
-        prepared = engine.prepare(doc)
-    finally:
-        progress.stop()
-    n = prepared.entry.n_tokens
-    if prepared.cache_hit:
-        say(f"cache hit: reused {n:,} document tokens from the store, no prefill")
-    else:
-        say(f"prefilled {n:,} tokens in {prepared.prefill_s:.1f} s ({n / max(prepared.prefill_s, 1e-9):,.0f} tokens/s); "
-            f"cached for next time")
-    a, b = prepared.entry.split(sink, recent)
-    if attention == "retrieval":
-        say(f"retrieval attention: {n - (b - a):,} static tokens on {engine.device}, {b - a:,} offloaded "
-            f"({index} index, top-{top_k})")
-    stats = AnswerStats()
-    out = sys.stdout
-    for piece in engine.ask(prepared, question, stats):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
-    if stats.answer_tokens:
-        say(f"{stats.answer_tokens} tokens in {stats.answer_s:.1f} s "
-            f"({stats.answer_tokens / max(stats.answer_s, 1e-9):.1f} tokens/s)")
+    opts = _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+                 trust_remote_code)
+    questions = _questions(target, question, more, questions_file)
+    doc = read_document(target, WalkOptions(include, exclude, max_file_size))
+    session = Session(_home(), opts, _err_console(), quiet)
+    prepared = session.open(doc)
+    markdown = sys.stdout.isatty() and not as_json
+    for i, q in enumerate(questions):
+        if len(questions) > 1:
+            session.say(f"question {i + 1}/{len(questions)}: {q}")
+        stats = AnswerStats()
+        pieces = session.engine.ask(prepared, q, stats)
+        if as_json:
+            answer = "".join(pieces)
+            print(json.dumps(answer_record(q, answer.strip(), doc, prepared, stats, session.engine),
+                             ensure_ascii=False), flush=True)
+        else:
+            if i:
+                print(flush=True)
+            write_answer(pieces, markdown)
+        if stats.answer_tokens:
+            session.say(f"{stats.answer_tokens} tokens in {stats.answer_s:.1f} s "
+                        f"({stats.answer_tokens / max(stats.answer_s, 1e-9):.1f} tokens/s)")
 
 
-@cache_app.command("list")
-def cache_list():
-    """List cached documents."""
-    import json
+@app.command("index")
+def index_cmd(
+    paths: List[str] = typer.Argument(..., help="Files and directories; each becomes one cached document."),
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, index: str = INDEX,
+    sink: int = SINK, recent: int = RECENT, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET, include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
+):
+    """Prefill and cache documents or codebases now, so later questions start at once."""
+    import time
 
-    entries = _home() / "store" / "entries"
-    if not entries.exists():
-        return
-    for d in sorted(entries.iterdir(), key=lambda p: p.stat().st_mtime):
-        m = d / "manifest.json"
-        if not m.exists():
-            continue
-        info = json.loads(m.read_text())
-        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-        typer.echo(f"{d.name}  {info['n_tokens']:>8,} tokens  {size / 2**20:>8.1f} MiB  "
-                   f"{info['model']['spec']}  {info['document']['name']}")
+    from .session import Session, human_size, read_document
+
+    opts = _opts(model, device, dtype, "retrieval", index, 100, sink, recent, 1, chunk_size, trust_remote_code)
+    walk = WalkOptions(include, exclude, max_file_size)
+    docs = [read_document(p, walk) for p in paths]  # every input is checked before the model loads
+    session = Session(_home(), opts, _err_console(), quiet)
+    for doc in docs:
+        t = time.perf_counter()
+        prepared = session.open(doc)
+        entry = prepared.entry
+        what = f"{len(doc.files)} files" if doc.kind == "code" else doc.kind
+        if doc.skipped:
+            what += f" ({sum(doc.skipped.values())} skipped: " + \
+                    ", ".join(f"{n} {r}" for r, n in sorted(doc.skipped.items())) + ")"
+        done = "already cached" if prepared.cache_hit else f"indexed in {time.perf_counter() - t:.1f} s"
+        typer.echo(f"{doc.name}: {what}, {entry.n_tokens:,} tokens, {done}, "
+                   f"{human_size(entry.size_bytes())} in the store (entry {entry.path.name[:12]})")
 
 
-@cache_app.command("path")
-def cache_path():
-    """Print the data directory (set RA_HOME to move it)."""
-    typer.echo(str(_home()))
+@app.command()
+def repl(
+    target: str = typer.Argument(..., help="A text or PDF file, or a directory (a codebase)."),
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
+    index: str = INDEX, top_k: int = TOP_K, sink: int = SINK, recent: int = RECENT, max_tokens: int = MAX_TOKENS,
+    chunk_size: int = CHUNK, trust_remote_code: bool = TRUST, quiet: bool = QUIET,
+    include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
+):
+    """Chat about a document: load once, then ask question after question (/help for commands)."""
+    from .repl import Repl
+    from .session import Session, read_document
+
+    if target == "-":
+        raise UsageError("ra repl reads questions from stdin; give the document as a file")
+    opts = _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+                 trust_remote_code)
+    doc = read_document(target, WalkOptions(include, exclude, max_file_size))
+    session = Session(_home(), opts, _err_console(), quiet)
+    prepared = session.open(doc)
+    Repl(session, doc, prepared, _home()).run()
+
+
+app.command("chat", hidden=True, help="Same as repl.")(repl)
+app.add_typer(cache_app, name="cache")
+app.command()(models)
 
 
 def main() -> None:
@@ -165,12 +205,21 @@ def main() -> None:
     if _debug:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        from .config import default_map, read_config
+
+        config, path = read_config(_home())
+        dm = default_map(typer.main.get_command(app), config, path) if config else None
+        app(standalone_mode=False, default_map=dm)
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        print("ra: interrupted", file=sys.stderr)
+        print("\nra: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `ra ask ... | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
         import click
 
@@ -184,9 +233,9 @@ def main() -> None:
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        code = 2 if isinstance(e, UsageError) else 1
+        known = type(e).__name__ in ("DocumentError", "ModelError", "UsageError", "ConfigError", "StoreError")
+        code = 2 if type(e).__name__ in ("UsageError", "ConfigError") else 1
         msg = str(e) or type(e).__name__
-        known = type(e).__name__ in ("DocumentError", "ModelError", "UsageError")
         print(f"ra: error: {msg}" + ("" if known else "  (run with --debug for a traceback)"), file=sys.stderr)
         sys.exit(code)
 

@@ -1,0 +1,172 @@
+"""`ra cache ...` and `ra models`: what is on disk. Neither imports torch (numpy at most)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List
+
+import typer
+
+from .session import UsageError, human_size, parse_size
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the document cache.")
+
+
+class StoreError(Exception):
+    """A cache entry that cannot be found; exit code 1."""
+
+
+def _home() -> Path:
+    from core import data_home
+
+    return data_home()
+
+
+def _store():
+    from core.store import Store
+
+    return Store(_home() / "store")
+
+
+def _ago(t: float) -> str:
+    s = max(0, time.time() - t)
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            return f"{s / n:.0f} {unit} ago"
+    return "just now"
+
+
+def _find(store, prefix: str):
+    try:
+        return store.find(prefix)
+    except KeyError as e:
+        raise StoreError(e.args[0]) from None
+
+
+def _row(e) -> dict:
+    m = e.manifest
+    return {"entry": e.digest, "document": m["document"]["name"], "kind": m["document"]["kind"],
+            "model": m["model"]["spec"], "tokens": m["n_tokens"], "size_bytes": e.size_bytes,
+            "last_used": e.last_used, "created": m.get("created")}
+
+
+@cache_app.command("list")
+def cache_list(as_json: bool = typer.Option(False, "--json", help="One JSON object per entry.")):
+    """List cached documents, least recently used first."""
+    for e in _store().infos():
+        if as_json:
+            typer.echo(json.dumps(_row(e)))
+        else:
+            r = _row(e)
+            typer.echo(f"{e.digest[:12]}  {r['tokens']:>7,} tokens  {human_size(e.size_bytes):>10}  "
+                       f"{_ago(e.last_used):>12}  {r['model']}  {r['document']}")
+
+
+@cache_app.command("info")
+def cache_info(entry: str = typer.Argument(..., help="An entry key, or its first characters.")):
+    """Show one cached document: source, model, tokens, files, indexes, timings."""
+    e = _find(_store(), entry)
+    m, doc = e.manifest, e.manifest["document"]
+    lines = [("entry", e.digest), ("document", f"{doc['name']} ({doc['kind']}, {doc['chars']:,} chars)"),
+             ("model", f"{m['model']['spec']} ({m['model']['identity'][:24]}...)"),
+             ("tokens", f"{m['n_tokens']:,}"), ("size", human_size(e.size_bytes)),
+             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"]))),
+             ("last used", _ago(e.last_used)), ("prefill", f"{m['prefill_s']:.1f} s"),
+             ("indexes", ", ".join(sorted(p.name for p in (e.path / "indexes").glob("*"))) or "none"),
+             ("path", str(e.path))]
+    if doc.get("files"):
+        lines.insert(2, ("files", f"{len(doc['files'])}: " + ", ".join(doc["files"][:20])
+                         + (" ..." if len(doc["files"]) > 20 else "")))
+    for k, v in lines:
+        typer.echo(f"{k + ':':<10} {v}")
+
+
+@cache_app.command("rm")
+def cache_rm(entries: List[str] = typer.Argument(..., help="Entry keys, or their first characters.")):
+    """Remove cached documents."""
+    store = _store()
+    found = [_find(store, p) for p in entries]  # all or nothing: check every key first
+    for e in found:
+        store.remove(e.digest)
+        typer.echo(f"removed {e.digest[:12]}  {e.manifest['document']['name']}  ({human_size(e.size_bytes)})")
+
+
+@cache_app.command("clear")
+def cache_clear(yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (needed when stdin is not a terminal).")):
+    """Remove every cached document."""
+    import sys
+
+    store = _store()
+    infos = store.infos()
+    total = sum(e.size_bytes for e in infos)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("ra cache clear removes every entry: add --yes")
+        if not typer.confirm(f"remove {len(infos)} entries ({human_size(total)})?"):
+            raise typer.Exit(1)
+    for e in infos:
+        store.remove(e.digest)
+    typer.echo(f"removed {len(infos)} entries ({human_size(total)})")
+
+
+@cache_app.command("gc")
+def cache_gc(
+    max_size: str = typer.Option(..., "--max-size", envvar="RA_CACHE_MAX_SIZE", help="Keep the store under this size (e.g. 2G, 500M)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+):
+    """Evict least recently used documents until the store fits in --max-size."""
+    store = _store()
+    evicted = store.gc(parse_size(max_size), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for e in evicted:
+        typer.echo(f"{verb} {e.digest[:12]}  {_ago(e.last_used):>12}  {human_size(e.size_bytes):>10}  "
+                   f"{e.manifest['document']['name']}")
+    left = sum(e.size_bytes for e in store.infos()) - (sum(e.size_bytes for e in evicted) if dry_run else 0)
+    typer.echo(f"{verb} {len(evicted)} entries; the store holds {human_size(left)}")
+
+
+@cache_app.command("path")
+def cache_path():
+    """Print the data directory (set RA_HOME to move it)."""
+    typer.echo(str(_home()))
+
+
+def _hf_models() -> list[str]:
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    p = Path(hub)
+    if not p.is_dir():
+        return []
+    return sorted(d.name[len("models--"):].replace("--", "/") for d in p.glob("models--*")
+                  if any(d.glob("snapshots/*/config.json")))
+
+
+def models():
+    """List the models available locally and say which one is the default."""
+    from core import model as m
+
+    from .config import read_config
+
+    configured, source = os.environ.get("RA_MODEL"), "RA_MODEL"
+    if not configured:
+        configured, source = read_config(_home())[0].get("model"), "config.toml"
+    rows = []
+    try:
+        gguf = m.embedded_gguf()
+        converted = any((_home() / "models").glob(f"{gguf.stem}-*/ra-model.json"))
+        rows.append((m.DEFAULT_MODEL, f"embedded SmolLM2-135M-Instruct, {gguf} "
+                                      f"({'converted' if converted else 'converted on first use'})"))
+    except m.ModelError as e:
+        rows.append((m.DEFAULT_MODEL, f"not installed: {e}"))
+    root = _home() / "models"
+    for d in sorted(root.glob("*/ra-model.json")) if root.is_dir() else []:
+        src = json.loads(d.read_text()).get("source", "")
+        if not src.endswith(m.EMBEDDED_FILE):
+            rows.append((src, f"GGUF, converted copy in {d.parent}"))
+    rows += [(name, "Hugging Face cache") for name in _hf_models()]
+    default = configured or m.DEFAULT_MODEL
+    for name, what in rows:
+        typer.echo(f"{'*' if name == default else ' '} {name}  {what}")
+    typer.echo(f"default: {default}" + (f" (from {source})" if configured else " (built in)"))

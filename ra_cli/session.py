@@ -1,0 +1,194 @@
+"""A document opened for questions: the model loaded once, the document prefilled or read from
+the store. Shared by `ra ask`, `ra index` and `ra repl`; imports torch (through core.engine)
+only when a Session is created."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "retrieval"
+    index: str = "flat"
+    top_k: int = 100
+    sink: int = 128
+    recent: int = 512
+    max_tokens: int = 256
+    chunk_size: int = 1024
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if self.attention not in ("retrieval", "full"):
+            raise UsageError(f"--attention must be retrieval or full, not {self.attention!r}")
+        if self.index not in ("flat", "hnsw"):
+            raise UsageError(f"--index must be flat or hnsw, not {self.index!r}")
+
+
+@dataclass
+class WalkOptions:
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    max_file_size: str = "256K"
+
+
+def parse_size(text: str) -> int:
+    """'2G', '500M', '256K', '1024' -> bytes (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise UsageError(f"not a size: {text!r} (examples: 500M, 2G)") from None
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class Progress:
+    """rich progress bars on stderr for the engine's progress(stage, done, total) callback."""
+
+    LABELS = {"prefill": "prefill (tokens)", "index": "index (layers)"}
+
+    def __init__(self, console, enabled: bool):
+        self.console, self.enabled, self.bars, self.tasks = console, enabled, None, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                   TimeRemainingColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                return Text(f"{task.speed:,.0f}/s" if task.speed else "", style="cyan")
+
+        if self.bars is None:
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+            self.bars.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bars.add_task(self.LABELS.get(stage, stage), total=total)
+        self.bars.update(self.tasks[stage], completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars = None
+
+
+def read_document(target: str, walk: WalkOptions):
+    from core.documents import load_document
+
+    return load_document(target, include=walk.include, exclude=walk.exclude,
+                         max_file_bytes=parse_size(walk.max_file_size))
+
+
+class Session:
+    """Loads the model (once) and opens documents with it."""
+
+    def __init__(self, home, opts: ModelOptions, console, quiet: bool):
+        from core.engine import Engine, Settings
+
+        self.console, self.quiet = console, quiet
+        self.progress = Progress(console, enabled=not quiet)
+        self.say("loading model...")
+        s = Settings(model=opts.model, device=opts.device, dtype=opts.dtype, attention=opts.attention,
+                     index=opts.index, top_k=opts.top_k, sink=opts.sink, recent=opts.recent,
+                     max_tokens=opts.max_tokens, chunk_size=opts.chunk_size,
+                     trust_remote_code=opts.trust_remote_code)
+        self.engine = Engine(home, s, progress=self.progress, notice=self.say)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[dim]ra:[/dim] {msg}")
+
+    def open(self, doc):
+        """-> Prepared: the document's cache entry, built first if it is missing."""
+        from core.documents import DocumentError
+
+        try:
+            prepared = self.engine.prepare(doc)
+        except DocumentError as e:
+            if doc.kind == "code" and "handles at most" in str(e):
+                raise DocumentError(f"{e}; narrow it with --include/--exclude") from None
+            raise
+        finally:
+            self.progress.stop()
+        n, s = prepared.entry.n_tokens, self.engine.s
+        if prepared.cache_hit:
+            self.say(f"cache hit: reused {n:,} document tokens from the store, no prefill")
+        else:
+            self.say(f"prefilled {n:,} tokens in {prepared.prefill_s:.1f} s "
+                     f"({n / max(prepared.prefill_s, 1e-9):,.0f} tokens/s); cached for next time")
+        a, b = prepared.entry.split(s.sink, s.recent)
+        if s.attention == "retrieval":
+            self.say(f"retrieval attention: {n - (b - a):,} static tokens on {self.engine.device}, {b - a:,} "
+                     f"offloaded ({s.index} index, top-{s.top_k})")
+        return prepared
+
+
+def write_answer(pieces, markdown: bool) -> str:
+    """Stream answer pieces to stdout: rendered Markdown on a terminal, raw text otherwise.
+    Returns the text (what was written so far, if interrupted)."""
+    text = ""
+    if markdown:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.markdown import Markdown
+
+        with Live(Markdown(""), console=Console(), refresh_per_second=8, vertical_overflow="visible") as live:
+            for piece in pieces:
+                text += piece
+                live.update(Markdown(text))
+        return text
+    out = sys.stdout
+    try:
+        for piece in pieces:
+            text += piece
+            out.write(piece)
+            out.flush()
+    except BaseException:  # interrupted (Ctrl-C) or failed: end a started line, then let it go
+        if text:
+            out.write("\n")
+            out.flush()
+        raise
+    out.write("\n")
+    out.flush()
+    return text
+
+
+def answer_record(question: str, answer: str, doc, prepared, stats, engine) -> dict:
+    """The --json object for one answer."""
+    tps = stats.answer_tokens / stats.answer_s if stats.answer_s else 0.0
+    document = {"path": doc.name, "kind": doc.kind, "sha256": doc.sha256, "entry": prepared.entry.path.name}
+    if doc.files:
+        document["files"] = doc.files
+    return {
+        "question": question,
+        "answer": answer,
+        "document": document,
+        "model": engine.ref.spec,
+        "tokens": {"document": prepared.entry.n_tokens, "question": stats.question_tokens,
+                   "answer": stats.answer_tokens},
+        "cache_hit": prepared.cache_hit,
+        "timings": {"load_s": round(engine.load_s + prepared.load_s, 3),
+                    "prefill_s": round(prepared.prefill_s + prepared.index_s, 3),
+                    "first_token_s": round(stats.first_token_s, 3), "answer_s": round(stats.answer_s, 3),
+                    "tokens_per_s": round(tps, 2)},
+        "quotes": doc.quoted(answer),
+    }
