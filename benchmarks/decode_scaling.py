@@ -1,0 +1,295 @@
+"""Decode latency, memory and disk vs document length: full attention vs retrieval attention
+(flat = exact top-k, hnsw = hnswlib on centred keys), with the per-step split
+retrieval / attention / rest.
+
+    python benchmarks/decode_scaling.py [--sizes 1024,2048,...,131072] [--steps 16] [--plot out.png]
+
+The embedded model reads 8K tokens, so sizes above 8K use KV captured from real text in
+consecutive 8K-token chunks of a long book (Sherlock Holmes from ../shared/data/books, else Alice
+repeated), each chunk prefilled on its own (positions 0..8K) and the chunks' KV laid end to end.
+Answers on such KV are not meaningful; the time per decode step, the memory and the disk are.
+Every size is a real store entry opened by the real engine; the captured KV is kept in
+bench_out/ so a second run skips the capture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHUNK = 8000
+QUESTION = "What is the secret passcode? Answer with the number only."
+
+
+def long_text() -> str:
+    p = ROOT.parent / "shared" / "data" / "books" / "pg1661.txt"
+    if p.exists():
+        return p.read_text(encoding="utf-8")
+    return (ROOT / "sample_docs" / "alice.txt").read_text(encoding="utf-8") * 4
+
+
+def capture(engine, n_total: int, out: Path, log) -> Path:
+    """Prefill consecutive CHUNK-token pieces of a long book; lay their KV end to end in `out`."""
+    from core.generation import prefill
+
+    if (out / "done.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = engine.tokenizer
+    ids = np.array(tok(long_text(), add_special_tokens=False)["input_ids"], dtype=np.int32)
+    while len(ids) < n_total:
+        ids = np.concatenate([ids, ids])
+    ids = ids[:n_total]
+    shape = (engine.n_layers, engine.kv_heads, n_total, engine.head_dim)
+    keys = np.lib.format.open_memmap(out / "keys.npy", mode="w+", dtype=np.float16, shape=shape)
+    values = np.lib.format.open_memmap(out / "values.npy", mode="w+", dtype=np.float16, shape=shape)
+    t = time.perf_counter()
+    for base in range(0, n_total, CHUNK):
+        piece = ids[base:base + CHUNK]
+
+        def write(layer, start, k, v, base=base):
+            keys[layer, :, base + start:base + start + k.shape[1]] = k
+            values[layer, :, base + start:base + start + v.shape[1]] = v
+
+        prefill(engine.model, piece, 1024, write)
+        done = base + len(piece)
+        el = time.perf_counter() - t
+        log(f"captured {done:,}/{n_total:,} tokens ({done / el:.0f} tok/s, ~{(n_total - done) * el / done / 60:.0f} min left)")
+    keys.flush()
+    values.flush()
+    np.save(out / "tokens.npy", ids, allow_pickle=False)
+    (out / "done.json").write_text(json.dumps({"tokens": n_total, "prefill_s": time.perf_counter() - t}))
+    return out
+
+
+def make_entry(engine, base: Path, n: int):
+    """A real store entry holding the first n captured tokens; returns the Document that opens it."""
+    from core.documents import Document
+    from core.store import EntryWriter
+
+    doc = Document(text=f"decode-scaling benchmark, {n} tokens of captured KV", name=f"captured-{n}", kind="text")
+    key = engine.key(doc)
+    if engine.store.open(key) is not None:
+        return doc
+    keys = np.load(base / "keys.npy", mmap_mode="r")
+    values = np.load(base / "values.npy", mmap_mode="r")
+    tokens = np.load(base / "tokens.npy")[:n]
+    with engine.store.staging() as tmp:
+        w = EntryWriter(tmp, n, engine.n_layers, engine.kv_heads, engine.q_heads, engine.head_dim, "float16",
+                        np.zeros(0, dtype=np.int64))
+        for layer in range(engine.n_layers):
+            w.write_kv(layer, 0, keys[layer, :, :n], values[layer, :, :n])
+        manifest = {"format": key.format, "key": key.__dict__, "digest": key.digest, "n_tokens": n,
+                    "document": {"name": doc.name, "kind": "text", "chars": len(doc.text), "page_starts": [0]},
+                    "model": {"spec": "embedded", "identity": engine.ref.identity}, "synthetic": True}
+        w.finish(manifest, tokens, np.full((n, 2), -1, dtype=np.int32), doc.text)
+        engine.store.commit(tmp, engine.store.path(key))
+    return doc
+
+
+class Timed:
+    """Wraps an index or an OffloadedKV and adds the seconds its calls take to a shared counter."""
+
+    def __init__(self, inner, counter: dict, name: str):
+        self.inner, self.counter, self.name = inner, counter, name
+
+    def __getattr__(self, attr):
+        fn = getattr(self.inner, attr)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            r = fn(*a, **kw)
+            self.counter[self.name] += time.perf_counter() - t
+            return r
+
+        return timed
+
+
+def time_decode(engine, doc, attention: str, index: str, steps: int) -> dict:
+    """Median per-step latency over `steps` decode steps, with the retrieval/attention/rest split."""
+    from core.attention import RetrievalLayer
+    from core.generation import forward
+
+    engine.s.attention, engine.s.index = attention, index
+    t = time.perf_counter()
+    p = engine.prepare(doc)
+    prepare_s = time.perf_counter() - t
+    counter = {"retrieval": 0.0, "attend": 0.0}
+    p.layer_state = [(Timed(off, counter, "retrieval"), Timed(ix, counter, "retrieval") if ix else None)
+                     for off, ix in p.layer_state]
+    cache = engine.build_cache(p)
+    for layer in cache.layers:
+        if isinstance(layer, RetrievalLayer):
+            inner = layer.attend
+
+            def attend(*a, inner=inner, **kw):
+                t0 = time.perf_counter()
+                r = inner(*a, **kw)
+                counter["attend"] += time.perf_counter() - t0
+                return r
+
+            layer.attend = attend
+    from core.prompt import question_ids
+
+    q = question_ids(engine.tokenizer, QUESTION)
+    pos = p.entry.n_tokens
+    logits = forward(engine.model, cache, q, pos)
+    pos += len(q)
+    step, split = [], []
+    for _ in range(steps):
+        counter["retrieval"] = counter["attend"] = 0.0
+        t = time.perf_counter()
+        logits = forward(engine.model, cache, [int(logits.argmax())], pos)
+        step.append(time.perf_counter() - t)
+        split.append((counter["retrieval"], counter["attend"] - counter["retrieval"]))
+        pos += 1
+    i = int(np.argsort(step)[len(step) // 2])
+    ms = 1000 * step[i]
+    retr, att = (1000 * x for x in split[i])
+    if attention == "full":
+        retr, att = 0.0, float("nan")
+    return {"ms": ms, "retrieval_ms": retr, "attention_ms": att,
+            "rest_ms": ms - retr - (att if att == att else 0.0), "prepare_s": prepare_s, "index_s": p.index_s}
+
+
+def peak_rss(home: Path, doc_text: str, attention: str, index: str) -> float:
+    """Peak RSS (MiB) of a fresh process that opens the cached entry and decodes 8 tokens."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+from core.engine import Engine, Settings
+from core.documents import Document
+e = Engine({str(home)!r}, Settings(attention={attention!r}, index={index!r}, max_tokens=8, stop_at_eos=False))
+p = e.prepare(Document(text={doc_text!r}, name="x", kind="text"))
+''.join(e.ask(p, {QUESTION!r}))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1024,2048,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--indexes", default="flat,hnsw")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--work", default=str(ROOT / "bench_out" / "decode_scaling"))
+    ap.add_argument("--plot", default=None, help="write a PNG plot here")
+    ap.add_argument("--json", default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    indexes = args.indexes.split(",")
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+
+    from benchmarks.bench_ask import machine
+    from core import data_home
+    from core import model as models
+    from core.engine import Engine, Settings
+
+    work = Path(args.work)
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(data_home() / "models", target_is_directory=True)
+    engine = Engine(home, Settings(max_tokens=args.steps))
+    base = capture(engine, max(sizes), work / f"captured-{max(sizes)}", log)
+    capture_info = json.loads((base / "done.json").read_text())
+    prefill_tok_s = capture_info["tokens"] / capture_info["prefill_s"]
+
+    rows = []
+    for n in sizes:
+        doc = make_entry(engine, base, n)
+        row = {"tokens": n}
+        row["full"] = time_decode(engine, doc, "full", "flat", args.steps)
+        for ix in indexes:
+            row[ix] = time_decode(engine, doc, "retrieval", ix, args.steps)
+        entry = engine.store.open(engine.key(doc))
+        row["kv_bytes"] = (entry.path / "keys.npy").stat().st_size + (entry.path / "values.npy").stat().st_size
+        for ix in indexes:
+            row[f"{ix}_index_bytes"] = dir_bytes(entry.index_dir(ix, 128, 512))
+        row["prefill_s_est"] = n / prefill_tok_s
+        if not args.no_rss:
+            for mode, ix in (("full", "flat"), ("retrieval", "flat"), ("retrieval", "hnsw")):
+                if ix in indexes or mode == "full":
+                    row[f"rss_{mode}_{ix}"] = peak_rss(home, doc.text, mode, ix)
+        rows.append(row)
+        log(f"{n:>7,} tokens: full {row['full']['ms']:.0f} ms, " +
+            ", ".join(f"{ix} {row[ix]['ms']:.0f} ms (index {row[ix]['index_s']:.1f} s)" for ix in indexes))
+
+    print(f"machine: {machine()}")
+    print(f"model: SmolLM2-135M-Instruct (embedded), fp32, CPU; KV beyond 8K captured in {CHUNK}-token chunks; "
+          f"median of {args.steps} decode steps; k=100, sink 128, recent 512\n")
+    head = "| tokens | full ms/token | " + " | ".join(f"{ix} ms/token | full / {ix}" for ix in indexes)
+    if "flat" in indexes and "hnsw" in indexes:
+        head += " | flat / hnsw"
+    print(head + " |")
+    print("|" + "---:|" * (head.count("|") - 1))
+    for r in rows:
+        cells = [f"{r['tokens']:,}", f"{r['full']['ms']:.0f}"]
+        for ix in indexes:
+            cells += [f"{r[ix]['ms']:.0f}", f"{r['full']['ms'] / r[ix]['ms']:.2f}x"]
+        if "flat" in indexes and "hnsw" in indexes:
+            cells.append(f"{r['flat']['ms'] / r['hnsw']['ms']:.2f}x")
+        print("| " + " | ".join(cells) + " |")
+    print("\nPer-step split (ms): retrieval (index search + value gather) / attention math / rest of the model\n")
+    print("| tokens | " + " | ".join(f"{ix}: retrieval / attention / rest" for ix in indexes) + " |")
+    print("|---:|" + "---|" * len(indexes))
+    for r in rows:
+        print(f"| {r['tokens']:,} | " + " | ".join(
+            f"{r[ix]['retrieval_ms']:.0f} / {r[ix]['attention_ms']:.0f} / {r[ix]['rest_ms']:.0f}" for ix in indexes) + " |")
+    print("\nCost: disk per document token, index build time vs prefill time, peak RSS answering from the cache\n")
+    hdr = ["tokens", "fp16 K+V bytes/token"] + [f"{ix} index bytes/token" for ix in indexes] + \
+          [f"{ix} build s" for ix in indexes] + ["prefill s (at capture rate)", "full KV fp32 MiB"]
+    if not args.no_rss:
+        hdr += ["peak RSS full MiB"] + [f"peak RSS {ix} MiB" for ix in indexes]
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---:|" * len(hdr))
+    for r in rows:
+        n = r["tokens"]
+        cells = [f"{n:,}", f"{r['kv_bytes'] / n:,.0f}"] + [f"{r[f'{ix}_index_bytes'] / n:,.0f}" for ix in indexes]
+        cells += [f"{r[ix]['index_s']:.1f}" for ix in indexes] + [f"{r['prefill_s_est']:.0f}",
+                                                                   f"{r['kv_bytes'] * 2 / 2**20:,.0f}"]
+        if not args.no_rss:
+            cells += [f"{r.get('rss_full_flat', float('nan')):,.0f}"] + [
+                f"{r.get(f'rss_retrieval_{ix}', float('nan')):,.0f}" for ix in indexes]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        xs = [r["tokens"] for r in rows]
+        ax.plot(xs, [r["full"]["ms"] for r in rows], "o-", label="full attention")
+        for ix in indexes:
+            ax.plot(xs, [r[ix]["ms"] for r in rows], "s-", label=f"retrieval attention, {ix} index (k=100)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("document tokens (KV beyond 8K captured from real text in 8K chunks)")
+        ax.set_ylabel("ms per decode step")
+        ax.set_title("SmolLM2-135M, CPU (2 cores): decode latency vs document length")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
