@@ -277,6 +277,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="a few cells only (CI smoke test)")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per (case, config) here")
+    ap.add_argument("--home", default=None,
+                    help="keep the prefilled cases in this data directory (default: a temporary one); "
+                         "runs that share it reuse each other's prefills, e.g. `sweep` after `needle`")
     args = ap.parse_args(argv)
 
     depths = [int(d) for d in args.depths.split(",")]
@@ -284,8 +287,10 @@ def main(argv=None) -> None:
     ra = Config(f"ra k={args.top_k}", top_k=args.top_k)
     out = open(args.jsonl, "a") if args.jsonl else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory() as home:
-        engine = make_engine(Path(home))
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(args.home) if args.home else Path(tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(home)
         hay = Hay(engine.tokenizer)
         sections = []
         if args.task in ("needle", "all"):
