@@ -1,7 +1,7 @@
 """Settings precedence: command-line option > environment variable (RA_MODEL, RA_DEVICE, ...) >
 $RA_HOME/config.toml > built-in default.
 
-click already resolves option > envvar > `default_map` > default, so the config file only has to
+click (vendored in typer) resolves option > envvar > `default_map` > default, so the config file only has to
 become a `default_map`. Top-level keys apply to every command that has that option; a table
 named after a command applies to it alone and wins ([ask], [repl], [index], [cache.gc]):
 
@@ -16,8 +16,6 @@ Keys are option names with `_` or `-` (`max_tokens`, `max-tokens`); an unknown k
 from __future__ import annotations
 
 from pathlib import Path
-
-import click
 
 
 class ConfigError(Exception):
@@ -43,25 +41,25 @@ def _norm(d: dict) -> dict:
     return {k.replace("-", "_"): v for k, v in d.items()}
 
 
-def default_map(group: click.Group, config: dict, path: Path) -> dict:
-    """click's default_map for `group` from a parsed config file."""
+def default_map(group, config: dict, path: Path) -> dict:
+    """click's default_map for `group` (typer.main.get_command(app)) from a parsed config file."""
     config = _norm(config)
     used: set[str] = set()
 
-    def build(cmd: click.Command, table: dict, name: str) -> dict:
-        params = {p.name for p in cmd.params if isinstance(p, click.Option)}
+    def build(cmd, table: dict, name: str) -> dict:
+        params = {p.name for p in cmd.params if p.param_type_name == "option"}
+        subcommands = getattr(cmd, "commands", {})
         out = {k: config[k] for k in params if k in config and not isinstance(config[k], dict)}
         used.update(out)
         for k, v in table.items():
-            if isinstance(cmd, click.Group) and k in cmd.commands:
+            if k in subcommands:
                 continue
             if k not in params:
                 raise ConfigError(f"{path}: [{name}] has no setting {k!r}")
             out[k] = v
-        if isinstance(cmd, click.Group):
-            for sub_name, sub in cmd.commands.items():
-                sub_table = _norm(table.get(sub_name, {})) if isinstance(table.get(sub_name), dict) else {}
-                out[sub_name] = build(sub, sub_table, f"{name}.{sub_name}" if name else sub_name)
+        for sub_name, sub in subcommands.items():
+            sub_table = _norm(table.get(sub_name, {})) if isinstance(table.get(sub_name), dict) else {}
+            out[sub_name] = build(sub, sub_table, f"{name}.{sub_name}")
         return out
 
     result = {}

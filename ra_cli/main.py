@@ -113,15 +113,16 @@ def ask(
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Answer questions about a document (prefilled once, then answered from the cache)."""
-    from core.engine import AnswerStats
-
     from .session import Session, answer_record, read_document, write_answer
 
     opts = _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
                  trust_remote_code)
     questions = _questions(target, question, more, questions_file)
-    doc = read_document(target, WalkOptions(include, exclude, max_file_size))
+    doc = read_document(target, WalkOptions(include, exclude, max_file_size))  # before torch loads
     session = Session(_home(), opts, _err_console(), quiet)
+
+    from core.engine import AnswerStats
+
     prepared = session.open(doc)
     markdown = sys.stdout.isatty() and not as_json
     for i, q in enumerate(questions):
@@ -221,24 +222,21 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(0)
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
-        import click
-
         if _debug:
             raise
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, typer.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             print("ra: aborted", file=sys.stderr)
             sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        if isinstance(e, typer.TyperException) and hasattr(e, "format_message"):  # bad option or argument
+            print(f"ra: error: {e.format_message()}", file=sys.stderr)
+            sys.exit(getattr(e, "exit_code", 2))
         known = type(e).__name__ in ("DocumentError", "ModelError", "UsageError", "ConfigError", "StoreError")
         code = 2 if type(e).__name__ in ("UsageError", "ConfigError") else 1
         msg = str(e) or type(e).__name__
         print(f"ra: error: {msg}" + ("" if known else "  (run with --debug for a traceback)"), file=sys.stderr)
         sys.exit(code)
-
 
 if __name__ == "__main__":
     main()

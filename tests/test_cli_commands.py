@@ -1,0 +1,107 @@
+"""`ra cache`, `ra models`, `ra --version` and config.toml: fast, no model, no torch.
+
+Cache entries here are fakes (a manifest and a payload file of known size), which is all these
+commands read."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from ra_cli.main import app
+
+runner = CliRunner()
+
+
+def ra(*args, env=None, input=None):
+    e = os.environ.copy()
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ra_cli.main", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=e, input=input, timeout=120)
+
+
+def fake_entry(home, digest, name, size, age_s):
+    d = home / "store" / "entries" / digest
+    d.mkdir(parents=True)
+    (d / "keys.npy").write_bytes(b"\0" * size)
+    (d / "indexes" / "flat-s128-r512").mkdir(parents=True)
+    m = d / "manifest.json"
+    m.write_text(json.dumps({
+        "document": {"name": name, "kind": "code" if name.endswith("/") else "text", "chars": 100,
+                     "files": ["a.py", "b.py"] if name.endswith("/") else []},
+        "model": {"spec": "smollm2", "identity": "gguf:" + "0" * 64}, "n_tokens": 1234, "prefill_s": 2.5,
+        "created": time.time() - age_s}))
+    os.utime(m, (time.time() - age_s, time.time() - age_s))  # last used
+
+
+@pytest.fixture
+def store(ra_home):
+    fake_entry(ra_home, "aaaa" + "0" * 28, "old.txt", 3000, 3 * 86400)
+    fake_entry(ra_home, "bbbb" + "0" * 28, "src/", 2000, 7200)
+    fake_entry(ra_home, "cccc" + "0" * 28, "new.pdf", 1000, 10)
+    return ra_home
+
+
+def test_no_torch_for_help_version_models_and_cache(store):
+    code = ("import sys\nfrom ra_cli.main import main\n"
+            "for argv in (['--help'], ['--version'], ['models'], ['cache', 'list'], ['cache', 'info', 'bbbb'],\n"
+            "             ['cache', 'gc', '--max-size', '1G'], ['cache', 'path'], ['ask', '--help'], ['repl', '--help']):\n"
+            "    sys.argv = ['ra', *argv]\n"
+            "    try:\n        main()\n    except SystemExit as e:\n        assert not e.code, (argv, e.code)\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ra 0.1.0" in r.stdout and "* smollm2" in r.stdout and "default: smollm2 (built in)" in r.stdout
+
+
+def test_cache_list_and_info(store):
+    r = runner.invoke(app, ["cache", "list", "--json"])
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["document"] for x in rows] == ["old.txt", "src/", "new.pdf"]  # least recently used first
+    assert rows[1]["kind"] == "code" and rows[1]["tokens"] == 1234
+    text = runner.invoke(app, ["cache", "list"]).stdout.splitlines()
+    assert text[0].startswith("aaaa00000000    1,234 tokens") and "3 d ago" in text[0]
+    info = runner.invoke(app, ["cache", "info", "bbbb"]).stdout
+    assert "document:  src/ (code, 100 chars)" in info and "files:     2: a.py, b.py" in info
+    assert "indexes:   flat-s128-r512" in info
+
+
+def test_cache_rm_gc_clear(store):
+    entries = store / "store" / "entries"
+    r = ra("cache", "rm", "zzzz")
+    assert r.returncode == 1 and r.stderr == "ra: error: no cache entry matches 'zzzz'; see `ra cache list`\n"
+    r = runner.invoke(app, ["cache", "rm", "cccc"])
+    assert r.stdout.startswith("removed cccc00000000  new.pdf") and not (entries / ("cccc" + "0" * 28)).exists()
+    fake_entry(store, "cccc" + "0" * 28, "new.pdf", 1000, 10)
+    # the three entries hold ~6.5 KB: under 4.5K, the least recently used goes (old.txt) and src/ stays
+    r = runner.invoke(app, ["cache", "gc", "--max-size", "4.5K", "--dry-run"])
+    assert "would remove aaaa00000000" in r.stdout and (entries / ("aaaa" + "0" * 28)).exists()
+    r = runner.invoke(app, ["cache", "gc", "--max-size", "4.5K"])
+    assert r.stdout.count("removed") == 2 and "removed 1 entries" in r.stdout
+    assert sorted(p.name[:4] for p in entries.iterdir()) == ["bbbb", "cccc"]
+    r = ra("cache", "clear")  # stdin is not a terminal: refuses without --yes
+    assert r.returncode == 2 and "add --yes" in r.stderr
+    assert "removed 2 entries" in ra("cache", "clear", "--yes").stdout and not any(entries.iterdir())
+
+
+def test_settings_precedence_option_env_config(store):
+    # config.toml < RA_CACHE_MAX_SIZE < --max-size, through `ra cache gc --dry-run`
+    (store / "config.toml").write_text('[cache.gc]\nmax_size = "1"\n')
+    assert "would remove 3 entries" in ra("cache", "gc", "--dry-run").stdout
+    env = {"RA_CACHE_MAX_SIZE": "5K"}
+    assert "would remove 1 entries" in ra("cache", "gc", "--dry-run", env=env).stdout
+    assert "would remove 0 entries" in ra("cache", "gc", "--dry-run", "--max-size", "1G", env=env).stdout
+    # a top-level key applies to every command with that option; models shows the default's source
+    (store / "config.toml").write_text('model = "org/some-model"\nmax_tokens = 9\n')
+    assert "default: org/some-model (from config.toml)" in ra("models").stdout
+    assert "default: x/y (from RA_MODEL)" in ra("models", env={"RA_MODEL": "x/y"}).stdout
+    (store / "config.toml").write_text("max_tokenz = 9\n")
+    r = ra("cache", "list")
+    assert r.returncode == 2 and r.stderr == f"ra: error: {store / 'config.toml'}: unknown setting 'max_tokenz'\n"
+    (store / "config.toml").write_text("model = \n")
+    r = ra("cache", "list")
+    assert r.returncode == 2 and "config.toml: Invalid value" in r.stderr
