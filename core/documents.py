@@ -114,8 +114,12 @@ def _from_bytes(data: bytes, name: str) -> Document:
 
 
 def _pdf(data: bytes, name: str) -> Document:
+    import logging
+
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings would add lines to our one-line errors
 
     try:
         reader = PdfReader(io.BytesIO(data))
