@@ -274,7 +274,7 @@ def main(argv=None) -> None:
     ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=100)
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="a few cells only (CI smoke test)")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per (case, config) here")
     ap.add_argument("--home", default=None,

@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--indexes", default="flat,hnsw")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--rss-min", type=int, default=8192, help="measure peak RSS from this size up")
     ap.add_argument("--work", default=str(ROOT / "bench_out" / "decode_scaling"))
     ap.add_argument("--plot", default=None, help="write a PNG plot here")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
@@ -223,7 +224,7 @@ def main() -> None:
         for ix in indexes:
             row[f"{ix}_index_bytes"] = dir_bytes(entry.index_dir(ix, 128, 512))
         row["prefill_s_est"] = n / prefill_tok_s
-        if not args.no_rss:
+        if not args.no_rss and n >= args.rss_min:
             for mode, ix in (("full", "flat"), ("retrieval", "flat"), ("retrieval", "hnsw")):
                 if ix in indexes or mode == "full":
                     row[f"rss_{mode}_{ix}"] = peak_rss(home, doc.text, mode, ix)
