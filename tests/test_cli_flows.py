@@ -1,0 +1,125 @@
+"""`ra index`, `ra ask` and `ra repl` running the embedded model in real subprocesses: a planted
+fact found in a real codebase, shell pipelines, several questions on one loaded store, the REPL
+fed through a pipe and driven through a pseudo-terminal with Ctrl-C. Documents are small (the
+CPU is slow and shared) and answers short."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+RA = [sys.executable, "-m", "ra_cli.main"]
+FACT = "# Maintainer note: the release codename of this scanner is PELICAN-7.\n"
+STORY = ("Mira kept bees on the roof of the old library. Every spring she carried the hives down the "
+         "fire escape to the orchard by the river, where the apple trees bloomed white. Her brother Tomas "
+         "painted the hives blue so that the bees could find their way home.\n") * 3
+
+
+def ra(*args, input=None, cwd=ROOT):
+    return subprocess.run([*RA, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(),
+                          input=input, timeout=900)
+
+
+@pytest.fixture
+def jsonpkg(tmp_path):
+    """Two modules of the stdlib's json package, a fact planted in one, plus files to skip."""
+    root = tmp_path / "jsonpkg"
+    root.mkdir()
+    src = os.path.dirname(json.__file__)
+    shutil.copy(os.path.join(src, "tool.py"), root / "tool.py")
+    lines = open(os.path.join(src, "scanner.py"), encoding="utf-8").read().splitlines(keepends=True)
+    (root / "scanner.py").write_text("".join(lines[:40] + [FACT] + lines[40:]))
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "scanner.cpython-311.pyc").write_bytes(b"\x00" * 64)
+    (root / ".gitignore").write_text("*.log\n")
+    (root / "debug.log").write_text("not indexed\n")
+    return root
+
+
+def test_index_a_codebase_then_ask_it(smol, ra_home, jsonpkg):
+    first = ra("index", str(jsonpkg))
+    assert first.returncode == 0, first.stderr
+    summary = first.stdout.strip()
+    assert summary.startswith(f"{jsonpkg}: 2 files (2 skipped: 1 gitignored, 1 hidden), ")
+    assert "indexed in" in summary and "MiB in the store" in summary
+    assert ra("index", str(jsonpkg), "-q").stdout.strip().split(", ")[3] == "already cached"
+
+    r = ra("ask", str(jsonpkg), "What is the release codename of the scanner?", "-n", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "cache hit" in r.stderr  # no prefill
+    first = json.loads(r.stdout)
+    assert "PELICAN-7" in first["answer"]
+    assert first["document"]["files"] == ["scanner.py", "tool.py"] and first["document"]["kind"] == "code"
+    assert first["quotes"][0]["source"] == "scanner.py:41"  # the planted line
+    assert first["cache_hit"] and first["timings"]["prefill_s"] < 1
+    assert first["tokens"]["document"] > 1000 and 0 < first["tokens"]["answer"] <= 16
+    assert set(first["timings"]) == {"load_s", "prefill_s", "first_token_s", "answer_s", "tokens_per_s"}
+    entry = first["document"]["entry"]
+    info = ra("cache", "info", entry[:8]).stdout
+    assert "files:     2: scanner.py, tool.py" in info
+
+
+def test_shell_pipelines(smol, ra_home, tmp_path):
+    doc = tmp_path / "bees.txt"
+    doc.write_text(STORY)
+    check = "import json,sys; d=json.load(sys.stdin); assert d['answer'] and not d['cache_hit'], d; print(d['answer'])"
+    r = subprocess.run(f'cat {doc} | {sys.executable} -m ra_cli.main ask - "What color are the hives?" --json -n 8 '
+                       f'| {sys.executable} -c "{check}"', shell=True, capture_output=True, text=True, cwd=ROOT,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    # questions on stdin, one per line, the document as a file: the same cache entry (from stdin
+    # before), one model load for both, stdout nothing but one JSON object per question
+    r = ra("ask", str(doc), "--questions", "-", "--json", "-n", "8", "-q",
+           input="What color are the hives?\n\nWhere does Mira keep bees?\n")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["question"] for x in records] == ["What color are the hives?", "Where does Mira keep bees?"]
+    assert all(x["cache_hit"] and x["answer"] for x in records)
+    assert records[0]["document"]["sha256"] == records[1]["document"]["sha256"]
+
+
+def test_repl_over_a_pipe_answers_two_questions_with_one_load(smol, ra_home, tmp_path):
+    doc = tmp_path / "bees.txt"
+    doc.write_text(STORY)
+    r = ra("repl", str(doc), "-n", "8", input="What color are the hives?\n\n/stats\nAnd who painted them?\n"
+                                               "/stats\n/quit\nnever asked\n")
+    assert r.returncode == 0, r.stderr
+    answers = r.stdout.strip().splitlines()
+    assert len(answers) == 2 and all(a.strip() for a in answers)
+    assert r.stderr.count("loading model") == 1 and r.stderr.count("ra: prefilled") == 1
+    assert "questions:    1 answered" in r.stderr and "questions:    2 answered" in r.stderr
+    assert "conversation: 2 turns" in r.stderr
+
+
+def test_repl_on_a_terminal_ctrl_c_stops_the_answer_not_the_session(smol, ra_home, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    doc = tmp_path / "bees.txt"
+    doc.write_text(STORY)
+    env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1")  # pexpect does not answer cursor-position queries
+    child = pexpect.spawn(RA[0], [*RA[1:], "repl", str(doc), "-n", "24"], cwd=str(ROOT), env=env,
+                          encoding="utf-8", timeout=300, dimensions=(40, 120))
+    try:
+        child.expect("ra>")
+        child.sendline("Write a long poem about the bees, the river and the orchard.")
+        time.sleep(2)                     # the question is being read or the answer written
+        child.sendintr()                  # Ctrl-C: SIGINT to the foreground process, as a user would
+        child.expect("answer stopped")
+        child.expect("ra>")               # back at the prompt, same process, model still loaded
+        child.sendline("/stats")
+        child.expect("0 answered, 1 interrupted")
+        child.expect("ra>")
+        child.sendline("What color are the hives?")
+        child.sendline("/stats")          # typed ahead: read at the prompt once the answer is done
+        child.expect("1 answered, 1 interrupted")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    history = (ra_home / "repl_history").read_text()
+    assert "What color are the hives?" in history and "/stats" in history
