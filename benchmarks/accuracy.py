@@ -269,7 +269,8 @@ def make_engine(home: Path):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["needle", "ruler", "qa", "sweep", "all"])
+    ap.add_argument("task", choices=["needle", "ruler", "qa", "sweep", "all", "report"],
+                    help="report: print the tables of an earlier run's --jsonl file, running nothing")
     ap.add_argument("--lengths", default=None, help="comma-separated document lengths in tokens")
     ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     ap.add_argument("--seeds", type=int, default=3)
@@ -282,6 +283,18 @@ def main(argv=None) -> None:
                          "runs that share it reuse each other's prefills, e.g. `sweep` after `needle`")
     args = ap.parse_args(argv)
 
+    if args.task == "report":
+        rows = [json.loads(line) for line in open(args.jsonl)]
+        names = list(dict.fromkeys(r["config"] for r in rows))
+        configs = [next((c for c in (FULL,) if c.name == n), None) or Config(n) for n in names]
+        configs.sort(key=lambda c: c.name == FULL.name)
+        for task in dict.fromkeys(r["task"] for r in rows):
+            sel = [r for r in rows if r["task"] == task]
+            by = "case" if task == "qa" else "length"
+            print(f"### {task}: pass rate by {by}\n\n{table(sel, by, configs)}\n")
+            if task == "needle":
+                print(f"### {task}: pass rate by depth (%)\n\n{table(sel, 'depth', configs)}\n")
+        return
     depths = [int(d) for d in args.depths.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else None
     ra = Config(f"ra k={args.top_k}", top_k=args.top_k)
