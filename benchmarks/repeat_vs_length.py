@@ -15,17 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_ask import QUESTION, machine  # noqa: E402
+from benchmarks.bench_ask import QUESTION, hf_generate, machine  # noqa: E402
 from core import data_home  # noqa: E402
 from core import model as models  # noqa: E402
 from core.documents import Document  # noqa: E402
 from core.engine import AnswerStats, Engine, Settings  # noqa: E402
-from core.prompt import build_prefix, question_ids  # noqa: E402
 
 
 def median(xs):
@@ -60,17 +57,8 @@ def main() -> None:
                 assert p.cache_hit
                 "".join(e.ask(p, QUESTION, AnswerStats()))
                 ra.append(time.perf_counter() - t)
-            ids = torch.tensor([build_prefix(tok, doc).ids.tolist() + question_ids(tok, QUESTION)])
-            model.config._attn_implementation = "sdpa"
-            hf = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                with torch.inference_mode():
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
-                                   min_new_tokens=args.tokens, do_sample=False)
-                hf.append(time.perf_counter() - t)
-            model.config._attn_implementation = "ra"
-            rows.append((p.entry.n_tokens, median(hf), first, median(ra)))
+            hf_s, _ = hf_generate(model, tok, doc, args.tokens, args.repeats)
+            rows.append((p.entry.n_tokens, hf_s, first, median(ra)))
             print(f"{n}: done", file=sys.stderr, flush=True)
     print(f"machine: {machine()}")
     print(f"model: SmolLM2-135M-Instruct (embedded), fp32; {args.tokens} answer tokens; median of {args.repeats}\n")
