@@ -101,12 +101,12 @@ def test_repl_on_a_terminal_ctrl_c_stops_the_answer_not_the_session(smol, ra_hom
     doc = tmp_path / "bees.txt"
     doc.write_text(STORY)
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1")  # pexpect does not answer cursor-position queries
-    child = pexpect.spawn(RA[0], [*RA[1:], "repl", str(doc), "-n", "24"], cwd=str(ROOT), env=env,
+    child = pexpect.spawn(RA[0], [*RA[1:], "repl", str(doc), "-n", "200"], cwd=str(ROOT), env=env,
                           encoding="utf-8", timeout=300, dimensions=(40, 120))
     try:
         child.expect("ra>")
         child.sendline("Write a long poem about the bees, the river and the orchard.")
-        time.sleep(2)                     # the question is being read or the answer written
+        time.sleep(2)                     # the question is being read or the answer written (200 tokens: >10 s)
         child.sendintr()                  # Ctrl-C: SIGINT to the foreground process, as a user would
         child.expect("answer stopped")
         child.expect("ra>")               # back at the prompt, same process, model still loaded
