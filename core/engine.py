@@ -29,7 +29,7 @@ class Settings:
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
     attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
-    index: str = "flat"            # flat | hnsw  (see core/index.py for why flat is the default)
+    index: str = "flat"            # flat | hnsw | graph  (see core/index.py for why flat is the default)
     top_k: int = 100
     sink: int = 128
     recent: int = 512
@@ -185,7 +185,8 @@ class Engine:
             index = None
             if b > a and self.s.attention != "full":  # full attention reads the KV, not the index
                 keys32 = off.k.float() if self.s.index == "flat" else None
-                index = open_layer_index(self.s.index, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads)
+                index = open_layer_index(self.s.index, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads,
+                                         keys_f16=entry.keys[layer, :, a:b])
             layers.append((off, index))
         return layers
 

@@ -13,6 +13,8 @@ over the retrieved keys needs only their values.
         but the keys become far less one-sided and the graph far easier to search (recall@100 on
         SmolLM2's real keys: 0.50 -> 0.89 at ef=100, 0.96 at ef=200).
 
+  graph the query-aware graph of core/graph.py (built from the document's prefill queries).
+
 Persisted per index directory: `means.npy` float32 [L, KVH, D] and, for hnsw, one hnswlib file
 per (layer, head) named `l{layer:03d}h{head:02d}.hnsw` (hnswlib's own binary format, not pickle).
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KINDS = ("flat", "hnsw")
+KINDS = ("flat", "hnsw", "graph")
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 200
@@ -83,18 +85,24 @@ def load_hnsw(path: Path, dim: int, n: int):
     return g
 
 
-def build_index_dir(kind: str, offloaded_keys, n_layers: int, out: Path, progress=None) -> None:
+def build_index_dir(kind: str, offloaded_keys, n_layers: int, out: Path, progress=None, build_queries=None) -> None:
     """Write the index files for `kind` into the (temporary) directory `out`.
 
-    offloaded_keys(layer) -> float32 numpy [KVH, N, D]; progress(done, total) is called per layer.
+    offloaded_keys(layer) -> numpy [KVH, N, D] (fp16 or fp32); progress(done, total) is called per
+    layer; build_queries(layer) -> [KVH, m, D] prefill queries (graph only).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+    if kind == "graph":
+        from .graph import build_graph_dir
+
+        return build_graph_dir(offloaded_keys, build_queries, n_layers, out, progress)
     first = offloaded_keys(0)
     means = np.zeros((n_layers, first.shape[0], first.shape[2]), dtype=np.float32)
     for layer in range(n_layers):
         keys = first if layer == 0 else offloaded_keys(layer)
         if keys.shape[1] > 0:
+            keys = np.asarray(keys, np.float32)
             means[layer] = keys.mean(axis=1)
         if kind == "hnsw" and keys.shape[1] > 0:
             for h in range(keys.shape[0]):
@@ -106,10 +114,15 @@ def build_index_dir(kind: str, offloaded_keys, n_layers: int, out: Path, progres
 
 
 def open_layer_index(kind: str, index_dir: Path, layer: int, keys_f32: torch.Tensor | None, n: int, dim: int,
-                     kv_heads: int, ef: int = HNSW_EF_SEARCH):
-    """Open one layer's index. For flat, keys_f32 is the layer's float32 [KVH, N, D] keys."""
+                     kv_heads: int, ef: int = HNSW_EF_SEARCH, keys_f16: np.ndarray | None = None):
+    """Open one layer's index. flat needs keys_f32 (float32 [KVH, N, D], in RAM); graph needs
+    keys_f16 (the store's memory-mapped [KVH, N, D] view, read only where the search goes)."""
     if kind == "flat":
         return FlatLayerIndex(keys_f32)
+    if kind == "graph":
+        from .graph import open_graph_layer
+
+        return open_graph_layer(index_dir, layer, keys_f16)
     if kind == "hnsw":
         means = np.load(index_dir / "means.npy", allow_pickle=False)[layer]
         graphs = [load_hnsw(index_dir / f"l{layer:03d}h{h:02d}.hnsw", dim, n) for h in range(kv_heads)]

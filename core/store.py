@@ -261,6 +261,11 @@ class Entry:
         a, b = self.split(sink, recent)
         return self.keys[layer, :, a:b]  # [KVH, N_off, D], a view into the memory map
 
+    def build_queries(self, layer: int) -> np.ndarray:
+        """The sampled prefill queries of one layer grouped by KV head: [KVH, G * Q, D]."""
+        q = self._load("queries.npy")[layer]  # [Hq, Q, D]
+        return q.reshape(self.kv_heads, -1, q.shape[-1])
+
     def index_dir(self, kind: str, sink: int, recent: int) -> Path:
         return self.path / "indexes" / f"{kind}-s{sink}-r{recent}"
 
@@ -280,8 +285,8 @@ class Entry:
             if (final / "index.json").exists():
                 return final
             with store.staging() as tmp:
-                build_index_dir(kind, lambda layer: np.asarray(self.offloaded_keys(layer, sink, recent), np.float32),
-                                self.n_layers, tmp, progress)
+                build_index_dir(kind, lambda layer: self.offloaded_keys(layer, sink, recent), self.n_layers, tmp,
+                                progress, self.build_queries)
                 store.commit(tmp, final)
         return final
 

@@ -28,8 +28,8 @@ class ModelOptions:
     def check(self) -> None:
         if self.attention not in ("retrieval", "full"):
             raise UsageError(f"--attention must be retrieval or full, not {self.attention!r}")
-        if self.index not in ("flat", "hnsw"):
-            raise UsageError(f"--index must be flat or hnsw, not {self.index!r}")
+        if self.index not in ("flat", "hnsw", "graph"):
+            raise UsageError(f"--index must be flat, hnsw or graph, not {self.index!r}")
 
 
 @dataclass

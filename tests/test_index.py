@@ -47,3 +47,55 @@ def test_centring_keeps_every_ranking():
     a = np.argsort(-(q @ keys.T), axis=1)
     b = np.argsort(-(q @ (keys - mu).T), axis=1)
     assert (a[:, :50] == b[:, :50]).mean() > 0.99  # equal up to float ties
+
+
+def _graph(tmp_path, keys16, queries):
+    build_index_dir("graph", lambda l: keys16[l], keys16.shape[0], tmp_path, build_queries=lambda l: queries[l])
+    return [open_layer_index("graph", tmp_path, l, None, keys16.shape[2], keys16.shape[3], keys16.shape[1],
+                             keys_f16=keys16[l]) for l in range(keys16.shape[0])]
+
+
+def test_graph_with_k_covering_every_key_is_exact(tmp_path):
+    """k = N: the best-first search must reach every key (positional links make the graph
+    connected) and return exact fp16 logits, so retrieval attention equals full attention."""
+    keys16 = _keys(N=500).astype(np.float16)
+    queries = np.random.default_rng(3).standard_normal((2, 2, 64, 16)).astype(np.float32)  # [L, KVH, m, D]
+    idx = _graph(tmp_path, keys16, queries)
+    q = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 6, 16)).astype(np.float32))
+    ids, scores = idx[1].search(q, 500)
+    full = torch.einsum("hmd,hnd->hmn", q, torch.from_numpy(keys16[1].astype(np.float32)))
+    for h in range(2):
+        for m in range(6):
+            assert sorted(ids[h, m].tolist()) == list(range(500))
+    torch.testing.assert_close(scores, torch.gather(full, 2, ids), rtol=1e-5, atol=1e-5)
+    # files are memory-mapped, not read whole: the layer's graph is a view of graph.npy
+    assert isinstance(np.load(tmp_path / "graph.npy", mmap_mode="r"), np.memmap)
+
+
+def test_graph_finds_the_top_k_of_queries_like_its_build_queries(tmp_path):
+    """Queries drawn like the build queries: a small search finds most of the exact top-10."""
+    rng = np.random.default_rng(5)
+    keys16 = _keys(L=1, N=2000).astype(np.float16)
+    centres = rng.standard_normal((1, 2, 8, 16)).astype(np.float32) * 3
+    def draw(n):  # queries cluster around a few directions, as attention queries do
+        return centres[:, :, rng.integers(0, 8, n)] + rng.standard_normal((1, 2, n, 16)).astype(np.float32)
+    idx = _graph(tmp_path, keys16, draw(400))[0]
+    idx.ef = 64
+    q = torch.from_numpy(draw(20)[0])
+    ids, scores = idx.search(q, 10)
+    full = torch.einsum("hmd,hnd->hmn", q, torch.from_numpy(keys16[0].astype(np.float32)))
+    want = full.topk(10, dim=-1).indices
+    recall = np.mean([len(set(ids[h, m].tolist()) & set(want[h, m].tolist())) / 10
+                      for h in range(2) for m in range(20)])
+    assert recall >= 0.9
+    assert idx.scanned / idx.searched < 0.5 * 2000  # and it did not score every key
+    torch.testing.assert_close(scores, torch.gather(full, 2, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_refuses_a_float32_store(tmp_path):
+    import pytest
+
+    keys = _keys(N=200)
+    queries = np.zeros((2, 2, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="fp16"):
+        _graph(tmp_path, keys, queries)

@@ -1,0 +1,456 @@
+"""The query-aware graph index: find a query's top-k keys while scoring a small fraction of them.
+
+Why: decode-time queries and keys come from different distributions, so a graph built from
+key-key similarity alone (hnswlib) leads a query astray unless it scans many keys. Like
+RetrievalAttention (arXiv 2409.10516, after RoarGraph), this graph is built from the document's
+own prefill queries, which are distributed like the decode queries:
+
+  build, per KV head, from m prefill queries (all query heads of the GQA group):
+    1. exact top-`fan` keys of every build query (blocked torch matmul, memory-bounded);
+    2. projection: two keys are linked when they are among the top keys of the same queries;
+       each key keeps its `degree` most co-attended partners (weighted by rank, dense ids);
+    3. key-key links: `key_degree` of the slots hold hnswlib's level-0 neighbours over mean-centred
+       keys (a diversified local neighbourhood, so the beam can climb towards higher q.k);
+    4. positional links: key i also reaches i-1 and i+1 (implicit, not stored), because attention
+       goes to spans of text, and it makes every key reachable;
+    5. entry points: the build queries are clustered by direction (spherical k-means, `n_clusters`);
+       each cluster keeps the `n_entry` keys its queries attend to most.
+  search, per query: score the cluster centroids, seed a best-first beam with the entry keys of
+  the `n_probe` best clusters, expand neighbours while they can still enter the `ef` best; return
+  the k best ids and their exact logits (fp16 keys from the store, fp32 arithmetic).
+
+Storage (index directory, all memory-mapped on open; nothing is copied or unpickled):
+  graph.npy      int32 [L, KVH, N, degree]   neighbour ids into the offloaded range, -1 = none
+  centroids.npy  fp32  [L, KVH, C, D]        unit query directions
+  entries.npy    int32 [L, KVH, C, n_entry]  entry keys per centroid, -1 = none
+Keys are not duplicated: search reads the store's fp16 keys through their memory map.
+
+The kernels are numba-compiled (cached on disk after the first run) and run the queries of a
+layer in parallel threads; `scanned` counts every key and centroid scored.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+# defaults picked on benchmarks/index_recall.py (100K real keys per head; see BENCHMARKS.md)
+DEGREE = 16        # stored neighbours per key: 64 bytes/key/head = 25% of its fp16 K+V
+KEY_DEGREE = 8     # ... of which key-key neighbours (the rest: co-attention partners)
+FAN = 100          # top keys per build query that get projected to edges
+N_CLUSTERS = 256   # query directions
+N_ENTRY = 256      # entry keys per direction: the seeds do much of the work (recall +0.1)
+N_PROBE = 3
+EF = 200           # search width (the beam); >= k
+
+
+# ----------------------------------------------------------------------------- build
+
+def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = 512) -> torch.Tensor:
+    """queries [m, D], keys [N, D] (fp32) -> ids [m, k] of each query's k highest q.k, best first."""
+    out = torch.empty(queries.shape[0], k, dtype=torch.int32)
+    for s in range(0, queries.shape[0], block):
+        scores = queries[s:s + block] @ keys.T  # [b, N]: block keeps this at block * N floats
+        out[s:s + block] = scores.topk(k, dim=-1, sorted=True).indices.to(torch.int32)
+    return out
+
+
+def spherical_kmeans(x: torch.Tensor, n: int, iters: int = 12, seed: int = 0):
+    """Cluster rows of x [m, D] by direction. -> (unit centroids [n, D], assignment [m])."""
+    x = torch.nn.functional.normalize(x, dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    n = min(n, x.shape[0])
+    c = x[torch.randperm(x.shape[0], generator=g)[:n]].clone()
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(dim=-1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = sums.norm(dim=-1) == 0
+        sums[empty] = c[empty]  # an empty cluster keeps its centroid
+        c = torch.nn.functional.normalize(sums, dim=-1)
+    return c, (x @ c.T).argmax(dim=-1)
+
+
+@njit(cache=True)
+def _project(lists, n_keys, degree):
+    """lists int32 [m, fan] (best first) -> neighbours int32 [n_keys, degree], -1 padded.
+
+    Co-attention weight of (x, y) = sum over the queries that rank both of 1/(1+rank_x+rank_y):
+    pairs near the top of many queries' lists weigh most."""
+    m, fan = lists.shape
+    # inverted lists: for each key, the (query, rank) pairs it appears in (CSR)
+    counts = np.zeros(n_keys + 1, np.int64)
+    for i in range(m):
+        for r in range(fan):
+            counts[lists[i, r] + 1] += 1
+    starts = np.cumsum(counts)
+    fill = starts[:-1].copy()
+    occ_q = np.empty(m * fan, np.int32)
+    occ_r = np.empty(m * fan, np.int32)
+    for i in range(m):
+        for r in range(fan):
+            x = lists[i, r]
+            occ_q[fill[x]] = i
+            occ_r[fill[x]] = r
+            fill[x] += 1
+    out = np.full((n_keys, degree), -1, np.int32)
+    weight = np.zeros(n_keys, np.float32)
+    touched = np.empty(n_keys, np.int32)
+    for x in range(n_keys):
+        nt = 0
+        for j in range(starts[x], starts[x + 1]):
+            i, rx = occ_q[j], occ_r[j]
+            for ry in range(fan):
+                y = lists[i, ry]
+                if y == x:
+                    continue
+                if weight[y] == 0.0:
+                    touched[nt] = y
+                    nt += 1
+                weight[y] += 1.0 / (1.0 + rx + ry)
+        if nt > 0:
+            w = np.empty(nt, np.float32)
+            for t in range(nt):
+                w[t] = weight[touched[t]]
+            order = np.argsort(-w)
+            for t in range(min(degree, nt)):
+                out[x, t] = touched[order[t]]
+            for t in range(nt):
+                weight[touched[t]] = 0.0
+    return out
+
+
+def _entries(lists: np.ndarray, assign: np.ndarray, n_clusters: int, n_entry: int) -> np.ndarray:
+    """Per cluster, the keys its queries rank highest (rank-weighted votes). -> int32 [C, n_entry]."""
+    out = np.full((n_clusters, n_entry), -1, np.int32)
+    fan = lists.shape[1]
+    w = 1.0 / (1.0 + np.arange(fan))
+    for c in range(n_clusters):
+        members = lists[assign == c]
+        if len(members) == 0:
+            continue
+        ids, inv = np.unique(members.ravel(), return_inverse=True)
+        votes = np.bincount(inv, weights=np.tile(w, len(members)))
+        top = ids[np.argsort(-votes, kind="stable")[:n_entry]]
+        out[c, :len(top)] = top
+    return out
+
+
+def hnsw_level0(path: Path, n: int):
+    """Level-0 adjacency of a saved hnswlib index: (int32 [n, maxM0] with -1 padding, entry point).
+
+    hnswlib's file (hnswalg.h saveIndex): 6 size_t, int maxlevel, uint32 entry point, 3 size_t,
+    double mult, size_t ef_construction, then n level-0 records of size_data_per_element bytes:
+    uint32 link count, maxM0 uint32 links, the vector, the label. Read with numpy, no pickle."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    hdr = raw[:96]
+    off0, _maxel, count, size_per, _label_off, _data_off = (int(x) for x in hdr[:48].view(np.uint64))
+    entry = int(hdr[52:56].view(np.uint32)[0])
+    maxm0 = int(hdr[64:72].view(np.uint64)[0])
+    if off0 != 0 or count != n:
+        raise ValueError(f"unexpected hnswlib file layout in {path}")
+    rec = raw[96:96 + n * size_per].reshape(n, size_per)
+    links = rec[:, :4 * (1 + maxm0)].copy().view(np.uint32).reshape(n, 1 + maxm0)
+    cnt = (links[:, 0] & 0xFFFF).astype(np.int64)
+    graph = links[:, 1:].astype(np.int32)
+    graph[np.arange(maxm0)[None, :] >= cnt[:, None]] = -1
+    return graph, entry
+
+
+def key_graph(keys: np.ndarray, degree: int, tmp: Path, ef_construction: int = 64) -> np.ndarray:
+    """Key-key neighbours (hnswlib's level-0 links over mean-centred keys, its own diversified
+    selection), first `degree` per key. keys: [N, D] -> int32 [N, degree]."""
+    import hnswlib
+
+    k = np.asarray(keys, np.float32)
+    k = k - k.mean(axis=0)
+    g = hnswlib.Index(space="ip", dim=k.shape[1])
+    g.init_index(max_elements=len(k), M=max(8, degree // 2), ef_construction=ef_construction, random_seed=0)
+    g.set_num_threads(os.cpu_count() or 1)
+    g.add_items(k, np.arange(len(k)))
+    f = tmp / f"keygraph-{os.getpid()}.hnsw"
+    g.save_index(str(f))
+    try:
+        return hnsw_level0(f, len(k))[0][:, :degree]
+    finally:
+        f.unlink()
+
+
+@njit(cache=True)
+def _merge(a, b, degree):
+    """Row-wise union of two neighbour tables (a first), deduplicated, -1 padded to degree."""
+    n = a.shape[0]
+    both = np.concatenate((a, b), axis=1)
+    out = np.full((n, degree), -1, np.int32)
+    for x in range(n):
+        t = 0
+        for j in range(both.shape[1]):
+            y = both[x, j]
+            if y < 0 or t >= degree:
+                continue
+            dup = False
+            for u in range(t):
+                if out[x, u] == y:
+                    dup = True
+                    break
+            if not dup:
+                out[x, t] = y
+                t += 1
+    return out
+
+
+def build_head(keys: np.ndarray, queries: np.ndarray, degree: int = DEGREE, fan: int = FAN,
+               n_clusters: int = N_CLUSTERS, n_entry: int = N_ENTRY, key_degree: int = KEY_DEGREE,
+               tmp: Path | None = None):
+    """keys fp16/fp32 [N, D], build queries [m, D] -> (graph [N, degree], centroids [C, D], entries [C, n_entry]).
+
+    key_degree > 0: that many of the degree slots go to key-key neighbours (see key_graph)."""
+    k32 = torch.from_numpy(np.asarray(keys, dtype=np.float32))
+    q32 = torch.from_numpy(np.asarray(queries, dtype=np.float32))
+    n = k32.shape[0]
+    fan = min(fan, n)
+    lists = exact_topk(q32, k32, fan).numpy()
+    graph = _project(lists, n, degree - key_degree)
+    if key_degree > 0:
+        graph = _merge(graph, key_graph(k32.numpy(), key_degree, tmp or Path("/tmp")), degree)
+    cents, assign = spherical_kmeans(q32, n_clusters)
+    entries = _entries(lists, assign.numpy(), n_clusters, n_entry)
+    if cents.shape[0] < n_clusters:  # fewer build queries than clusters: pad with unusable rows
+        pad = n_clusters - cents.shape[0]
+        cents = torch.cat([cents, torch.zeros(pad, cents.shape[1])])
+    return graph, cents.numpy().astype(np.float32), entries
+
+
+# ----------------------------------------------------------------------------- search
+
+@njit(inline="always")
+def _dot_f16(q, row, buf_u, buf_f):
+    """q float32 [D] . row (fp16 bits, uint16 [D]) in float32, exact conversion."""
+    extra = np.float32(0.0)
+    for d in range(q.shape[0]):
+        h = np.uint32(row[d])
+        if h & 0x7C00:  # normal: rebias the exponent, widen the mantissa
+            buf_u[d] = ((h & 0x8000) << 16) | (((h & 0x7FFF) << 13) + 0x38000000)
+        else:  # zero or subnormal: m * 2^-24
+            buf_u[d] = 0
+            v = np.float32(h & 0x3FF) * np.float32(5.9604645e-08)
+            extra += q[d] * (-v if h & 0x8000 else v)
+    s = np.float32(0.0)
+    for d in range(q.shape[0]):
+        s += q[d] * buf_f[d]
+    return s + extra
+
+
+@njit(inline="always")
+def _heap_push_min(hs, hi, size, s, i):
+    """Min-heap on hs (scores) with payload hi; returns the new size."""
+    j = size
+    hs[j], hi[j] = s, i
+    while j > 0:
+        p = (j - 1) >> 1
+        if hs[p] <= hs[j]:
+            break
+        hs[p], hs[j] = hs[j], hs[p]
+        hi[p], hi[j] = hi[j], hi[p]
+        j = p
+    return size + 1
+
+
+@njit(inline="always")
+def _heap_pop_min(hs, hi, size):
+    """Remove the root of a min-heap; returns the new size."""
+    size -= 1
+    hs[0], hi[0] = hs[size], hi[size]
+    j = 0
+    while True:
+        l = 2 * j + 1
+        if l >= size:
+            break
+        c = l
+        if l + 1 < size and hs[l + 1] < hs[l]:
+            c = l + 1
+        if hs[j] <= hs[c]:
+            break
+        hs[c], hs[j] = hs[j], hs[c]
+        hi[c], hi[j] = hi[j], hi[c]
+        j = c
+    return size
+
+
+@njit(cache=True)
+def _search_one(q, keys, graph, cents, entries, n_probe, ef, k, positional, visited, mark, out_ids, out_scores):
+    """Best-first search for one query q [D] over one head. Returns the number of vectors scored."""
+    n, degree = graph.shape
+    D = q.shape[0]
+    buf_u = np.empty(D, np.uint32)
+    buf_f = buf_u.view(np.float32)
+    # results: min-heap of the ef best (root = worst kept); candidates: max-heap via negated scores
+    rs = np.empty(ef, np.float32)
+    ri = np.empty(ef, np.int32)
+    cs = np.empty(n + 1, np.float32)
+    ci = np.empty(n + 1, np.int32)
+    nr = 0
+    nc = 0
+    scanned = 0
+    # 1. entry points: the entry keys of the n_probe clusters whose centroids best match q
+    C = cents.shape[0]
+    cscore = np.empty(C, np.float32)
+    for c in range(C):
+        s = np.float32(0.0)
+        for d in range(D):
+            s += q[d] * cents[c, d]
+        cscore[c] = s
+    scanned += C
+    order = np.argsort(-cscore)
+    for t in range(min(n_probe, C)):
+        for e in range(entries.shape[1]):
+            x = entries[order[t], e]
+            if x < 0 or visited[x] == mark:
+                continue
+            visited[x] = mark
+            s = _dot_f16(q, keys[x], buf_u, buf_f)
+            scanned += 1
+            nc = _heap_push_min(cs, ci, nc, -s, x)
+            if nr < ef:
+                nr = _heap_push_min(rs, ri, nr, s, x)
+            elif s > rs[0]:
+                nr = _heap_pop_min(rs, ri, nr)
+                nr = _heap_push_min(rs, ri, nr, s, x)
+    # 2. best-first expansion: graph neighbours plus the two positional neighbours
+    while nc > 0:
+        s_best = -cs[0]
+        x = ci[0]
+        nc = _heap_pop_min(cs, ci, nc)
+        if nr >= ef and s_best < rs[0]:
+            break
+        for t in range(degree + 2 if positional else degree):
+            if t < degree:
+                y = graph[x, t]
+                if y < 0:
+                    continue
+            elif t == degree:
+                y = x - 1
+                if y < 0:
+                    continue
+            else:
+                y = x + 1
+                if y >= n:
+                    continue
+            if visited[y] == mark:
+                continue
+            visited[y] = mark
+            s = _dot_f16(q, keys[y], buf_u, buf_f)
+            scanned += 1
+            if nr < ef:
+                nr = _heap_push_min(rs, ri, nr, s, y)
+                nc = _heap_push_min(cs, ci, nc, -s, y)
+            elif s > rs[0]:
+                nr = _heap_pop_min(rs, ri, nr)
+                nr = _heap_push_min(rs, ri, nr, s, y)
+                nc = _heap_push_min(cs, ci, nc, -s, y)
+    # 3. the k best of the kept ones (fewer only if fewer keys exist than k)
+    idx = np.argsort(-rs[:nr])
+    for t in range(k):
+        if t < nr:
+            out_ids[t] = ri[idx[t]]
+            out_scores[t] = rs[idx[t]]
+        else:
+            out_ids[t] = out_ids[0]
+            out_scores[t] = np.float32(-np.inf)
+    return scanned
+
+
+@njit(parallel=True, cache=True)
+def _search_layer(q, keys, graph, cents, entries, n_probe, ef, k, positional, visited, epoch, out_ids, out_scores):
+    """q float32 [KVH, M, D]; keys uint16 [KVH, N, D]; visited int32 [S, N] (S parallel slots).
+
+    Tasks (head, query) are dealt to S slots; each slot owns one visited array, marked with a
+    task-unique epoch so it never needs clearing. Returns scanned counts [KVH, M]."""
+    KVH, M = q.shape[0], q.shape[1]
+    S = visited.shape[0]
+    scanned = np.zeros((KVH, M), np.int64)
+    n_tasks = KVH * M
+    for slot in prange(S):
+        for task in range(slot, n_tasks, S):
+            h, i = task // M, task % M
+            scanned[h, i] = _search_one(q[h, i], keys[h], graph[h], cents[h], entries[h], n_probe, ef, k,
+                                        positional, visited[slot], epoch + task, out_ids[h, i], out_scores[h, i])
+    return scanned
+
+
+class GraphLayerIndex:
+    """One layer's graphs (one per KV head) over the offloaded keys, searched in parallel.
+
+    keys: fp16 [KVH, N, D] (the store's memory map); graph/cents/entries: this layer's slices."""
+
+    def __init__(self, keys: np.ndarray, graph: np.ndarray, cents: np.ndarray, entries: np.ndarray,
+                 ef: int = EF, n_probe: int = N_PROBE, slots: int | None = None, positional: bool = True):
+        if keys.dtype != np.float16:
+            raise ValueError("the graph index reads fp16 keys; this store keeps its KV as " + str(keys.dtype))
+        # plain ndarray views (numba does not take np.memmap); nothing is copied or read here
+        self.keys = np.asarray(keys).view(np.uint16)
+        self.graph, self.cents, self.entries = np.asarray(graph), np.asarray(cents), np.asarray(entries)
+        self.ef, self.n_probe, self.positional = ef, n_probe, positional
+        self.visited = np.zeros((slots or max(1, numba.get_num_threads()), keys.shape[1]), np.int32)
+        self.epoch = 1
+        self.scanned = 0   # vectors scored since creation (keys + centroids), for benchmarks
+        self.searched = 0  # queries searched
+
+    def search(self, q: torch.Tensor, k: int):
+        q = np.ascontiguousarray(q.to("cpu", torch.float32).numpy())  # [KVH, M, D]
+        KVH, M = q.shape[:2]
+        if self.epoch + KVH * M >= 2**31 - 1:
+            self.visited[:] = 0
+            self.epoch = 1
+        ids = np.empty((KVH, M, k), np.int32)
+        scores = np.empty((KVH, M, k), np.float32)
+        n = _search_layer(q, self.keys, self.graph, self.cents, self.entries, self.n_probe, max(self.ef, k), k,
+                          self.positional, self.visited, self.epoch, ids, scores)
+        self.epoch += KVH * M
+        self.scanned += int(n.sum())
+        self.searched += KVH * M
+        return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores)
+
+
+# ----------------------------------------------------------------------------- store glue
+
+def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, progress=None,
+                    degree: int = DEGREE, fan: int = FAN, n_clusters: int = N_CLUSTERS, n_entry: int = N_ENTRY,
+                    key_degree: int = KEY_DEGREE) -> None:
+    """Write graph.npy / centroids.npy / entries.npy into the (temporary) index directory `out`.
+
+    offloaded_keys(layer) -> fp16 [KVH, N, D]; build_queries(layer) -> [KVH, m, D] (the prefill
+    queries of each KV head's query heads, stacked)."""
+    first = offloaded_keys(0)
+    KVH, N, D = first.shape
+    graph = np.lib.format.open_memmap(out / "graph.npy", mode="w+", dtype=np.int32, shape=(n_layers, KVH, N, degree))
+    cents = np.lib.format.open_memmap(out / "centroids.npy", mode="w+", dtype=np.float32,
+                                      shape=(n_layers, KVH, n_clusters, D))
+    entries = np.lib.format.open_memmap(out / "entries.npy", mode="w+", dtype=np.int32,
+                                        shape=(n_layers, KVH, n_clusters, n_entry))
+    for layer in range(n_layers):
+        keys = first if layer == 0 else offloaded_keys(layer)
+        qs = build_queries(layer)
+        for h in range(KVH):
+            graph[layer, h], cents[layer, h], entries[layer, h] = build_head(keys[h], qs[h], degree, fan, n_clusters,
+                                                                             n_entry, key_degree, out)
+        if progress:
+            progress(layer + 1, n_layers)
+    for a in (graph, cents, entries):
+        a.flush()
+    (out / "index.json").write_text(json.dumps({"kind": "graph", "degree": degree, "key_degree": key_degree,
+                                                "fan": fan, "clusters": n_clusters, "entries": n_entry}))
+
+
+def open_graph_layer(index_dir: Path, layer: int, keys: np.ndarray, ef: int = EF, n_probe: int = N_PROBE):
+    """keys: this layer's offloaded fp16 keys [KVH, N, D] (a view of the store's memory map)."""
+    load = lambda name: np.load(index_dir / name, mmap_mode="r", allow_pickle=False)[layer]
+    return GraphLayerIndex(keys, load("graph.npy"), load("centroids.npy"), load("entries.npy"), ef, n_probe)
+
+
+def set_threads() -> None:
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1)))
