@@ -52,6 +52,7 @@ class Config:
     top_k: int = 100
     sink: int = 128
     recent: int = 512
+    index: str = "flat"
 
 
 FULL = Config("full", attention="full")
@@ -216,8 +217,8 @@ def run(cases: list[Case], configs: list[Config], engine, max_tokens: int, out=N
         answers = {}
         for cfg in configs:
             s = engine.s
-            s.attention, s.top_k, s.sink, s.recent, s.max_tokens = (cfg.attention, cfg.top_k, cfg.sink, cfg.recent,
-                                                                     max_tokens)
+            s.attention, s.top_k, s.sink, s.recent, s.max_tokens, s.index = (
+                cfg.attention, cfg.top_k, cfg.sink, cfg.recent, max_tokens, cfg.index)
             p = engine.prepare(doc)  # a cache hit after the first config
             answers[cfg.name] = "".join(engine.ask(p, case.question)).strip()
         full = answers.get(FULL.name)
@@ -275,6 +276,7 @@ def main(argv=None) -> None:
     ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--indexes", default="flat", help="retrieval indexes to compare with full attention (needle)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="a few cells only (CI smoke test)")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per (case, config) here")
@@ -297,7 +299,9 @@ def main(argv=None) -> None:
         return
     depths = [int(d) for d in args.depths.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else None
-    ra = Config(f"ra k={args.top_k}", top_k=args.top_k)
+    ras = [Config(f"ra k={args.top_k}" + ("" if ix == "flat" else f" {ix}"), top_k=args.top_k, index=ix)
+           for ix in args.indexes.split(",")]
+    ra = ras[0]
     out = open(args.jsonl, "a") if args.jsonl else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -309,10 +313,10 @@ def main(argv=None) -> None:
         if args.task in ("needle", "all"):
             ls = lengths or ([1000] if args.quick else [1000, 2000, 4000, 6000, 7500])
             ds = [50] if args.quick else depths
-            rows = run(needle_cases(hay, ls, ds, 1 if args.quick else args.seeds), [ra, FULL], engine,
+            rows = run(needle_cases(hay, ls, ds, 1 if args.quick else args.seeds), ras + [FULL], engine,
                        args.max_tokens, out, log)
-            sections.append(("Needle in a haystack: pass rate by length", table(rows, "length", [ra, FULL])))
-            sections.append(("Needle: pass rate by depth (%)", table(rows, "depth", [ra, FULL])))
+            sections.append(("Needle in a haystack: pass rate by length", table(rows, "length", ras + [FULL])))
+            sections.append(("Needle: pass rate by depth (%)", table(rows, "depth", ras + [FULL])))
         if args.task in ("ruler", "all"):
             ls = lengths or ([1000] if args.quick else [2000, 4000, 7500])
             cases = ruler_cases(hay, ls, 1 if args.quick else args.seeds)

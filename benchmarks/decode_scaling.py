@@ -1,5 +1,6 @@
 """Decode latency, memory and disk vs document length: full attention vs retrieval attention
-(flat = exact top-k, hnsw = hnswlib on centred keys), with the per-step split
+(flat = exact top-k, graph = the query-aware graph, hnsw = hnswlib on centred keys), with the
+per-step split
 retrieval / attention / rest.
 
     python benchmarks/decode_scaling.py [--sizes 1024,2048,...,131072] [--steps 16] [--plot out.png]
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CHUNK = 8000
+QUERY_STRIDE = 16   # prefill queries kept every 16th position (the graph index is built from them)
 QUESTION = "What is the secret passcode? Answer with the number only."
 
 
@@ -39,8 +41,9 @@ def long_text() -> str:
 
 
 def capture(engine, n_total: int, out: Path, log) -> Path:
-    """Prefill consecutive CHUNK-token pieces of a long book; lay their KV end to end in `out`."""
-    from core.generation import prefill
+    """Prefill consecutive CHUNK-token pieces of a long book; lay their KV end to end in `out`,
+    with the queries of every QUERY_STRIDE-th position."""
+    from core.generation import QueryCapture, prefill
 
     if (out / "done.json").exists():
         return out
@@ -53,6 +56,8 @@ def capture(engine, n_total: int, out: Path, log) -> Path:
     shape = (engine.n_layers, engine.kv_heads, n_total, engine.head_dim)
     keys = np.lib.format.open_memmap(out / "keys.npy", mode="w+", dtype=np.float16, shape=shape)
     values = np.lib.format.open_memmap(out / "values.npy", mode="w+", dtype=np.float16, shape=shape)
+    queries = np.lib.format.open_memmap(out / "queries.npy", mode="w+", dtype=np.float16,
+                                        shape=(engine.n_layers, engine.q_heads, n_total // QUERY_STRIDE, engine.head_dim))
     t = time.perf_counter()
     for base in range(0, n_total, CHUNK):
         piece = ids[base:base + CHUNK]
@@ -61,12 +66,19 @@ def capture(engine, n_total: int, out: Path, log) -> Path:
             keys[layer, :, base + start:base + start + k.shape[1]] = k
             values[layer, :, base + start:base + start + v.shape[1]] = v
 
-        prefill(engine.model, piece, 1024, write)
+        def write_q(layer, slot, q, base=base):
+            off = base // QUERY_STRIDE
+            queries[layer, :, off + slot.start:off + slot.stop] = q
+
+        local = np.arange(0, len(piece), QUERY_STRIDE)
+        local = local[(base + local) // QUERY_STRIDE < n_total // QUERY_STRIDE]
+        prefill(engine.model, piece, 1024, write, QueryCapture(local, write_q))
         done = base + len(piece)
         el = time.perf_counter() - t
         log(f"captured {done:,}/{n_total:,} tokens ({done / el:.0f} tok/s, ~{(n_total - done) * el / done / 60:.0f} min left)")
     keys.flush()
     values.flush()
+    queries.flush()
     np.save(out / "tokens.npy", ids, allow_pickle=False)
     (out / "done.json").write_text(json.dumps({"tokens": n_total, "prefill_s": time.perf_counter() - t}))
     return out
@@ -84,11 +96,16 @@ def make_entry(engine, base: Path, n: int):
     keys = np.load(base / "keys.npy", mmap_mode="r")
     values = np.load(base / "values.npy", mmap_mode="r")
     tokens = np.load(base / "tokens.npy")[:n]
+    queries = np.load(base / "queries.npy", mmap_mode="r")
+    # the prefill-query sample a real entry of n tokens keeps (Engine.query_count), from the capture
+    have = n // QUERY_STRIDE
+    slots = np.unique(np.linspace(0, have - 1, num=min(engine.query_count(n), have)).astype(np.int64))
     with engine.store.staging() as tmp:
         w = EntryWriter(tmp, n, engine.n_layers, engine.kv_heads, engine.q_heads, engine.head_dim, "float16",
-                        np.zeros(0, dtype=np.int64))
+                        slots * QUERY_STRIDE)
         for layer in range(engine.n_layers):
             w.write_kv(layer, 0, keys[layer, :, :n], values[layer, :, :n])
+            w.write_queries(layer, slice(0, len(slots)), queries[layer][:, slots])
         manifest = {"format": key.format, "key": key.__dict__, "digest": key.digest, "n_tokens": n,
                     "document": {"name": doc.name, "kind": "text", "chars": len(doc.text), "page_starts": [0]},
                     "model": {"spec": "embedded", "identity": engine.ref.identity}, "synthetic": True}
@@ -163,18 +180,32 @@ def time_decode(engine, doc, attention: str, index: str, steps: int) -> dict:
 
 
 def peak_rss(home: Path, doc_text: str, attention: str, index: str) -> float:
-    """Peak RSS (MiB) of a fresh process that opens the cached entry and decodes 8 tokens."""
+    """Peak RSS (MiB) of a fresh process that opens the cached entry and decodes 8 tokens.
+
+    It calls `forward` directly, as time_decode does: `Engine.ask` rightly refuses a document
+    longer than the model's window, and captured KV beyond 8K is such a document."""
     code = f"""
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r})
 from core.engine import Engine, Settings
 from core.documents import Document
-e = Engine({str(home)!r}, Settings(attention={attention!r}, index={index!r}, max_tokens=8, stop_at_eos=False))
+from core.generation import forward
+from core.prompt import question_ids
+e = Engine({str(home)!r}, Settings(attention={attention!r}, index={index!r}))
 p = e.prepare(Document(text={doc_text!r}, name="x", kind="text"))
-''.join(e.ask(p, {QUESTION!r}))
+cache = e.build_cache(p)
+q = question_ids(e.tokenizer, {QUESTION!r})
+pos = p.entry.n_tokens
+logits = forward(e.model, cache, q, pos)
+pos += len(q)
+for _ in range(8):
+    logits = forward(e.model, cache, [int(logits.argmax())], pos)
+    pos += 1
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"peak-RSS run ({attention}, {index}) failed:\n{r.stderr[-2000:]}")
     return float(r.stdout.strip().splitlines()[-1])
 
 
@@ -186,7 +217,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--indexes", default="flat,hnsw")
+    ap.add_argument("--indexes", default="flat,graph,hnsw")
+    ap.add_argument("--hnsw-max", type=int, default=32768,
+                    help="skip hnswlib above this size (its 90 graphs take ~10 min to build at 100K keys)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--rss-min", type=int, default=8192, help="measure peak RSS from this size up")
     ap.add_argument("--prefill-rate", type=float, default=None,
@@ -221,41 +254,44 @@ def main() -> None:
         row = {"tokens": n}
         row["full"] = time_decode(engine, doc, "full", "flat", args.steps)
         for ix in indexes:
+            if ix == "hnsw" and n > args.hnsw_max:
+                continue
             row[ix] = time_decode(engine, doc, "retrieval", ix, args.steps)
         entry = engine.store.open(engine.key(doc))
         row["kv_bytes"] = (entry.path / "keys.npy").stat().st_size + (entry.path / "values.npy").stat().st_size
         for ix in indexes:
-            row[f"{ix}_index_bytes"] = dir_bytes(entry.index_dir(ix, 128, 512))
+            if ix in row:
+                row[f"{ix}_index_bytes"] = dir_bytes(entry.index_dir(ix, 128, 512))
         row["prefill_s_est"] = n / prefill_tok_s
         if not args.no_rss and n >= args.rss_min:
-            for mode, ix in (("full", "flat"), ("retrieval", "flat"), ("retrieval", "hnsw")):
-                if ix in indexes or mode == "full":
+            for mode, ix in (("full", "flat"), ("retrieval", "flat"), ("retrieval", "graph"), ("retrieval", "hnsw")):
+                if mode == "full" or ix in row:
                     row[f"rss_{mode}_{ix}"] = peak_rss(home, doc.text, mode, ix)
         rows.append(row)
         log(f"{n:>7,} tokens: full {row['full']['ms']:.0f} ms, " +
-            ", ".join(f"{ix} {row[ix]['ms']:.0f} ms (index {row[ix]['index_s']:.1f} s)" for ix in indexes))
+            ", ".join(f"{ix} {row[ix]['ms']:.0f} ms (index {row[ix]['index_s']:.1f} s)" for ix in indexes if ix in row))
 
     print(f"machine: {machine()}")
     print(f"model: SmolLM2-135M-Instruct (embedded), fp32, CPU; KV beyond 8K captured in {CHUNK}-token chunks; "
           f"median of {args.steps} decode steps; k=100, sink 128, recent 512\n")
     head = "| tokens | full ms/token | " + " | ".join(f"{ix} ms/token | full / {ix}" for ix in indexes)
-    if "flat" in indexes and "hnsw" in indexes:
-        head += " | flat / hnsw"
+    head += "".join(f" | flat / {ix}" for ix in indexes[1:])
     print(head + " |")
     print("|" + "---:|" * (head.count("|") - 1))
     for r in rows:
         cells = [f"{r['tokens']:,}", f"{r['full']['ms']:.0f}"]
         for ix in indexes:
-            cells += [f"{r[ix]['ms']:.0f}", f"{r['full']['ms'] / r[ix]['ms']:.2f}x"]
-        if "flat" in indexes and "hnsw" in indexes:
-            cells.append(f"{r['flat']['ms'] / r['hnsw']['ms']:.2f}x")
+            cells += [f"{r[ix]['ms']:.0f}", f"{r['full']['ms'] / r[ix]['ms']:.2f}x"] if ix in r else ["-", "-"]
+        for ix in indexes[1:]:
+            cells.append(f"{r['flat']['ms'] / r[ix]['ms']:.2f}x" if ix in r and "flat" in r else "-")
         print("| " + " | ".join(cells) + " |")
     print("\nPer-step split (ms): retrieval (index search + value gather) / attention math / rest of the model\n")
     print("| tokens | " + " | ".join(f"{ix}: retrieval / attention / rest" for ix in indexes) + " |")
     print("|---:|" + "---|" * len(indexes))
     for r in rows:
         print(f"| {r['tokens']:,} | " + " | ".join(
-            f"{r[ix]['retrieval_ms']:.0f} / {r[ix]['attention_ms']:.0f} / {r[ix]['rest_ms']:.0f}" for ix in indexes) + " |")
+            f"{r[ix]['retrieval_ms']:.0f} / {r[ix]['attention_ms']:.0f} / {r[ix]['rest_ms']:.0f}" if ix in r else "-"
+            for ix in indexes) + " |")
     print("\nCost: disk per document token, index build time vs prefill time, peak RSS answering from the cache\n")
     hdr = ["tokens", "fp16 K+V bytes/token"] + [f"{ix} index bytes/token" for ix in indexes] + \
           [f"{ix} build s" for ix in indexes] + [f"prefill s (at {prefill_tok_s:.0f} tok/s)", "full KV fp32 MiB"]
@@ -265,8 +301,9 @@ def main() -> None:
     print("|" + "---:|" * len(hdr))
     for r in rows:
         n = r["tokens"]
-        cells = [f"{n:,}", f"{r['kv_bytes'] / n:,.0f}"] + [f"{r[f'{ix}_index_bytes'] / n:,.0f}" for ix in indexes]
-        cells += [f"{r[ix]['index_s']:.1f}" for ix in indexes] + [f"{r['prefill_s_est']:.0f}",
+        cells = [f"{n:,}", f"{r['kv_bytes'] / n:,.0f}"] + [
+            f"{r[f'{ix}_index_bytes'] / n:,.0f}" if ix in r else "-" for ix in indexes]
+        cells += [f"{r[ix]['index_s']:.1f}" if ix in r else "-" for ix in indexes] + [f"{r['prefill_s_est']:.0f}",
                                                                    f"{r['kv_bytes'] * 2 / 2**20:,.0f}"]
         if not args.no_rss:
             cells += [f"{r.get('rss_full_flat', float('nan')):,.0f}"] + [
@@ -284,7 +321,8 @@ def main() -> None:
         xs = [r["tokens"] for r in rows]
         ax.plot(xs, [r["full"]["ms"] for r in rows], "o-", label="full attention")
         for ix in indexes:
-            ax.plot(xs, [r[ix]["ms"] for r in rows], "s-", label=f"retrieval attention, {ix} index (k=100)")
+            pts = [(r["tokens"], r[ix]["ms"]) for r in rows if ix in r]
+            ax.plot(*zip(*pts), "s-", label=f"retrieval attention, {ix} index (k=100)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document tokens (KV beyond 8K captured from real text in 8K chunks)")
         ax.set_ylabel("ms per decode step")

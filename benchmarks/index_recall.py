@@ -129,7 +129,7 @@ def recall(ids: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(ids, truth)]))
 
 
-def evaluate(work: Path, layers: list[int], build_positions: int, heldout: int, efs: list[int],
+def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, heldout: int, efs: list[int],
              hnsw_efs: list[int], log, graph_kw: dict, indexes=("graph", "hnsw-raw", "hnsw-centred"), n_probe: int = 4) -> list[dict]:
     import hnswlib
     import torch
@@ -137,8 +137,9 @@ def evaluate(work: Path, layers: list[int], build_positions: int, heldout: int, 
     from core.graph import GraphLayerIndex, build_head, exact_topk, hnsw_level0
     from core.index import FlatLayerIndex
 
-    K = np.load(work / "keys.npy", mmap_mode="r")
-    Q = np.load(work / "queries.npy", mmap_mode="r")
+    # the first n_keys captured keys, and the queries of those positions (a bigger capture is reused)
+    K = np.load(work / "keys.npy", mmap_mode="r")[:, :, :n_keys]
+    Q = np.load(work / "queries.npy", mmap_mode="r")[:, :, :n_keys // QUERY_STRIDE]
     DQ = np.load(work / "decode_queries.npy")
     L, KVH, N, D = K.shape
     Hq = Q.shape[1]
@@ -173,6 +174,9 @@ def evaluate(work: Path, layers: list[int], build_positions: int, heldout: int, 
         }
         truth = {name: torch.stack([exact_topk(q[h].reshape(-1, D), keys32[h], 100) for h in range(KVH)]).numpy()
                  for name, q in qsets.items()}  # [KVH, G*T, 100]
+        # each decode query's attention weights over all keys (scale 1/sqrt(D)), for mass recall
+        probs = torch.softmax(torch.bmm(qsets["decode"].reshape(KVH, -1, D), keys32.transpose(1, 2)) / D ** 0.5, -1)
+        truth_mass = torch.gather(probs, 2, torch.from_numpy(truth["decode"]).long()).sum(-1)  # [KVH, G*T]
 
         def run(index, setting, search, step_timer=True):
             """search(q [KVH, G, D] one token) -> ids [KVH, G, 100]; timed per token (= one decode step)."""
@@ -187,6 +191,8 @@ def evaluate(work: Path, layers: list[int], build_positions: int, heldout: int, 
                 rec = np.mean([recall(ids[h], truth[name][h]) for h in range(KVH)])
                 add(index, setting, layer, name, recall=rec)
                 if name == "decode":
+                    got = torch.gather(probs, 2, torch.from_numpy(ids).long()).sum(-1)
+                    add(index, setting, layer, "mass", recall=float((got / truth_mass).mean()))
                     add(index, setting, layer, name, step_s=el / T, layers=1)
 
         # flat: exact, scores every key
@@ -251,6 +257,8 @@ def evaluate(work: Path, layers: list[int], build_positions: int, heldout: int, 
             "index": r["index"], "setting": r["setting"], "keys_per_head": N,
             "recall_at_100": round(float(np.mean(r["recall"]["decode"])), 4),
             "recall_heldout": round(float(np.mean(r["recall"]["heldout"])), 4),
+            # softmax mass of the retrieved keys / mass of the exact top-100 (decode queries)
+            "mass_recall": round(float(np.mean(r["recall"]["mass"])), 4),
             "scanned_fraction": round(r["scanned"] / max(r["searched"], 1), 5),
             # per decode step: all layers, 9 query heads, one token (measured layers scaled to all L)
             "step_ms": round(1000 * r["step_s"] / max(r["layers"], 1) * L, 2),
@@ -271,10 +279,12 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=64, help="held-out prefill positions to evaluate on")
     ap.add_argument("--ef", default="100,150,200,300,400", help="graph search widths")
     ap.add_argument("--hnsw-ef", default="100,200,400,800", help="hnswlib search widths")
-    ap.add_argument("--degree", type=int, default=16)
+    ap.add_argument("--degree", type=int, default=15)
     ap.add_argument("--fan", type=int, default=100)
     ap.add_argument("--clusters", type=int, default=256)
     ap.add_argument("--entries", type=int, default=256)
+    ap.add_argument("--no-hub-norm", dest="hub_norm", action="store_false",
+                    help="do not divide co-attention weights by sqrt(partner's list count)")
     ap.add_argument("--probe", type=int, default=3, help="clusters whose entry keys seed a search")
     ap.add_argument("--key-degree", type=int, default=8, help="graph slots given to key-key neighbours")
     ap.add_argument("--indexes", default="graph,hnsw-raw,hnsw-centred", help="besides flat, always measured")
@@ -292,10 +302,10 @@ def main() -> None:
     from core.graph import set_threads
 
     set_threads()
-    rows = evaluate(work, layers, args.build_positions, args.heldout, [int(x) for x in args.ef.split(",")],
+    rows = evaluate(work, args.keys, layers, args.build_positions, args.heldout, [int(x) for x in args.ef.split(",")],
                     [int(x) for x in args.hnsw_ef.split(",")], log,
                     dict(degree=args.degree, fan=args.fan, n_clusters=args.clusters, n_entry=args.entries,
-                         key_degree=args.key_degree, tmp=work), args.indexes.split(","), args.probe)
+                         key_degree=args.key_degree, tmp=work, hub_norm=args.hub_norm), args.indexes.split(","), args.probe)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if args.json:
@@ -305,17 +315,17 @@ def main() -> None:
     from benchmarks.bench_ask import machine
 
     print(f"machine: {machine()}")
-    print(f"SmolLM2-135M keys, {info['keys']:,} per KV head ({info['keys'] // CHUNK + 1} chunks of {CHUNK}); "
+    print(f"SmolLM2-135M keys, {args.keys:,} per KV head ({-(-args.keys // CHUNK)} chunks of {CHUNK}); "
           f"layers {args.layers}; graph built from {args.build_positions} prefill positions x {info['q_heads'] // info['kv_heads']} "
           f"query heads per KV head (degree {args.degree} of which {args.key_degree} key-key, fan {args.fan}, {args.clusters} "
           f"clusters x {args.entries} entries, probe {args.probe}); decode queries: {info['question']!r} + answer")
     print(f"prefill of the same {info['keys']:,} tokens (the capture): {info['capture_s']:.0f} s; fp16 K+V: "
           f"{4 * info['head_dim']} bytes/key/head\n")
-    print("| index | setting | recall@100 decode | recall@100 held-out prefill | keys scored | step ms (all layers) | vs flat | build s (all heads) | index bytes/key/head |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| index | setting | recall@100 decode | recall@100 held-out prefill | attention mass vs exact top-100 | keys scored | step ms (all layers) | vs flat | build s (all heads) | index bytes/key/head |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     flat_ms = next(r["step_ms"] for r in rows if r["index"] == "flat")
     for r in rows:
-        print(f"| {r['index']} | {r['setting']} | {r['recall_at_100']:.3f} | {r['recall_heldout']:.3f} | "
+        print(f"| {r['index']} | {r['setting']} | {r['recall_at_100']:.3f} | {r['recall_heldout']:.3f} | {r['mass_recall']:.4f} | "
               f"{100 * r['scanned_fraction']:.2f}% | {r['step_ms']:.1f} | {flat_ms / r['step_ms']:.1f}x | "
               f"{r['build_s_all_heads']:.0f} | {r['index_bytes_per_key_head']:.0f} |")
     if args.plot:
@@ -333,7 +343,7 @@ def main() -> None:
         ax.axvline(2.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("keys scored per query (% of all keys, log)")
         ax.set_ylabel("recall of the exact top-100")
-        ax.set_title(f"SmolLM2-135M, {info['keys']:,} real keys per head: recall vs keys scored")
+        ax.set_title(f"SmolLM2-135M, {args.keys:,} real keys per head: recall vs keys scored")
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -29,7 +29,7 @@ class Settings:
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
     attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
-    index: str = "flat"            # flat | hnsw | graph  (see core/index.py for why flat is the default)
+    index: str = "auto"            # auto | flat | hnsw | graph  (auto: see Engine.index_kind)
     top_k: int = 100
     sink: int = 128
     recent: int = 512
@@ -37,8 +37,15 @@ class Settings:
     kv_dtype: str = "float16"
     max_tokens: int = 256
     stop_at_eos: bool = True       # False: always generate max_tokens (benchmarks)
-    query_samples: int = 512       # prefill queries kept per layer for query-aware indexes
+    query_samples: int = 512       # prefill positions whose queries are kept (more for long documents)
     trust_remote_code: bool = False
+
+
+# `--index auto` switches from exact flat search to the graph index at this many offloaded keys
+# per head: benchmarks/index_recall.py measured flat at ~5.7 ms per 1K keys per decode step (all
+# layers) against ~80 ms for the graph at 100K keys (recall 0.90, attention mass 0.99); below
+# ~16K keys exact search costs about as little and is exact. BENCHMARKS.md has the numbers.
+AUTO_GRAPH_MIN_KEYS = 16_384
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Prepared:
     prefill_s: float = 0.0
     index_s: float = 0.0
     load_s: float = 0.0
+    index_kind: str = "flat"       # the index actually used (`auto` resolved)
     layer_state: list = field(default_factory=list)  # per layer: (OffloadedKV, index) reused across questions
 
 
@@ -133,14 +141,29 @@ class Engine:
                     prefill_s = time.perf_counter() - t
                     entry = self.store.open(key)
         t = time.perf_counter()
-        index_dir = entry.ensure_index(self.store, self.s.index, self.s.sink, self.s.recent,
+        kind = self.index_kind(entry)
+        index_dir = entry.ensure_index(self.store, kind, self.s.sink, self.s.recent,
                                        lambda d, n: self.progress("index", d, n))
         index_s = time.perf_counter() - t
-        prepared = Prepared(doc=doc, entry=entry, cache_hit=hit, prefill_s=prefill_s, index_s=index_s)
+        prepared = Prepared(doc=doc, entry=entry, cache_hit=hit, prefill_s=prefill_s, index_s=index_s, index_kind=kind)
         t = time.perf_counter()
-        prepared.layer_state = self._open_layers(entry, index_dir)
+        prepared.layer_state = self._open_layers(entry, index_dir, kind)
         prepared.load_s = time.perf_counter() - t
         return prepared
+
+    def query_count(self, n_tokens: int) -> int:
+        """Prefill positions whose queries an entry keeps to build a graph index from: 1% of a long
+        document (index_recall.py: 1,024 of 100K positions; 2,048 gained nothing), at least
+        `query_samples`, at most 2,048."""
+        return max(self.s.query_samples, min(2048, n_tokens // 100))
+
+    def index_kind(self, entry: Entry) -> str:
+        """The index for this entry: as asked, or for `auto` exact flat search on short documents
+        and the query-aware graph on long ones (fp16 stores, which are the default)."""
+        if self.s.index != "auto":
+            return self.s.index
+        a, b = entry.split(self.s.sink, self.s.recent)
+        return "graph" if b - a >= AUTO_GRAPH_MIN_KEYS and entry.keys.dtype == np.float16 else "flat"
 
     def _build_entry(self, doc: Document, key: StoreKey) -> None:
         from .generation import QueryCapture, prefill
@@ -154,7 +177,7 @@ class Engine:
             raise DocumentError(
                 f"{doc.name} is {n:,} tokens; {self.ref.spec} handles at most {self.max_positions:,} "
                 f"(prompt and answer included)")
-        q_pos = np.unique(np.linspace(0, n - 1, num=min(self.s.query_samples, n)).astype(np.int64))
+        q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n), n)).astype(np.int64))
         with self.store.staging() as tmp:
             t = time.perf_counter()
             w = EntryWriter(tmp, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, self.s.kv_dtype, q_pos)
@@ -173,7 +196,7 @@ class Engine:
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
             self.store.commit(tmp, self.store.path(key))
 
-    def _open_layers(self, entry: Entry, index_dir: Path) -> list:
+    def _open_layers(self, entry: Entry, index_dir: Path, kind: str) -> list:
         import torch
 
         from .index import open_layer_index
@@ -184,8 +207,8 @@ class Engine:
             off = OffloadedKV(entry.keys[layer, :, a:b], entry.values[layer, :, a:b])
             index = None
             if b > a and self.s.attention != "full":  # full attention reads the KV, not the index
-                keys32 = off.k.float() if self.s.index == "flat" else None
-                index = open_layer_index(self.s.index, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads,
+                keys32 = off.k.float() if kind == "flat" else None
+                index = open_layer_index(kind, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads,
                                          keys_f16=entry.keys[layer, :, a:b])
             layers.append((off, index))
         return layers

@@ -8,7 +8,8 @@ own prefill queries, which are distributed like the decode queries:
   build, per KV head, from m prefill queries (all query heads of the GQA group):
     1. exact top-`fan` keys of every build query (blocked torch matmul, memory-bounded);
     2. projection: two keys are linked when they are among the top keys of the same queries;
-       each key keeps its `degree` most co-attended partners (weighted by rank, dense ids);
+       each key keeps its most co-attended partners (weighted by rank and divided by the square
+       root of the partner's number of lists, so hubs that sit in every list do not fill it);
     3. key-key links: `key_degree` of the slots hold hnswlib's level-0 neighbours over mean-centred
        keys (a diversified local neighbourhood, so the beam can climb towards higher q.k);
     4. positional links: key i also reaches i-1 and i+1 (implicit, not stored), because attention
@@ -40,7 +41,7 @@ import torch
 from numba import njit, prange
 
 # defaults picked on benchmarks/index_recall.py (100K real keys per head; see BENCHMARKS.md)
-DEGREE = 16        # stored neighbours per key: 64 bytes/key/head = 25% of its fp16 K+V
+DEGREE = 15        # stored neighbours per key: 60 bytes/key/head (+ entries) <= 25% of its fp16 K+V
 KEY_DEGREE = 8     # ... of which key-key neighbours (the rest: co-attention partners)
 FAN = 100          # top keys per build query that get projected to edges
 N_CLUSTERS = 256   # query directions
@@ -76,7 +77,7 @@ def spherical_kmeans(x: torch.Tensor, n: int, iters: int = 12, seed: int = 0):
 
 
 @njit(cache=True)
-def _project(lists, n_keys, degree):
+def _project(lists, n_keys, degree, hub_norm=False):
     """lists int32 [m, fan] (best first) -> neighbours int32 [n_keys, degree], -1 padded.
 
     Co-attention weight of (x, y) = sum over the queries that rank both of 1/(1+rank_x+rank_y):
@@ -116,6 +117,9 @@ def _project(lists, n_keys, degree):
             w = np.empty(nt, np.float32)
             for t in range(nt):
                 w[t] = weight[touched[t]]
+                if hub_norm:  # a key that sits in every list says little about its partners
+                    y = touched[t]
+                    w[t] /= np.sqrt(np.float32(starts[y + 1] - starts[y]))
             order = np.argsort(-w)
             for t in range(min(degree, nt)):
                 out[x, t] = touched[order[t]]
@@ -205,16 +209,18 @@ def _merge(a, b, degree):
 
 def build_head(keys: np.ndarray, queries: np.ndarray, degree: int = DEGREE, fan: int = FAN,
                n_clusters: int = N_CLUSTERS, n_entry: int = N_ENTRY, key_degree: int = KEY_DEGREE,
-               tmp: Path | None = None):
+               tmp: Path | None = None, hub_norm: bool = True):
     """keys fp16/fp32 [N, D], build queries [m, D] -> (graph [N, degree], centroids [C, D], entries [C, n_entry]).
 
     key_degree > 0: that many of the degree slots go to key-key neighbours (see key_graph)."""
+    if len(queries) == 0:
+        raise ValueError("the graph index is built from the entry's prefill queries, and this entry has none")
     k32 = torch.from_numpy(np.asarray(keys, dtype=np.float32))
     q32 = torch.from_numpy(np.asarray(queries, dtype=np.float32))
     n = k32.shape[0]
     fan = min(fan, n)
     lists = exact_topk(q32, k32, fan).numpy()
-    graph = _project(lists, n, degree - key_degree)
+    graph = _project(lists, n, degree - key_degree, hub_norm)
     if key_degree > 0:
         graph = _merge(graph, key_graph(k32.numpy(), key_degree, tmp or Path("/tmp")), degree)
     cents, assign = spherical_kmeans(q32, n_clusters)

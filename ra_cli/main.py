@@ -55,7 +55,8 @@ DEVICE = typer.Option("auto", envvar="RA_DEVICE", help="auto, cpu or cuda.")
 DTYPE = typer.Option("auto", envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
 ATTENTION = typer.Option("retrieval", envvar="RA_ATTENTION",
                          help="retrieval, or full (exact attention over the same cached KV).")
-INDEX = typer.Option("flat", envvar="RA_INDEX", help="Offloaded-key index: flat (exact), hnsw or graph (query-aware).")
+INDEX = typer.Option("auto", envvar="RA_INDEX",
+                     help="Offloaded-key index: auto (flat under 16K keys, else graph), flat (exact), hnsw, graph.")
 TOP_K = typer.Option(100, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
 SINK = typer.Option(128, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")
 RECENT = typer.Option(512, envvar="RA_RECENT", min=0, help="Last tokens of the document kept static.")

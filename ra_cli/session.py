@@ -17,7 +17,7 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "retrieval"
-    index: str = "flat"
+    index: str = "auto"
     top_k: int = 100
     sink: int = 128
     recent: int = 512
@@ -28,8 +28,8 @@ class ModelOptions:
     def check(self) -> None:
         if self.attention not in ("retrieval", "full"):
             raise UsageError(f"--attention must be retrieval or full, not {self.attention!r}")
-        if self.index not in ("flat", "hnsw", "graph"):
-            raise UsageError(f"--index must be flat, hnsw or graph, not {self.index!r}")
+        if self.index not in ("auto", "flat", "hnsw", "graph"):
+            raise UsageError(f"--index must be auto, flat, hnsw or graph, not {self.index!r}")
 
 
 @dataclass
@@ -138,7 +138,7 @@ class Session:
         a, b = prepared.entry.split(s.sink, s.recent)
         if s.attention == "retrieval":
             self.say(f"retrieval attention: {n - (b - a):,} static tokens on {self.engine.device}, {b - a:,} "
-                     f"offloaded ({s.index} index, top-{s.top_k})")
+                     f"offloaded ({prepared.index_kind} index, top-{s.top_k})")
         return prepared
 
 

@@ -118,3 +118,23 @@ def test_second_ask_does_no_prefill_and_answers_the_same(smol, tmp_path):
         assert sum(seen) < 100 < p2.entry.n_tokens
     finally:
         hook.remove()
+
+
+def test_auto_index_is_flat_for_short_documents_and_graph_for_long(smol, tmp_path, monkeypatch):
+    """`--index auto`: exact search under the key threshold, the query-aware graph at or above it
+    (built from the entry's own prefill queries, memory-mapped files, answering works)."""
+    import core.engine as engine_mod
+
+    engine = Engine(tmp_path, Settings(sink=8, recent=16, max_tokens=4), loaded=smol)
+    assert engine.s.index == "auto"
+    p = engine.prepare(_doc())
+    assert p.index_kind == "flat"
+    n_off = p.entry.n_tokens - 24
+    monkeypatch.setattr(engine_mod, "AUTO_GRAPH_MIN_KEYS", n_off)
+    p = engine.prepare(_doc())
+    assert p.index_kind == "graph" and p.cache_hit
+    idx = p.entry.index_dir("graph", 8, 16)
+    assert np.load(idx / "graph.npy", mmap_mode="r").shape[:3] == (30, 3, n_off)
+    answer = "".join(engine.ask(p, "Who is the story about?"))
+    assert answer.strip()
+    assert p.layer_state[0][1].searched > 0  # the graph, not flat, answered
