@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--hnsw-max", type=int, default=32768,
                     help="skip hnswlib above this size (its 90 graphs take ~10 min to build at 100K keys)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--capture-only", action="store_true", help="capture the KV (CPU-heavy, timing-insensitive) and stop")
     ap.add_argument("--rss-min", type=int, default=8192, help="measure peak RSS from this size up")
     ap.add_argument("--prefill-rate", type=float, default=None,
                     help="tokens/s to estimate prefill time with (default: the capture's own rate, which is "
@@ -245,6 +246,8 @@ def main() -> None:
         (home / "models").symlink_to(data_home() / "models", target_is_directory=True)
     engine = Engine(home, Settings(max_tokens=args.steps))
     base = capture(engine, max(sizes), work / f"captured-{max(sizes)}", log)
+    if args.capture_only:
+        return
     capture_info = json.loads((base / "done.json").read_text())
     prefill_tok_s = args.prefill_rate or capture_info["tokens"] / capture_info["prefill_s"]
 
