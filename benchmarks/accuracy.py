@@ -330,7 +330,7 @@ def main(argv=None) -> None:
             sections.append(("Questions over real documents", table(rows, "case", [ra, FULL])))
         if args.task in ("sweep",):
             ls = lengths or [7500]
-            configs = [FULL] + [Config(f"k={k}", top_k=k) for k in (25, 50, 100, 200)] + [
+            configs = [FULL] + [Config(f"k={k}", top_k=k) for k in (25, 50, 100, 200, 400, 1000)] + [
                 Config("k=100 sink 16 recent 64", sink=16, recent=64),
                 Config("k=100 sink 512 recent 1024", sink=512, recent=1024)]
             rows = run(needle_cases(hay, ls, depths, args.seeds), configs, engine, args.max_tokens, out, log)
