@@ -185,7 +185,7 @@ def peak_rss(home: Path, doc_text: str, attention: str, index: str) -> float:
     It calls `forward` directly, as time_decode does: `Engine.ask` rightly refuses a document
     longer than the model's window, and captured KV beyond 8K is such a document."""
     code = f"""
-import resource, sys
+import sys
 sys.path.insert(0, {str(ROOT)!r})
 from core.engine import Engine, Settings
 from core.documents import Document
@@ -201,7 +201,9 @@ pos += len(q)
 for _ in range(8):
     logits = forward(e.model, cache, [int(logits.argmax())], pos)
     pos += 1
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child started by a big
+# parent reports the parent's RSS (every mode read the same 3,270 MiB at 16K that way)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode != 0:
