@@ -20,3 +20,20 @@ def test_accuracy_harness_smoke(smol, ra_home, tmp_path):
     # a 1K-token haystack: full attention finds the passcode, and so does retrieval attention
     assert needle["full"]["passed"] and needle["ra k=100"]["passed"]
     assert "### Needle in a haystack" in r.stdout and "| 1000 | 1/1 | 1/1 |" in r.stdout
+
+
+def test_index_recall_benchmark_json_smoke(smol, ra_home, tmp_path):
+    """issue 5's benchmark on a tiny capture (2,000 real keys, one layer): one JSON object per
+    (index, setting) with the promised fields; flat is exact by definition of the truth."""
+    r = subprocess.run([sys.executable, "benchmarks/index_recall.py", "--keys", "2000", "--work", str(tmp_path / "ir"),
+                        "--layers", "3", "--ef", "100", "--hnsw-ef", "100", "--heldout", "16", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["index"], x["setting"]) for x in rows] == [
+        ("flat", "exact"), ("graph", "ef=100"), ("hnsw-raw", "ef=100"), ("hnsw-centred", "ef=100")]
+    for x in rows:
+        assert {"index", "setting", "keys_per_head", "recall_at_100", "scanned_fraction", "step_ms"} <= set(x)
+        assert x["keys_per_head"] == 2000 and 0 < x["scanned_fraction"] <= 1 and 0 <= x["recall_at_100"] <= 1
+    assert rows[0]["recall_at_100"] == 1.0 and rows[0]["scanned_fraction"] == 1.0
+    assert rows[1]["scanned_fraction"] < 1.0  # the graph did not score every key
