@@ -161,8 +161,6 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
         for name, v in kw.items():
             if name == "recall":
                 r["recall"].setdefault(kind, []).append(v)
-            elif name in ("layers",):
-                r[name] += v
             else:
                 r[name] += v
 

@@ -42,8 +42,8 @@ class Settings:
 
 
 # `--index auto` switches from exact flat search to the graph index at this many offloaded keys
-# per head: benchmarks/index_recall.py measured flat at ~5.7 ms per 1K keys per decode step (all
-# layers) against ~80 ms for the graph at 100K keys (recall 0.90, attention mass 0.99); below
+# per head: benchmarks/index_recall.py measured flat at ~6 ms per 1K keys per decode step (all
+# layers) against ~110 ms for the graph at 100K keys (recall 0.92, attention mass 0.99); below
 # ~16K keys exact search costs about as little and is exact. BENCHMARKS.md has the numbers.
 AUTO_GRAPH_MIN_KEYS = 16_384
 
