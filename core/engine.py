@@ -122,8 +122,22 @@ class Engine:
     def key(self, doc: Document) -> StoreKey:
         from .prompt import PROMPT_VERSION
 
+        from .longctx import SCHEME
+
         return StoreKey(text_sha256=doc.sha256, model=self.ref.identity, prompt=PROMPT_VERSION,
-                        compute_dtype=str(self.dtype).replace("torch.", ""), kv_dtype=self.s.kv_dtype)
+                        compute_dtype=str(self.dtype).replace("torch.", ""), kv_dtype=self.s.kv_dtype,
+                        positions=SCHEME)
+
+    def static_sizes(self, entry: Entry) -> tuple[int, int]:
+        """(sink, recent) for an entry under the current settings. A long document's local window
+        (true positions) is at least longctx.LOCAL tokens, as in its prefill."""
+        from .longctx import LOCAL
+
+        return self.s.sink, max(self.s.recent, LOCAL) if entry.remapped else self.s.recent
+
+    def split(self, entry: Entry) -> tuple[int, int]:
+        """The offloaded range [a, b) of an entry under the current settings."""
+        return entry.split(*self.static_sizes(entry))
 
     def prepare(self, doc: Document) -> Prepared:
         """Open the document's store entry, prefilling and indexing it first if it is not cached."""
@@ -140,9 +154,12 @@ class Engine:
                     self._build_entry(doc, key)
                     prefill_s = time.perf_counter() - t
                     entry = self.store.open(key)
+        if entry.remapped:
+            self.notice(f"{doc.name}: {entry.n_tokens:,} tokens, past the model's {self.max_positions:,}-token "
+                        f"window: remapped positions (local window + retrieved keys at one distance)")
         t = time.perf_counter()
         kind = self.index_kind(entry)
-        index_dir = entry.ensure_index(self.store, kind, self.s.sink, self.s.recent,
+        index_dir = entry.ensure_index(self.store, kind, *self.static_sizes(entry),
                                        lambda d, n: self.progress("index", d, n))
         index_s = time.perf_counter() - t
         prepared = Prepared(doc=doc, entry=entry, cache_hit=hit, prefill_s=prefill_s, index_s=index_s, index_kind=kind)
@@ -162,27 +179,37 @@ class Engine:
         and the query-aware graph on long ones (fp16 stores, which are the default)."""
         if self.s.index != "auto":
             return self.s.index
-        a, b = entry.split(self.s.sink, self.s.recent)
+        a, b = self.split(entry)
         return "graph" if b - a >= AUTO_GRAPH_MIN_KEYS and entry.keys.dtype == np.float16 else "flat"
 
     def _build_entry(self, doc: Document, key: StoreKey) -> None:
+        from . import longctx
         from .generation import QueryCapture, prefill
         from .prompt import build_prefix
 
         prefix = build_prefix(self.tokenizer, doc)
         n = len(prefix.ids)
-        if self.max_positions and n + 64 > self.max_positions:
+        remap = longctx.needs_remap(n, self.max_positions)
+        if remap and not longctx.supports(self.model):
             from .documents import DocumentError
 
             raise DocumentError(
                 f"{doc.name} is {n:,} tokens; {self.ref.spec} handles at most {self.max_positions:,} "
-                f"(prompt and answer included)")
+                f"(prompt and answer included) and has no RoPE module to remap positions with")
+        if remap:
+            self.notice(f"{doc.name} is {n:,} tokens, past the model's {self.max_positions:,}-token window: "
+                        f"prefilling in chunks with remapped positions ({longctx.LOCAL:,}-token local window, "
+                        f"top-{longctx.PREFILL_TOPK} far keys per {longctx.BLOCK} tokens)")
         q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n), n)).astype(np.int64))
         with self.store.staging() as tmp:
             t = time.perf_counter()
             w = EntryWriter(tmp, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, self.s.kv_dtype, q_pos)
-            prefill(self.model, prefix.ids, self.s.chunk_size, w.write_kv, QueryCapture(q_pos, w.write_queries),
-                    lambda d, total: self.progress("prefill", d, total))
+            capture = QueryCapture(q_pos, w.write_queries)
+            report = lambda d, total: self.progress("prefill", d, total)
+            if remap:  # keys stored pre-RoPE, queries in the global frame (core/longctx.py)
+                longctx.prefill_long(self.model, prefix.ids, min(self.s.chunk_size, 512), w, capture, report)
+            else:
+                prefill(self.model, prefix.ids, self.s.chunk_size, w.write_kv, capture, report)
             manifest = {
                 "format": key.format, "key": key.__dict__, "digest": key.digest,
                 "document": {"name": doc.name, "kind": doc.kind, "chars": len(doc.text),
@@ -191,6 +218,10 @@ class Engine:
                           "layers": self.n_layers, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
                           "head_dim": self.head_dim},
                 "n_tokens": n, "prefill_s": round(time.perf_counter() - t, 3), "chunk_size": self.s.chunk_size,
+                "positions": ({"scheme": longctx.SCHEME, "keys": "pre-rope", "window": self.max_positions,
+                               "sink": longctx.SINK, "local": longctx.LOCAL, "distance": longctx.DISTANCE,
+                               "prefill_topk": longctx.PREFILL_TOPK, "block": longctx.BLOCK}
+                              if remap else {"scheme": "exact", "keys": "post-rope"}),
                 "created": time.time(),
             }
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
@@ -202,7 +233,7 @@ class Engine:
         from .index import open_layer_index
 
         layers = []
-        a, b = entry.split(self.s.sink, self.s.recent)
+        a, b = self.split(entry)
         for layer in range(entry.n_layers):
             off = OffloadedKV(entry.keys[layer, :, a:b], entry.values[layer, :, a:b])
             index = None
@@ -223,17 +254,33 @@ class Engine:
         from .attention import RetrievalCache, RetrievalLayer
 
         e = prepared.entry
-        a, b = e.split(self.s.sink, self.s.recent)
+        a, b = self.split(e)
+        rope = None
+        if e.remapped:
+            from .longctx import RemappedRetrievalLayer, Rope
+
+            rope = Rope(self.model)
         layers = []
         for layer, (off, index) in enumerate(prepared.layer_state):
             to_dev = lambda arr: torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)[None]
             if self.s.attention == "full":
+                k = to_dev(e.keys[layer])
+                if rope is not None:  # plain positions (the baseline that fails past the window)
+                    k = rope.rotate(k.float(), torch.arange(e.n_tokens, device=k.device)).to(self.dtype)
                 dl = DynamicLayer()
-                dl.update(to_dev(e.keys[layer]), to_dev(e.values[layer]))
+                dl.update(k, to_dev(e.values[layer]))
                 layers.append(dl)
                 continue
             if self.s.attention != "retrieval":
                 raise ValueError(f"unknown attention {self.s.attention!r} (retrieval or full)")
+            if rope is not None:
+                # the local window rotated back to its true positions; sinks stay pre-RoPE (global)
+                k_loc = rope.rotate(to_dev(e.keys[layer, :, b:]).float(), torch.arange(b, e.n_tokens, device=self.device))
+                f32 = lambda arr: torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, torch.float32)
+                layers.append(RemappedRetrievalLayer(k_loc.to(self.dtype), to_dev(e.values[layer, :, b:]),
+                                                     f32(e.keys[layer, :, :a]), f32(e.values[layer, :, :a]),
+                                                     off, index, self.s.top_k, e.n_tokens, rope))
+                continue
             k = np.concatenate([e.keys[layer, :, :a], e.keys[layer, :, b:]], axis=1)  # [KVH, S, D]
             v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
             layers.append(RetrievalLayer(to_dev(k), to_dev(v), off, index, self.s.top_k, e.n_tokens))
@@ -258,12 +305,13 @@ class Engine:
                 q += list(answer_ids)
         stats.question_tokens = len(q)
         n = prepared.entry.n_tokens
-        if self.max_positions and n + len(q) + 1 > self.max_positions:
+        window = None if prepared.entry.remapped else self.max_positions  # a remapped entry has no limit
+        if window and n + len(q) + 1 > window:
             from .documents import DocumentError
 
             raise DocumentError(f"the conversation no longer fits in the model's {self.max_positions:,} tokens "
                                 f"(document {n:,} + {len(q):,}); start over (/reset)")
-        max_new = min(self.s.max_tokens, self.max_positions - n - len(q)) if self.max_positions else self.s.max_tokens
+        max_new = min(self.s.max_tokens, window - n - len(q)) if window else self.s.max_tokens
         cache = self.build_cache(prepared)
         stream = TextStream(self.tokenizer)
         t = time.perf_counter()

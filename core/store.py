@@ -7,9 +7,11 @@ Layout under the data directory ($RA_HOME, default the platform's user cache dir
     tokens.npy     int32 [P]       the cached prefix tokens (chat template head + document + ...)
     sources.npy    int32 [P, 2]    per token: char offset in text.txt, page (0-based); -1 = template
     text.txt                       the extracted document text (UTF-8), what `sources` points into
-    keys.npy       fp16 [L, KVH, P, D]   post-RoPE keys of every prefix token
+    keys.npy       fp16 [L, KVH, P, D]   post-RoPE keys of every prefix token (pre-RoPE for a document
+                                         past the model's window: manifest "positions", core/longctx.py)
     values.npy     fp16 [L, KVH, P, D]   values
-    queries.npy    fp16 [L, Hq, Q, D]    a strided sample of prefill queries (for query-aware indexes)
+    queries.npy    fp16 [L, Hq, Q, D]    a strided sample of prefill queries (for query-aware indexes;
+                                         rotated to the global distance for a long document)
     query_positions.npy int32 [Q]
     indexes/<kind>-s<sink>-r<recent>/    index over the offloaded range (see core/index.py)
   store/tmp/       entries and indexes being written; renamed into place only when complete
@@ -49,6 +51,7 @@ class StoreKey:
     prompt: int         # prompt format version (core/prompt.py)
     compute_dtype: str  # dtype the prefill ran in
     kv_dtype: str       # dtype the KV is stored in
+    positions: str = "exact"  # how documents past the model's window are prefilled (core/longctx.py SCHEME)
     format: int = FORMAT_VERSION
 
     @property
@@ -239,6 +242,11 @@ class Entry:
             os.utime(self.path / "manifest.json")  # "last used", for LRU eviction
         except OSError:
             pass
+
+    @property
+    def remapped(self) -> bool:
+        """A document past the model's window: keys are stored pre-RoPE (core/longctx.py)."""
+        return self.manifest.get("positions", {}).get("scheme", "exact") != "exact"
 
     def _load(self, name: str):
         return np.load(self.path / name, mmap_mode="c", allow_pickle=False)

@@ -135,7 +135,7 @@ class Session:
         else:
             self.say(f"prefilled {n:,} tokens in {prepared.prefill_s:.1f} s "
                      f"({n / max(prepared.prefill_s, 1e-9):,.0f} tokens/s); cached for next time")
-        a, b = prepared.entry.split(s.sink, s.recent)
+        a, b = self.engine.split(prepared.entry)
         if s.attention == "retrieval":
             self.say(f"retrieval attention: {n - (b - a):,} static tokens on {self.engine.device}, {b - a:,} "
                      f"offloaded ({prepared.index_kind} index, top-{s.top_k})")

@@ -1,0 +1,289 @@
+"""Documents longer than the model's trained window: remapped positions (InfLLM-style).
+
+A model trained on W tokens of RoPE positions breaks when a query sees keys more than W tokens
+back (SmolLM2, W = 8K: a passcode found at 7K tokens, nothing at 11.5K). Retrieval attention only
+ever attends to a few keys, so it can lie about where they are, as InfLLM does:
+
+  * local keys  - the last LOCAL tokens before the query (and the query's own chunk) - keep their
+                  true relative positions;
+  * global keys - the first SINK tokens and the top-k retrieved far keys - are all placed at one
+                  fixed distance DISTANCE before the query.
+
+Every relative distance the model sees is then < LOCAL + chunk <= W, whatever the document length.
+
+How the fixed distance is computed (RoPE only sees relative positions): a key stored with its
+rotation removed ("pre-RoPE", rotated to position 0) scored against the query rotated to position
+DISTANCE gives exactly the logit of a key DISTANCE tokens before the query. So a long document's
+store entry keeps pre-RoPE keys, and every global score (sinks, prefill retrieval, the decode-time
+index) is q_glob . k_pre with q_glob = the query rotated to DISTANCE. The index is built and
+searched in that same frame (queries for the graph index are captured as q_glob), so the scores it
+ranks by are the scores attention uses. Local keys are rotated back to their true positions.
+
+Prefill of a long document runs in chunks (bounded memory, cost linear in the length apart from a
+cheap scan): the first SINK + LOCAL tokens exactly (plain causal attention), then each chunk
+attends to sinks + local window + the top PREFILL_TOPK far keys of each BLOCK of its queries
+(ranked by the block's mean global query: one exact scan of the far keys per block and head).
+The far keys are read from the entry being written (its memory map): the index grows as the
+chunks arrive. The decode-time index (flat or graph, core/index.py) is built once the entry is
+complete.
+
+`remapped_reference` is the naive version (one softmax, keys rotated to their virtual positions)
+that tests/test_longctx.py checks the fast path against.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .attention import RetrievalLayer, attention_from_scores, local_attention, merge_partials, partial_attention
+
+SINK = 128          # global sink tokens of the prefill (decode uses Settings.sink: at one distance, any split works)
+LOCAL = 2048        # local window at true positions (FIELD-NOTES: 2048 local + fixed distance 2048 found needles to 38K)
+DISTANCE = 2048     # the one distance every global key is placed at
+PREFILL_TOPK = 512  # far keys retrieved per block of prefill queries, per query head
+BLOCK = 128         # prefill queries sharing one retrieval (their mean global query ranks the far keys)
+SCHEME = f"remap-s{SINK}-l{LOCAL}-d{DISTANCE}-k{PREFILL_TOPK}-b{BLOCK}"
+
+
+def supports(model) -> bool:
+    """Remapping needs the model's RoPE module (every Llama/Mistral/Qwen-style model has one)."""
+    return getattr(model.base_model, "rotary_emb", None) is not None
+
+
+def needs_remap(n_tokens: int, window: int | None, reserve: int = 64) -> bool:
+    """True when a prefix of n_tokens (plus room for a question) does not fit the trained window."""
+    return bool(window) and n_tokens + reserve > window
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rope:
+    """Rotations by the model's own RoPE angles at arbitrary (also negative) positions."""
+
+    def __init__(self, model):
+        self.emb = model.base_model.rotary_emb
+        self.scale = float(getattr(self.emb, "attention_scaling", 1.0) or 1.0)
+
+    def cos_sin(self, pos: torch.Tensor):
+        """pos: [T] integer positions -> cos, sin: [T, D] float32 (pure rotations: scaling divided out)."""
+        dummy = torch.zeros(1, dtype=torch.float32, device=pos.device)
+        cos, sin = self.emb(dummy, pos[None].long())
+        return cos[0] / self.scale, sin[0] / self.scale
+
+    def rotate(self, x, pos: torch.Tensor):
+        """x: [..., T, D] rotated by the angles of positions pos [T] (negative pos undoes a rotation)."""
+        cos, sin = self.cos_sin(pos)
+        return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- the math
+
+def remapped_attention(q, q_glob, k_loc, v_loc, k_sink, v_sink, s_sel, v_sel, scale: float):
+    """Local keys at true positions (causal on the newest T) + sinks + retrieved keys at DISTANCE.
+
+    q:      [KVH, G, T, D]     queries rotated at their true positions (as the model made them)
+    q_glob: [KVH, G, T, D]     the same queries rotated to position DISTANCE
+    k_loc:  [KVH, S, D]        local keys at true positions; the last T are the queries' own
+    k_sink: [KVH, Ns, D]       pre-RoPE sink keys (Ns may be 0)
+    s_sel:  [KVH, G, T, K]     q_glob . k_pre logits (unscaled) of K retrieved keys; v_sel [KVH, G, T, K, D]
+    returns [KVH, G, T, D]
+    """
+    S, T = k_loc.shape[1], q.shape[2]
+    o, lse = local_attention(q, k_loc, v_loc, scale, causal_offset=S - T)
+    if k_sink.shape[1] > 0:
+        o2, lse2 = partial_attention(q_glob, k_sink[:, None], v_sink[:, None], scale)
+        o, lse = merge_partials(o, lse, o2, lse2)
+    if s_sel.shape[-1] > 0:
+        o2, lse2 = attention_from_scores(s_sel, v_sel, scale)
+        o, lse = merge_partials(o, lse, o2, lse2)
+    return o
+
+
+def remapped_reference(q, pos, k_loc, v_loc, loc_pos, k_glob_pre, v_glob, rope: Rope, scale: float,
+                       distance: int | None = None):
+    """Naive reference: one softmax per query over local keys (true positions, causal) and global
+    keys rotated to position pos - distance. Builds every key explicitly, per query.
+
+    q: [H, T, D] at positions pos [T]; k_loc: [H, S, D] at loc_pos [S]; k_glob_pre: [H, T, K, D]
+    (each query's own global set, pre-RoPE). returns [H, T, D]"""
+    distance = DISTANCE if distance is None else distance
+    out = torch.empty_like(q)
+    for t in range(q.shape[1]):
+        p = int(pos[t])
+        vis = loc_pos <= p
+        kg = rope.rotate(k_glob_pre[:, t], torch.full((k_glob_pre.shape[2],), p - distance))
+        keys = torch.cat([k_loc[:, vis], kg], dim=1)
+        vals = torch.cat([v_loc[:, vis], v_glob[:, t]], dim=1)
+        out[:, t] = reference_softmax(q[:, t:t + 1], keys, vals, scale)[:, 0]
+    return out
+
+
+def reference_softmax(q, k, v, scale):
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def block_retrieval(q_glob, far_k, far_v, topk: int, block: int):
+    """Prefill retrieval: each block of `block` queries shares the top-k far keys of its mean query.
+
+    q_glob: [KVH, G, T, D]; far_k, far_v: [KVH, N, D] (pre-RoPE, any float dtype, CPU or device)
+    returns a list over blocks of (T_b, k_sel [KVH, G, K, D] float32, v_sel [KVH, G, K, D] float32)
+    """
+    KVH, G, T, D = q_glob.shape
+    k = min(topk, far_k.shape[1])
+    keys32 = far_k.to(q_glob.device, torch.float32)  # one conversion per chunk and layer
+    heads = torch.arange(KVH, device=q_glob.device)[:, None, None]
+    out = []
+    for qb in torch.split(q_glob, block, dim=2):
+        rep = qb.mean(dim=2)  # [KVH, G, D]
+        scores = torch.bmm(rep, keys32.transpose(1, 2))  # [KVH, G, N]
+        ids = scores.topk(k, dim=-1, sorted=False).indices  # [KVH, G, k]
+        k_sel = keys32[heads, ids]  # [KVH, G, k, D]
+        v_sel = far_v[heads.cpu(), ids.cpu()].to(q_glob.device, torch.float32)
+        out.append((qb.shape[2], k_sel, v_sel))
+    return out
+
+
+# ----------------------------------------------------------------------------- prefill
+
+class LongPrefillLayer(DynamicLayer):
+    """One layer's state while a long document is prefilled: sinks (pre-RoPE), the local window
+    (true positions), and the entry being written (every key, pre-RoPE, for retrieval and the store).
+
+    update(k, v) receives a chunk's post-RoPE keys; it writes them (pre-RoPE) to the store and
+    returns the local window + the chunk. attend() is called by core/attention.py's hook.
+    """
+
+    def __init__(self, layer: int, rope: Rope, write_kv, store_k, store_v, capture=None):
+        super().__init__()
+        self.layer, self.rope, self.write_kv, self.capture = layer, rope, write_kv, capture
+        self.store_k, self.store_v = store_k, store_v  # [KVH, P, D] views of the entry's memory maps
+        self.n_seen = 0     # tokens before the current chunk (after update: including it)
+        self.start = 0      # first position of the current chunk
+        self.loc_start = 0  # position of self.keys[..., 0, :]
+        self.exact = True   # the current chunk is attended exactly (the prefix is still short)
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (0 if self.keys is None else self.keys.shape[-2]) + query_length, 0  # the mask is unused
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # key_states: [1, KVH, T, D] post-RoPE at positions n_seen..n_seen+T
+        T = key_states.shape[-2]
+        self.start = s = self.n_seen
+        pos = torch.arange(s, s + T, device=key_states.device)
+        k_pre = self.rope.rotate(key_states[0].float(), -pos)
+        self.write_kv(self.layer, s, k_pre.cpu().numpy(), value_states[0].float().cpu().numpy())
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # plain causal attention while the whole prefix is within SINK + LOCAL tokens
+        self.exact = s + T <= SINK + LOCAL
+        # local window of this chunk: [max(SINK, s - LOCAL), s), all of [0, s) while exact
+        lo = 0 if self.exact else max(SINK, s - LOCAL)
+        drop = lo - self.loc_start
+        if drop > 0:
+            self.keys, self.values = self.keys[..., drop:, :], self.values[..., drop:, :]
+            self.loc_start = lo
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.n_seen = s + T
+        return self.keys, self.values
+
+    def attend(self, query, key, value, scale: float):
+        """query: [1, Hq, T, D] (true positions); key/value: the local window + chunk -> [1, T, Hq, D]."""
+        _, Hq, T, D = query.shape
+        KVH = key.shape[1]
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
+        pos = torch.arange(self.start, self.start + T, device=q.device)
+        q_glob = self.rope.rotate(q, DISTANCE - pos)
+        if self.capture is not None:
+            self.capture.record(self.layer, q_glob.reshape(1, Hq, T, D))
+        k_loc, v_loc = key[0].float(), value[0].float()
+        if self.exact:
+            o, _ = local_attention(q, k_loc, v_loc, scale, causal_offset=k_loc.shape[1] - T)
+        else:
+            dev = q.device
+            k_sink = torch.from_numpy(self.store_k[:, :SINK]).to(dev, torch.float32)
+            v_sink = torch.from_numpy(self.store_v[:, :SINK]).to(dev, torch.float32)
+            o, lse = local_attention(q, k_loc, v_loc, scale, causal_offset=k_loc.shape[1] - T)
+            o2, lse2 = partial_attention(q_glob, k_sink[:, None], v_sink[:, None], scale)
+            o, lse = merge_partials(o, lse, o2, lse2)
+            far_end = self.loc_start  # far keys: [SINK, loc_start)
+            if far_end > SINK:
+                far_k = torch.from_numpy(self.store_k[:, SINK:far_end])
+                far_v = torch.from_numpy(self.store_v[:, SINK:far_end])
+                parts, t0 = [], 0
+                for tb, k_sel, v_sel in block_retrieval(q_glob, far_k, far_v, PREFILL_TOPK, BLOCK):
+                    parts.append(partial_attention(q_glob[:, :, t0:t0 + tb], k_sel, v_sel, scale))
+                    t0 += tb
+                o2 = torch.cat([p[0] for p in parts], dim=2)
+                lse2 = torch.cat([p[1] for p in parts], dim=2)
+                o, lse = merge_partials(o, lse, o2, lse2)
+        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------- decoding
+
+class RemappedRetrievalLayer(RetrievalLayer):
+    """RetrievalLayer for a long document's entry (pre-RoPE keys in the store).
+
+    keys/values (inherited) hold the local window: the document's last `recent` tokens rotated
+    back to their true positions, then every new token. The sinks are kept pre-RoPE; sinks and the
+    offloaded middle are attended at DISTANCE, the index searched with the global query.
+    """
+
+    def __init__(self, local_k, local_v, sink_k, sink_v, offloaded, index, top_k: int, n_prefix: int, rope: Rope):
+        super().__init__(local_k, local_v, offloaded, index, top_k, n_prefix)
+        self.sink_k, self.sink_v, self.rope = sink_k, sink_v, rope  # [KVH, Ns, D]
+        self.n_offloaded = n_prefix - local_k.shape[-2] - sink_k.shape[1]
+        self.n_sink = sink_k.shape[1]
+
+    def get_seq_length(self) -> int:
+        return self.n_sink + self.n_offloaded + self.keys.shape[-2]
+
+    def attend(self, query, key, value, scale: float):
+        _, Hq, T, D = query.shape
+        KVH = key.shape[1]
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
+        pos = torch.arange(self.get_seq_length() - T, self.get_seq_length(), device=q.device)
+        q_glob = self.rope.rotate(q, DISTANCE - pos)
+        k = min(self.top_k, self.n_offloaded)
+        if k > 0:
+            ids, scores = self.index.search(q_glob.reshape(KVH, -1, D), k)  # [KVH, G*T, k]
+            self.last_retrieved = ids
+            s_sel = scores.to(q.device).reshape(*q.shape[:3], k)
+            v_sel = self.offloaded.gather_values(ids).to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
+        else:
+            s_sel, v_sel = q.new_zeros(*q.shape[:3], 0), q.new_zeros(*q.shape[:3], 0, D)
+        o = remapped_attention(q, q_glob, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
+                               s_sel, v_sel, scale)
+        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
+
+
+@torch.inference_mode()
+def prefill_long(model, ids, chunk_size: int, writer, capture=None, progress=None) -> None:
+    """Prefill a prefix longer than the model's window into `writer` (a core/store.EntryWriter):
+    pre-RoPE keys and values of every token, global-frame queries at the capture positions."""
+    from .attention import RetrievalCache
+
+    device = next(model.parameters()).device
+    rope = Rope(model)
+    layers = [LongPrefillLayer(i, rope, writer.write_kv, writer.keys[i], writer.values[i], capture)
+              for i in range(model.config.num_hidden_layers)]
+    cache = RetrievalCache(layers)
+    n = len(ids)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        x = torch.from_numpy(ids[start:end].astype("int64"))[None].to(device)
+        pos = torch.arange(start, end, device=device)[None]
+        if capture is not None:
+            capture.set_chunk(start, end)
+        model.base_model(input_ids=x, cache=cache, position_ids=pos, use_cache=True, ra_cache=cache)
+        if progress:
+            progress(end, n)
