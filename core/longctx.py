@@ -182,8 +182,9 @@ class LongPrefillLayer(DynamicLayer):
         self.write_kv(self.layer, s, k_pre.cpu().numpy(), value_states[0].float().cpu().numpy())
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # plain causal attention while the whole prefix is within SINK + LOCAL tokens
-        self.exact = s + T <= SINK + LOCAL
+        # plain causal attention while the whole prefix is within SINK + LOCAL tokens (and for a
+        # first chunk that holds the sinks themselves: its distances are < T anyway)
+        self.exact = s + T <= SINK + LOCAL or s < SINK
         # local window of this chunk: [max(SINK, s - LOCAL), s), all of [0, s) while exact
         lo = 0 if self.exact else max(SINK, s - LOCAL)
         drop = lo - self.loc_start

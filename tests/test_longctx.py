@@ -107,9 +107,10 @@ class _DenseRemapLayer(DynamicLayer):
     """The naive reference of LongPrefillLayer: keeps every key; each query attends to its chunk's
     local window at true positions and to every earlier key at DISTANCE (no retrieval cut)."""
 
-    def __init__(self, rope, writer, layer):
+    def __init__(self, rope, writer, layer, n_prefix=None, decode_lo=None):
         super().__init__()
         self.rope, self.writer, self.layer = rope, writer, layer
+        self.n_prefix, self.decode_lo = n_prefix, decode_lo  # tokens past the prefix: local = [decode_lo, p]
         self.all_k = self.all_v = None
         self.start = 0
 
@@ -122,7 +123,8 @@ class _DenseRemapLayer(DynamicLayer):
     def update(self, k, v, *args, **kwargs):
         self.start = self.get_seq_length()
         pos = torch.arange(self.start, self.start + k.shape[-2])
-        self.writer.write_kv(self.layer, self.start, self.rope.rotate(k[0], -pos).numpy(), v[0].numpy())
+        if self.writer is not None:
+            self.writer.write_kv(self.layer, self.start, self.rope.rotate(k[0], -pos).numpy(), v[0].numpy())
         self.all_k = k if self.all_k is None else torch.cat([self.all_k, k], dim=-2)
         self.all_v = v if self.all_v is None else torch.cat([self.all_v, v], dim=-2)
         return self.all_k, self.all_v
@@ -132,7 +134,9 @@ class _DenseRemapLayer(DynamicLayer):
         KVH = key.shape[1]
         G, s = Hq // KVH, self.start
         n = s + T
-        lo = 0 if n <= longctx.SINK + longctx.LOCAL else max(longctx.SINK, s - longctx.LOCAL)
+        lo = 0 if n <= longctx.SINK + longctx.LOCAL or s < longctx.SINK else max(longctx.SINK, s - longctx.LOCAL)
+        if self.n_prefix is not None and s >= self.n_prefix:
+            lo = self.decode_lo
         pos = torch.arange(s, n)
         k_pre = self.rope.rotate(key[0], -torch.arange(n))
         out = torch.empty(Hq, T, D)
@@ -168,3 +172,57 @@ def test_long_prefill_equals_dense_reference(tiny, monkeypatch):
     cut = _Writer(L, KVH, len(ids), D)
     longctx.prefill_long(tiny, ids, 8, cut)
     assert not np.allclose(cut.values[1], ref.values[1], atol=1e-4)
+
+
+def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_model, monkeypatch, tmp_path):
+    """The whole pipeline for a document longer than the model's window (store on disk, pre-RoPE
+    keys, index over the offloaded middle, local window rotated back): with every retrieval
+    covering every key, the answer's logits equal the dense reference's."""
+    from conftest import book_text
+    from core.documents import Document
+    from core.engine import AnswerStats, Engine, Settings
+    from core.prompt import build_prefix, question_ids
+
+    model, tok = tiny_vocab_model
+    for name, value in (("SINK", 4), ("LOCAL", 32), ("DISTANCE", 32), ("BLOCK", 8), ("PREFILL_TOPK", 10**6)):
+        monkeypatch.setattr(longctx, name, value)
+    notices = []
+    s = Settings(sink=4, recent=16, chunk_size=40, top_k=10**6, kv_dtype="float32", max_tokens=4)
+    engine = Engine(tmp_path, s, loaded=(model, tok, "tiny"), notice=notices.append)
+    doc = Document(text=book_text(1200), name="alice-part", kind="text")
+    prepared = engine.prepare(doc)
+    n = prepared.entry.n_tokens
+    assert n > model.config.max_position_embeddings and prepared.entry.remapped
+    assert any("past the model's" in m for m in notices)
+    a, b = engine.split(prepared.entry)
+    assert (a, b) == (4, n - 32)  # the local window is at least LOCAL at decode too
+    logits, stats = [], AnswerStats()
+    "".join(engine.ask(prepared, "Where did the White Rabbit go?", stats, on_logits=lambda l: logits.append(l.clone())))
+    got = torch.stack(logits)
+
+    prefix = build_prefix(tok, doc).ids
+    q = question_ids(tok, "Where did the White Rabbit go?") + stats.answer_ids
+    cache = RetrievalCache([_DenseRemapLayer(Rope(model), None, i, n, b) for i in range(2)])
+    with torch.inference_mode():
+        for st in range(0, n, 40):
+            x = torch.from_numpy(prefix[st:st + 40].astype(np.int64))[None]
+            model.base_model(input_ids=x, cache=cache, position_ids=torch.arange(st, st + x.shape[1])[None],
+                             use_cache=True, ra_cache=cache)
+        out = model(input_ids=torch.tensor([q]), cache=cache, position_ids=torch.arange(n, n + len(q))[None],
+                    use_cache=True, ra_cache=cache).logits[0]
+    first = len(q) - len(stats.answer_ids) - 1
+    ref = out[first:first + len(got)]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
+    # a second question is a cache hit: nothing is prefilled again
+    assert engine.prepare(doc).cache_hit
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model(smol):
+    """A tiny random Llama with the embedded model's tokenizer and a 256-token window."""
+    torch.manual_seed(0)
+    tok = smol[1]
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation="ra")
+    return LlamaForCausalLM(cfg).eval(), tok

@@ -1,0 +1,227 @@
+"""Whole books with the embedded 8K-window model: needles past the window, plot questions, and the
+cost of indexing a book (core/longctx.py; issue 6).
+
+    python benchmarks/long_context.py needle --lengths 8000,16000,32000,64000,whole --depths 10,50,90
+    python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90
+    python benchmarks/long_context.py plot           # questions about the plot of Alice, from the store
+    python benchmarks/long_context.py report --jsonl FILE    # tables (pass rates, time per 1K tokens)
+
+Haystacks are real books (sample_docs/alice.txt; Frankenstein and Sherlock Holmes from
+../shared/data/books when present); `whole` is the entire book after the Gutenberg header. Each
+case is prefilled once; every config answers from the same store entry. `full` (plain positions
+over the whole cached KV) runs only up to --full-max tokens: past the window it is the baseline that
+breaks, and its decode cost grows with the length. Each prefill's progress is timed per chunk, so
+the JSONL rows carry the time per 1K tokens along the document (is indexing cost linear?).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from accuracy import books, code, insert_at, make_engine, passed  # noqa: E402
+
+# questions about Alice whose answers a string match can check (any one expected string passes)
+PLOT = [
+    ("Who says \"Off with her head!\"?", ["queen"]),
+    ("What does Alice follow down the rabbit-hole?", ["rabbit"]),
+    ("What animal grins and slowly vanishes, leaving its grin behind?", ["cat"]),
+    ("Who is having a tea party with the Hatter?", ["hare", "dormouse"]),
+    ("What game does the Queen play with flamingos as mallets?", ["croquet"]),
+    ("What is written on the little bottle Alice finds?", ["drink me"]),
+    ("Who is accused of stealing the tarts?", ["knave"]),
+    ("What is the Mock Turtle's dance called?", ["lobster"]),
+    ("What does the Caterpillar smoke?", ["hookah"]),
+    ("Who is the Duchess's cook's baby turned into?", ["pig"]),
+]
+
+
+def book_text(name: str) -> str:
+    found = dict(books())
+    if name not in found:
+        raise SystemExit(f"book {name!r} not found (have: {', '.join(found)}); ../shared/data/books is needed")
+    return found[name]
+
+
+def cut(tokenizer, text: str, n_tokens: int | None, seed: int) -> str:
+    """n_tokens of the book from a seeded start; None: the whole book."""
+    if n_tokens is None:
+        return text
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if n_tokens >= len(offsets):
+        raise SystemExit(f"the book has {len(offsets):,} tokens, fewer than {n_tokens:,}")
+    start = random.Random(seed * 7919 + n_tokens).randrange(0, len(offsets) - n_tokens)
+    return text[offsets[start][0]:offsets[start + n_tokens][0]]
+
+
+class Timer:
+    """Progress callback that keeps (tokens done, seconds) per prefill chunk."""
+
+    def __init__(self, log):
+        self.log, self.points, self.t0, self.last = log, [], None, 0.0
+
+    def __call__(self, stage, done, total):
+        if stage != "prefill":
+            return
+        now = time.perf_counter()
+        if self.points and done <= self.points[-1][0]:  # a new prefill without run_case's reset
+            self.t0, self.points = now, []
+        self.points.append((done, round(now - self.t0, 3)))
+        if now - self.last > 30 or done == total:
+            self.last = now
+            el = max(now - self.t0, 1e-6)
+            self.log(f"  prefill {done:,}/{total:,} tokens, {done / el:.0f} tok/s, ~{el / done * (total - done) / 60:.1f} min left")
+
+
+def configs(spec: str):
+    """'ra:100,ra:1000,full' -> [(name, attention, top_k)]"""
+    out = []
+    for item in spec.split(","):
+        kind, _, k = item.partition(":")
+        out.append((item, "full" if kind == "full" else "retrieval", int(k or 100)))
+    return out
+
+
+def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out, log, extra):
+    from core.documents import Document
+
+    doc = Document(text=text, name=name, kind="text")
+    timer.points = []
+    timer.t0 = time.perf_counter()
+    engine.s.attention, engine.s.top_k = "retrieval", 100
+    p = engine.prepare(doc)
+    rows = []
+    for cname, attention, k in cfgs:
+        if attention == "full" and p.entry.n_tokens > full_max:
+            continue
+        engine.s.attention, engine.s.top_k = attention, k
+        p = engine.prepare(doc)
+        t = time.perf_counter()
+        answer = "".join(engine.ask(p, question)).strip()
+        row = {**extra, "case": name, "tokens": p.entry.n_tokens, "remapped": p.entry.remapped, "config": cname,
+               "question": question, "expected": expected, "answer": answer,
+               "passed": passed_any(answer, expected), "answer_s": round(time.perf_counter() - t, 2),
+               "prefill_s": p.entry.manifest.get("prefill_s"), "cache_hit": p.cache_hit,
+               "prefill_profile": timer.points if not p.cache_hit else None, "index": p.index_kind}
+        timer.points = []
+        rows.append(row)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+        log(f"{name} [{cname}] {'PASS' if row['passed'] else 'fail'}: {answer[:80]!r} (expected {expected})")
+    return rows
+
+
+def passed_any(answer: str, expected: list[str]) -> bool:
+    return any(passed(answer, [e]) for e in expected)
+
+
+def per_1k(profile, at) -> float | None:
+    """Seconds per 1K tokens around position `at` (the chunks ending in (at - 2048, at + 2048])."""
+    pts = [(d, s) for d, s in profile]
+    prev = [(0, 0.0)] + pts[:-1]
+    sel = [(d - pd, s - ps) for (d, s), (pd, ps) in zip(pts, prev) if at - 2048 < d <= at + 2048]
+    if not sel:
+        return None
+    return sum(s for _, s in sel) / sum(n for n, _ in sel) * 1000
+
+
+def report(rows) -> str:
+    out = []
+    needle = [r for r in rows if r.get("task") == "needle"]
+    if needle:
+        cfgs = list(dict.fromkeys(r["config"] for r in needle))
+        out.append("### Needle past the window: passes by length (tokens) and config\n")
+        out.append("| book | tokens | depths | " + " | ".join(cfgs) + " |")
+        out.append("|---|---:|---|" + "---:|" * len(cfgs))
+        groups = {}
+        for r in needle:
+            groups.setdefault((r["book"], r["length"]), []).append(r)
+        for (book, length), sel in sorted(groups.items(), key=lambda kv: (kv[0][0], max(r["tokens"] for r in kv[1]))):
+            cells = []
+            for c in cfgs:
+                cs = [r for r in sel if r["config"] == c]
+                cells.append(f"{sum(r['passed'] for r in cs)}/{len(cs)}" if cs else "-")
+            depths = ",".join(str(d) for d in sorted({r["depth"] for r in sel}))
+            out.append(f"| {book} | {max(r['tokens'] for r in sel):,} | {depths} | " + " | ".join(cells) + " |")
+        out.append("")
+    plot = [r for r in rows if r.get("task") == "plot"]
+    if plot:
+        out.append("### Questions about the plot of Alice (whole book)\n")
+        out.append("| question | expected | config | answer | pass |\n|---|---|---|---|---|")
+        for r in plot:
+            out.append(f"| {r['question']} | {' / '.join(r['expected'])} | {r['config']} | "
+                       f"{r['answer'][:70].replace('|', '/').replace(chr(10), ' ')} | {'yes' if r['passed'] else 'no'} |")
+        out.append("")
+    profiled = [r for r in rows if r.get("prefill_profile")]
+    if profiled:
+        big = max(profiled, key=lambda r: r["tokens"])
+        marks = [m for m in (4096, 8192, 16384, 32768, 65536, 98304) if m <= big["tokens"]]
+        out.append(f"### Indexing time per 1K tokens along one {big['tokens']:,}-token prefill ({big['case']})\n")
+        out.append("| position (tokens) | s per 1K tokens |\n|---:|---:|")
+        for m in marks:
+            v = per_1k(big["prefill_profile"], m)
+            out.append(f"| {m:,} | {v:.2f} |" if v else f"| {m:,} | - |")
+        out.append(f"\nwhole prefill: {big['prefill_s']:.0f} s ({big['tokens'] / big['prefill_s']:.0f} tokens/s)\n")
+        out.append("| case | tokens | prefill s | tokens/s |\n|---|---:|---:|---:|")
+        for r in sorted(profiled, key=lambda r: r["tokens"]):
+            out.append(f"| {r['case']} | {r['tokens']:,} | {r['prefill_s']:.0f} | {r['tokens'] / r['prefill_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=["needle", "plot", "report"])
+    ap.add_argument("--book", default="frankenstein", help="alice | frankenstein | sherlock")
+    ap.add_argument("--lengths", default="8000,16000,32000,64000,whole")
+    ap.add_argument("--depths", default="10,50,90")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", default="ra:100,full", help="ra:K (retrieval, top-K) and full, comma-separated")
+    ap.add_argument("--full-max", type=int, default=16500, help="run `full` only up to this many tokens")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--jsonl", default=None)
+    ap.add_argument("--home", default=None, help="data directory to keep the prefills in (default: temporary)")
+    args = ap.parse_args(argv)
+    if args.task == "report":
+        print(report([json.loads(line) for line in open(args.jsonl)]))
+        return
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    out = open(args.jsonl, "a") if args.jsonl else None
+    cfgs = configs(args.configs)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(args.home) if args.home else Path(tmp)
+        engine = make_engine(home)
+        engine.s.max_tokens = args.max_tokens
+        timer = Timer(log)
+        engine.progress, engine.notice = timer, lambda m: log(f"  {m}")
+        if args.task == "needle":
+            text = book_text(args.book)
+            for length in args.lengths.split(","):
+                n = None if length == "whole" else int(length)
+                hay = cut(engine.tokenizer, text, n, args.seed)
+                for d in (int(x) for x in args.depths.split(",")):
+                    c = code(random.Random(f"long-{args.book}-{length}-{d}-{args.seed}"))
+                    doc_text = insert_at(hay, f"The secret passcode is {c}.", d)
+                    rows += run_case(engine, timer, f"{args.book}-{length}-d{d}", doc_text,
+                                     "What is the secret passcode? Answer with the number only.", [c], cfgs,
+                                     args.full_max, out, log,
+                                     {"task": "needle", "book": args.book, "length": length, "depth": d})
+        else:
+            text = book_text("alice")
+            for q, exp in PLOT:
+                rows += run_case(engine, timer, "alice-whole", text, q, exp, cfgs, args.full_max, out, log,
+                                 {"task": "plot", "book": "alice", "length": "whole"})
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
