@@ -187,6 +187,9 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="ra:100,full", help="ra:K (retrieval, top-K) and full, comma-separated")
     ap.add_argument("--full-max", type=int, default=16500, help="run `full` only up to this many tokens")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--index", default="flat",
+                    help="decode-time index (default flat: exact, and no graph build of ~0.9x the prefill time "
+                         "per case; `auto` is what `ra` uses)")
     ap.add_argument("--jsonl", default=None)
     ap.add_argument("--home", default=None, help="data directory to keep the prefills in (default: temporary)")
     args = ap.parse_args(argv)
@@ -200,7 +203,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp)
         engine = make_engine(home)
-        engine.s.max_tokens = args.max_tokens
+        engine.s.max_tokens, engine.s.index = args.max_tokens, args.index
         timer = Timer(log)
         engine.progress, engine.notice = timer, lambda m: log(f"  {m}")
         if args.task == "needle":

@@ -72,6 +72,7 @@ def cache_info(entry: str = typer.Argument(..., help="An entry key, or its first
     lines = [("entry", e.digest), ("document", f"{doc['name']} ({doc['kind']}, {doc['chars']:,} chars)"),
              ("model", f"{m['model']['spec']} ({m['model']['identity'][:24]}...)"),
              ("tokens", f"{m['n_tokens']:,}"), ("size", human_size(e.size_bytes)),
+             ("positions", m.get("positions", {}).get("scheme", "exact")),
              ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"]))),
              ("last used", _ago(e.last_used)), ("prefill", f"{m['prefill_s']:.1f} s"),
              ("indexes", ", ".join(sorted(p.name for p in (e.path / "indexes").glob("*"))) or "none"),

@@ -186,6 +186,7 @@ def answer_record(question: str, answer: str, doc, prepared, stats, engine) -> d
         "tokens": {"document": prepared.entry.n_tokens, "question": stats.question_tokens,
                    "answer": stats.answer_tokens},
         "cache_hit": prepared.cache_hit,
+        "positions": "remapped" if prepared.entry.remapped else "exact",  # past the model's window or not
         "timings": {"load_s": round(engine.load_s + prepared.load_s, 3),
                     "prefill_s": round(prepared.prefill_s + prepared.index_s, 3),
                     "first_token_s": round(stats.first_token_s, 3), "answer_s": round(stats.answer_s, 3),

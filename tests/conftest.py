@@ -42,3 +42,22 @@ def book_text(n_chars: int, start_marker: str = "CHAPTER I.") -> str:
     text = (SAMPLES / "alice.txt").read_text(encoding="utf-8")
     i = text.index(start_marker)
     return text[i:i + n_chars]
+
+
+def tiny_model_dir(path: Path, smol, arch: str = "llama", window: int = 256) -> Path:
+    """A tiny randomly initialised model saved as a transformers directory with the embedded
+    model's tokenizer: real loading through `--model DIR`, a short window, fast."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = smol[1]
+    if arch == "gpt2":  # learned absolute positions: no RoPE to remap
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=window))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=window))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -71,9 +71,14 @@ def test_bad_input(ra_home, tmp_path, what, args, message, code):
     assert (r.stderr, r.returncode, r.stdout) == (message + "\n", code, "")
 
 
-def test_document_longer_than_the_model_allows(smol, ra_home, tmp_path):  # smol: the model is converted
-    (tmp_path / "long.txt").write_text(book_text(40000))
-    r = run(tmp_path, ["ask", "long.txt", "q", "-q"])
+def test_document_longer_than_a_model_without_rope_allows(smol, ra_home, tmp_path):
+    """Past the window, a RoPE model remaps positions (tests/test_longctx.py); a model with learned
+    absolute positions cannot, and says so."""
+    from conftest import tiny_model_dir
+
+    tiny_model_dir(tmp_path / "gpt2-tiny", smol, "gpt2", window=128)
+    (tmp_path / "long.txt").write_text(book_text(2000))
+    r = run(tmp_path, ["ask", "long.txt", "q", "-q", "--model", "gpt2-tiny"])
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == ("ra: error: long.txt is 10,970 tokens; smollm2 handles at most 8,192 "
-                        "(prompt and answer included)\n")
+    assert r.stderr == ("ra: error: long.txt is 584 tokens; gpt2-tiny handles at most 128 (prompt and answer "
+                        "included) and has no RoPE module to remap positions with\n")

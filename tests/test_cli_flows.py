@@ -4,6 +4,7 @@ fed through a pipe and driven through a pseudo-terminal with Ctrl-C. Documents a
 CPU is slow and shared) and answers short."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,22 @@ def test_repl_on_a_terminal_ctrl_c_stops_the_answer_not_the_session(smol, ra_hom
     assert child.exitstatus == 0
     history = (ra_home / "repl_history").read_text()
     assert "What color are the hives?" in history and "/stats" in history
+
+
+def test_ask_past_the_model_window_remaps_positions_and_caches(smol, ra_home, tmp_path):
+    """A document longer than the model's window (a tiny random Llama with a 256-token window) is
+    prefilled with remapped positions, says so on stderr, and the second question is a cache hit."""
+    from conftest import book_text, tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "llama-tiny", smol, "llama", window=256)
+    (tmp_path / "long.txt").write_text(book_text(12000))  # ~3.3K tokens: past the 2,048-token local window too
+    r = ra("ask", "long.txt", "Who is late?", "--json", "--model", str(model), "--max-tokens", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    err = " ".join(r.stderr.split())  # rich wraps long lines
+    assert "past the model's 256-token window: prefilling in chunks with remapped positions" in err
+    assert re.search(r"2,\d{3} static tokens on cpu, [1-9][\d,]* offloaded", err), err
+    rec = json.loads(r.stdout)
+    assert rec["positions"] == "remapped" and rec["tokens"]["document"] > 256 and not rec["cache_hit"]
+    r2 = ra("ask", "long.txt", "Who is late?", "--json", "--model", str(model), "--max-tokens", "4", cwd=tmp_path)
+    rec2 = json.loads(r2.stdout)
+    assert rec2["cache_hit"] and rec2["answer"] == rec["answer"]
