@@ -98,6 +98,7 @@ def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out,
     timer.t0 = time.perf_counter()
     engine.s.attention, engine.s.top_k = "retrieval", 100
     p = engine.prepare(doc)
+    hit, profile = p.cache_hit, (None if p.cache_hit else timer.points)
     rows = []
     for cname, attention, k in cfgs:
         if attention == "full" and p.entry.n_tokens > full_max:
@@ -109,9 +110,9 @@ def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out,
         row = {**extra, "case": name, "tokens": p.entry.n_tokens, "remapped": p.entry.remapped, "config": cname,
                "question": question, "expected": expected, "answer": answer,
                "passed": passed_any(answer, expected), "answer_s": round(time.perf_counter() - t, 2),
-               "prefill_s": p.entry.manifest.get("prefill_s"), "cache_hit": p.cache_hit,
-               "prefill_profile": timer.points if not p.cache_hit else None, "index": p.index_kind}
-        timer.points = []
+               "prefill_s": p.entry.manifest.get("prefill_s"), "cache_hit": hit,
+               "prefill_profile": profile, "index": p.index_kind}
+        profile = None  # kept once per case
         rows.append(row)
         if out:
             out.write(json.dumps(row) + "\n")

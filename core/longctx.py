@@ -21,10 +21,13 @@ ranks by are the scores attention uses. Local keys are rotated back to their tru
 
 Prefill of a long document runs in chunks (bounded memory, cost linear in the length apart from a
 cheap scan): the first SINK + LOCAL tokens exactly (plain causal attention), then each chunk
-attends to sinks + local window + the top PREFILL_TOPK far keys of each BLOCK of its queries
-(ranked by the block's mean global query: one exact scan of the far keys per block and head).
-The far keys are read from the entry being written (its memory map): the index grows as the
-chunks arrive. The decode-time index (flat or graph, core/index.py) is built once the entry is
+attends to sinks + local window + the top PREFILL_TOPK far keys of each BLOCK of its queries,
+ranked by the block's mean global query. Finding them must not cost a scan of every far key (that
+made the cost per token grow with the position): the far keys are summarised in spans of SPAN
+tokens by their per-dimension min and max, which bound every key's score from above (Quest's
+bound, exact); the SPANS spans with the highest bound are read from the entry being written (its
+memory map) and scored exactly. The summaries grow as the chunks arrive (8 bytes per dimension
+per 64 keys). The decode-time index (flat or graph, core/index.py) is built once the entry is
 complete.
 
 `remapped_reference` is the naive version (one softmax, keys rotated to their virtual positions)
@@ -42,7 +45,9 @@ LOCAL = 2048        # local window at true positions (FIELD-NOTES: 2048 local + 
 DISTANCE = 2048     # the one distance every global key is placed at
 PREFILL_TOPK = 512  # far keys retrieved per block of prefill queries, per query head
 BLOCK = 128         # prefill queries sharing one retrieval (their mean global query ranks the far keys)
-SCHEME = f"remap-s{SINK}-l{LOCAL}-d{DISTANCE}-k{PREFILL_TOPK}-b{BLOCK}"
+SPAN = 64           # far keys are summarised in spans of this many tokens (per-dimension min / max)
+SPANS = 32          # spans whose bound is highest are scored exactly (32 x 64 = 2,048 candidate keys)
+SCHEME = f"remap-s{SINK}-l{LOCAL}-d{DISTANCE}-k{PREFILL_TOPK}-b{BLOCK}-p{SPAN}x{SPANS}"
 
 
 def supports(model) -> bool:
@@ -127,23 +132,41 @@ def reference_softmax(q, k, v, scale):
     return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
 
 
-def block_retrieval(q_glob, far_k, far_v, topk: int, block: int):
+def span_bounds(rep, smin, smax):
+    """Upper bound of q.k over each span: sum_d max(q_d * min_d, q_d * max_d) (exact, Quest).
+
+    rep: [KVH, G, D]; smin, smax: [KVH, S, D] -> [KVH, G, S]"""
+    return torch.bmm(rep.clamp(min=0), smax.transpose(1, 2)) + torch.bmm(rep.clamp(max=0), smin.transpose(1, 2))
+
+
+def block_retrieval(q_glob, store_k, store_v, far_start: int, far_end: int, smin, smax, topk: int, block: int):
     """Prefill retrieval: each block of `block` queries shares the top-k far keys of its mean query.
 
-    q_glob: [KVH, G, T, D]; far_k, far_v: [KVH, N, D] (pre-RoPE, any float dtype, CPU or device)
-    returns a list over blocks of (T_b, k_sel [KVH, G, K, D] float32, v_sel [KVH, G, K, D] float32)
+    q_glob: [KVH, G, T, D]; store_k/v: [KVH, P, D] (pre-RoPE, the entry's memory map, any dtype);
+    far keys are [far_start, far_end); smin/smax: [KVH, S, D] bounds of the S complete spans from
+    far_start. Candidates: every far key while there are few, else the SPANS spans of highest bound
+    plus the far keys past the last complete span. Returns a list over blocks of
+    (T_b, k_sel [KVH, G, K, D] float32, v_sel [KVH, G, K, D] float32).
     """
     KVH, G, T, D = q_glob.shape
-    k = min(topk, far_k.shape[1])
-    keys32 = far_k.to(q_glob.device, torch.float32)  # one conversion per chunk and layer
-    heads = torch.arange(KVH, device=q_glob.device)[:, None, None]
+    dev = q_glob.device
+    heads = torch.arange(KVH)[:, None, None]
+    n_spans = smin.shape[1]
+    tail = torch.arange(far_start + n_spans * SPAN, far_end)
     out = []
     for qb in torch.split(q_glob, block, dim=2):
         rep = qb.mean(dim=2)  # [KVH, G, D]
-        scores = torch.bmm(rep, keys32.transpose(1, 2))  # [KVH, G, N]
-        ids = scores.topk(k, dim=-1, sorted=False).indices  # [KVH, G, k]
-        k_sel = keys32[heads, ids]  # [KVH, G, k, D]
-        v_sel = far_v[heads.cpu(), ids.cpu()].to(q_glob.device, torch.float32)
+        if n_spans <= SPANS:  # every span would be picked: score every far key
+            ids = torch.arange(far_start, far_end).expand(KVH, G, -1)
+        else:
+            top = span_bounds(rep, smin, smax).topk(min(SPANS, n_spans), dim=-1).indices.cpu()  # [KVH, G, B]
+            ids = far_start + (top[..., None] * SPAN + torch.arange(SPAN)).flatten(2)
+            ids = torch.cat([ids, tail.expand(KVH, G, -1)], dim=-1)  # [KVH, G, C]
+        cand = store_k[heads, ids].to(dev, torch.float32)  # [KVH, G, C, D]
+        scores = (cand @ rep[..., None])[..., 0]  # [KVH, G, C]
+        pick = scores.topk(min(topk, ids.shape[-1]), dim=-1, sorted=False).indices  # [KVH, G, K]
+        k_sel = cand.gather(2, pick[..., None].expand(-1, -1, -1, D))
+        v_sel = store_v[heads, ids.gather(2, pick.cpu())].to(dev, torch.float32)
         out.append((qb.shape[2], k_sel, v_sel))
     return out
 
@@ -165,6 +188,7 @@ class LongPrefillLayer(DynamicLayer):
         self.n_seen = 0     # tokens before the current chunk (after update: including it)
         self.start = 0      # first position of the current chunk
         self.loc_start = 0  # position of self.keys[..., 0, :]
+        self.smin = self.smax = None  # [KVH, S, D] span bounds of the far keys written so far
         self.exact = True   # the current chunk is attended exactly (the prefix is still short)
 
     def get_seq_length(self) -> int:
@@ -194,7 +218,21 @@ class LongPrefillLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.n_seen = s + T
+        self._summarise()
         return self.keys, self.values
+
+    def _summarise(self) -> None:
+        """Min / max per dimension of every span [SINK + i*SPAN, SINK + (i+1)*SPAN) now complete,
+        from the stored (fp16) keys, so the bounds hold for the keys that are scored."""
+        done = 0 if self.smin is None else self.smin.shape[1]
+        total = max(0, self.n_seen - SINK) // SPAN
+        if total <= done:
+            return
+        k = torch.from_numpy(self.store_k[:, SINK + done * SPAN:SINK + total * SPAN]).float()
+        k = k.view(k.shape[0], total - done, SPAN, k.shape[-1])  # [KVH, spans, SPAN, D]
+        mn, mx = k.amin(dim=2), k.amax(dim=2)
+        self.smin = mn if self.smin is None else torch.cat([self.smin, mn], dim=1)
+        self.smax = mx if self.smax is None else torch.cat([self.smax, mx], dim=1)
 
     def attend(self, query, key, value, scale: float):
         """query: [1, Hq, T, D] (true positions); key/value: the local window + chunk -> [1, T, Hq, D]."""
@@ -217,10 +255,14 @@ class LongPrefillLayer(DynamicLayer):
             o, lse = merge_partials(o, lse, o2, lse2)
             far_end = self.loc_start  # far keys: [SINK, loc_start)
             if far_end > SINK:
-                far_k = torch.from_numpy(self.store_k[:, SINK:far_end])
-                far_v = torch.from_numpy(self.store_v[:, SINK:far_end])
+                n_spans = (far_end - SINK) // SPAN  # complete spans inside the far range
+                empty = torch.zeros(KVH, 0, D)
+                smin = (empty if self.smin is None else self.smin[:, :n_spans]).to(dev)
+                smax = (empty if self.smax is None else self.smax[:, :n_spans]).to(dev)
+                store_k, store_v = torch.from_numpy(self.store_k), torch.from_numpy(self.store_v)
                 parts, t0 = [], 0
-                for tb, k_sel, v_sel in block_retrieval(q_glob, far_k, far_v, PREFILL_TOPK, BLOCK):
+                for tb, k_sel, v_sel in block_retrieval(q_glob, store_k, store_v, SINK, far_end, smin, smax,
+                                                        PREFILL_TOPK, BLOCK):
                     parts.append(partial_attention(q_glob[:, :, t0:t0 + tb], k_sel, v_sel, scale))
                     t0 += tb
                 o2 = torch.cat([p[0] for p in parts], dim=2)

@@ -93,6 +93,19 @@ def test_decode_layer_with_k_covering_everything_equals_reference(tiny):
         assert torch.allclose(out[h], ref[0], atol=1e-5)
 
 
+def test_span_bounds_bound_every_key_and_are_tight_for_one_key():
+    from core.longctx import span_bounds
+
+    rep = torch.randn(2, 3, 16)
+    keys = torch.randn(2, 5, 8, 16)  # 5 spans of 8 keys
+    bound = span_bounds(rep, keys.amin(2), keys.amax(2))  # [2, 3, 5]
+    exact = torch.einsum("hgd,hsjd->hgsj", rep, keys).amax(-1)
+    assert (bound >= exact - 1e-5).all()
+    one = keys[:, :, :1]
+    assert torch.allclose(span_bounds(rep, one.amin(2), one.amax(2)), torch.einsum("hgd,hsd->hgs", rep, one[:, :, 0]),
+                          atol=1e-5)
+
+
 class _Writer:
     def __init__(self, L, KVH, n, D):
         self.keys = np.zeros((L, KVH, n, D), np.float32)
@@ -152,7 +165,8 @@ class _DenseRemapLayer(DynamicLayer):
 def test_long_prefill_equals_dense_reference(tiny, monkeypatch):
     """Chunked prefill (exact phase, then sinks + local window + block retrieval covering every far
     key) writes the same pre-RoPE K/V, in every layer, as the dense per-query reference."""
-    for name, value in (("SINK", 4), ("LOCAL", 16), ("DISTANCE", 16), ("BLOCK", 3), ("PREFILL_TOPK", 10_000)):
+    for name, value in (("SINK", 4), ("LOCAL", 16), ("DISTANCE", 16), ("BLOCK", 3), ("PREFILL_TOPK", 10_000),
+                        ("SPAN", 4), ("SPANS", 10_000)):
         monkeypatch.setattr(longctx, name, value)
     ids = np.random.default_rng(0).integers(0, 97, size=75)
     L, KVH, D = 2, 2, 16
@@ -167,8 +181,10 @@ def test_long_prefill_equals_dense_reference(tiny, monkeypatch):
                             use_cache=True, ra_cache=cache)
     assert np.allclose(fast.values, ref.values, atol=1e-4)
     assert np.allclose(fast.keys, ref.keys, atol=1e-4)
-    # and the block retrieval matters: with 2 far keys per block the result differs
+    # and the block retrieval matters: with 2 far keys per block, from the 2 spans of highest
+    # bound, the result differs
     monkeypatch.setattr(longctx, "PREFILL_TOPK", 2)
+    monkeypatch.setattr(longctx, "SPANS", 2)
     cut = _Writer(L, KVH, len(ids), D)
     longctx.prefill_long(tiny, ids, 8, cut)
     assert not np.allclose(cut.values[1], ref.values[1], atol=1e-4)
@@ -184,7 +200,8 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
     from core.prompt import build_prefix, question_ids
 
     model, tok = tiny_vocab_model
-    for name, value in (("SINK", 4), ("LOCAL", 32), ("DISTANCE", 32), ("BLOCK", 8), ("PREFILL_TOPK", 10**6)):
+    for name, value in (("SINK", 4), ("LOCAL", 32), ("DISTANCE", 32), ("BLOCK", 8), ("PREFILL_TOPK", 10**6),
+                        ("SPAN", 8), ("SPANS", 10**6)):
         monkeypatch.setattr(longctx, name, value)
     notices = []
     s = Settings(sink=4, recent=16, chunk_size=40, top_k=10**6, kv_dtype="float32", max_tokens=4)
