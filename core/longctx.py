@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .attention import RetrievalLayer, attention_from_scores, local_attention, merge_partials, partial_attention
+from .attention import (RetrievalLayer, attention_from_scores, local_attention, merge_partials, partial_attention,
+                        reference_attention)
 
 SINK = 128          # global sink tokens of the prefill (decode uses Settings.sink: at one distance, any split works)
 LOCAL = 2048        # local window at true positions (FIELD-NOTES: 2048 local + fixed distance 2048 found needles to 38K)
@@ -124,12 +125,8 @@ def remapped_reference(q, pos, k_loc, v_loc, loc_pos, k_glob_pre, v_glob, rope: 
         kg = rope.rotate(k_glob_pre[:, t], torch.full((k_glob_pre.shape[2],), p - distance))
         keys = torch.cat([k_loc[:, vis], kg], dim=1)
         vals = torch.cat([v_loc[:, vis], v_glob[:, t]], dim=1)
-        out[:, t] = reference_softmax(q[:, t:t + 1], keys, vals, scale)[:, 0]
+        out[:, t] = reference_attention(q[:, t:t + 1], keys, vals, scale)[:, 0]
     return out
-
-
-def reference_softmax(q, k, v, scale):
-    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
 
 
 def span_bounds(rep, smin, smax):
