@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -107,9 +106,11 @@ def test_repl_on_a_terminal_ctrl_c_stops_the_answer_not_the_session(smol, ra_hom
     try:
         child.expect("ra>")
         child.sendline("Write a long poem about the bees, the river and the orchard.")
-        # Ctrl-C must land mid-answer: 2 s passed in CI on a quiet machine; it timed out once under
-        # 3x load (too early), and 6 s failed on a quiet machine (the answer had already ended)
-        time.sleep(2)
+        # Ctrl-C must land mid-answer, so wait for the answer to start instead of sleeping (a fixed
+        # sleep was too short under load and too long on a quiet machine): prompt_toolkit turns
+        # bracketed paste off when it hands the line over, then rich's Live draws the first words.
+        child.expect_exact("\x1b[?2004l")
+        child.expect(r"\x1b\[2K[A-Za-z]")
         child.sendintr()                  # Ctrl-C: SIGINT to the foreground process, as a user would
         child.expect("answer stopped")
         child.expect("ra>")               # back at the prompt, same process, model still loaded
