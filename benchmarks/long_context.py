@@ -4,6 +4,7 @@ cost of indexing a book (core/longctx.py; issue 6).
     python benchmarks/long_context.py needle --lengths 8000,16000,32000,64000,whole --depths 10,50,90
     python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90
     python benchmarks/long_context.py plot           # questions about the plot of Alice, from the store
+    python benchmarks/long_context.py plot --control --configs ra:100,full   # each over its own chapter
     python benchmarks/long_context.py report --jsonl FILE    # tables (pass rates, time per 1K tokens)
 
 Haystacks are real books (sample_docs/alice.txt; Frankenstein and Sherlock Holmes from
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import tempfile
 import time
@@ -30,18 +32,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import books, code, insert_at, make_engine, passed  # noqa: E402
 
 # questions about Alice whose answers a string match can check (any one expected string passes)
-PLOT = [
-    ("Who says \"Off with her head!\"?", ["queen"]),
-    ("What does Alice follow down the rabbit-hole?", ["rabbit"]),
-    ("What animal grins and slowly vanishes, leaving its grin behind?", ["cat"]),
-    ("Who is having a tea party with the Hatter?", ["hare", "dormouse"]),
-    ("What game does the Queen play with flamingos as mallets?", ["croquet"]),
-    ("What is written on the little bottle Alice finds?", ["drink me"]),
-    ("Who is accused of stealing the tarts?", ["knave"]),
-    ("What is the Mock Turtle's dance called?", ["lobster"]),
-    ("What does the Caterpillar smoke?", ["hookah"]),
-    ("Who is the Duchess's cook's baby turned into?", ["pig"]),
+PLOT = [  # (question, expected, the chapter that holds the answer: the --control document)
+    ("Who says \"Off with her head!\"?", ["queen"], "VIII"),
+    ("What does Alice follow down the rabbit-hole?", ["rabbit"], "I"),
+    ("What animal grins and slowly vanishes, leaving its grin behind?", ["cat"], "VI"),
+    ("Who is having a tea party with the Hatter?", ["hare", "dormouse"], "VII"),
+    ("What game does the Queen play with flamingos as mallets?", ["croquet"], "VIII"),
+    ("What is written on the little bottle Alice finds?", ["drink me"], "I"),
+    ("Who is accused of stealing the tarts?", ["knave"], "XI"),
+    ("What is the Mock Turtle's dance called?", ["lobster"], "X"),
+    ("What does the Caterpillar smoke?", ["hookah"], "V"),
+    ("Who is the Duchess's cook's baby turned into?", ["pig"], "VI"),
 ]
+
+
+def chapter(text: str, roman: str) -> str:
+    """One chapter of Alice ("CHAPTER VI." up to the next chapter heading)."""
+    heads = list(re.finditer(r"^CHAPTER [IVXL]+\.\s*$", text, re.M))  # headings alone on a line (not the contents)
+    i = next(j for j, m in enumerate(heads) if m.group().split()[1] == f"{roman}.")
+    return text[heads[i].start():heads[i + 1].start() if i + 1 < len(heads) else len(text)]
 
 
 def book_text(name: str) -> str:
@@ -156,10 +165,10 @@ def report(rows) -> str:
         out.append("")
     plot = [r for r in rows if r.get("task") == "plot"]
     if plot:
-        out.append("### Questions about the plot of Alice (whole book)\n")
-        out.append("| question | expected | config | answer | pass |\n|---|---|---|---|---|")
+        out.append("### Questions about the plot of Alice\n")
+        out.append("| question | expected | document | tokens | config | answer | pass |\n|---|---|---|---:|---|---|---|")
         for r in plot:
-            out.append(f"| {r['question']} | {' / '.join(r['expected'])} | {r['config']} | "
+            out.append(f"| {r['question']} | {' / '.join(r['expected'])} | {r['length']} | {r['tokens']:,} | {r['config']} | "
                        f"{r['answer'][:70].replace('|', '/').replace(chr(10), ' ')} | {'yes' if r['passed'] else 'no'} |")
         out.append("")
     profiled = [r for r in rows if r.get("prefill_profile")]
@@ -192,6 +201,10 @@ def main(argv=None) -> None:
                     help="decode-time index (default flat: exact, and no graph build of ~0.9x the prefill time "
                          "per case; `auto` is what `ra` uses)")
     ap.add_argument("--jsonl", default=None)
+    ap.add_argument("--first", type=int, default=0,
+                    help="needle: keep only each case's first N tokens (after the needle is inserted)")
+    ap.add_argument("--control", action="store_true",
+                    help="plot: ask each question over the one chapter that holds its answer (inside the window)")
     ap.add_argument("--home", default=None, help="data directory to keep the prefills in (default: temporary)")
     args = ap.parse_args(argv)
     if args.task == "report":
@@ -215,15 +228,20 @@ def main(argv=None) -> None:
                 for d in (int(x) for x in args.depths.split(",")):
                     c = code(random.Random(f"long-{args.book}-{length}-{d}-{args.seed}"))
                     doc_text = insert_at(hay, f"The secret passcode is {c}.", d)
-                    rows += run_case(engine, timer, f"{args.book}-{length}-d{d}", doc_text,
+                    name = f"{args.book}-{length}-d{d}"
+                    if args.first:  # the same case cut after its first N tokens: does the later text hide the needle?
+                        off = engine.tokenizer(doc_text, add_special_tokens=False, return_offsets_mapping=True)
+                        doc_text, name = doc_text[:off["offset_mapping"][args.first][0]], f"{name}-first{args.first}"
+                    rows += run_case(engine, timer, name, doc_text,
                                      "What is the secret passcode? Answer with the number only.", [c], cfgs,
                                      args.full_max, out, log,
                                      {"task": "needle", "book": args.book, "length": length, "depth": d})
         else:
             text = book_text("alice")
-            for q, exp in PLOT:
-                rows += run_case(engine, timer, "alice-whole", text, q, exp, cfgs, args.full_max, out, log,
-                                 {"task": "plot", "book": "alice", "length": "whole"})
+            for q, exp, ch in PLOT:
+                doc, name = (chapter(text, ch), f"alice-ch{ch}") if args.control else (text, "alice-whole")
+                rows += run_case(engine, timer, name, doc, q, exp, cfgs, args.full_max, out, log,
+                                 {"task": "plot", "book": "alice", "length": f"chapter {ch}" if args.control else "whole"})
     print(report(rows))
 
 
