@@ -150,18 +150,19 @@ def report(rows) -> str:
     if needle:
         cfgs = list(dict.fromkeys(r["config"] for r in needle))
         out.append("### Needle past the window: passes by length (tokens) and config\n")
-        out.append("| book | tokens | depths | " + " | ".join(cfgs) + " |")
-        out.append("|---|---:|---|" + "---:|" * len(cfgs))
+        out.append("| book | length | tokens | depths | " + " | ".join(cfgs) + " |")
+        out.append("|---|---|---:|---|" + "---:|" * len(cfgs))
         groups = {}
         for r in needle:
-            groups.setdefault((r["book"], r["length"]), []).append(r)
+            cut = r["case"].rpartition("-first")[2] if "-first" in r["case"] else ""  # --first cases apart
+            groups.setdefault((r["book"], r["length"] + (f", first {cut}" if cut else "")), []).append(r)
         for (book, length), sel in sorted(groups.items(), key=lambda kv: (kv[0][0], max(r["tokens"] for r in kv[1]))):
             cells = []
             for c in cfgs:
                 cs = [r for r in sel if r["config"] == c]
                 cells.append(f"{sum(r['passed'] for r in cs)}/{len(cs)}" if cs else "-")
             depths = ",".join(str(d) for d in sorted({r["depth"] for r in sel}))
-            out.append(f"| {book} | {max(r['tokens'] for r in sel):,} | {depths} | " + " | ".join(cells) + " |")
+            out.append(f"| {book} | {length} | {max(r['tokens'] for r in sel):,} | {depths} | " + " | ".join(cells) + " |")
         out.append("")
     plot = [r for r in rows if r.get("task") == "plot"]
     if plot:

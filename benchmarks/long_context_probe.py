@@ -1,0 +1,98 @@
+"""Probes on already-prefilled long_context.py needle cases (issue 6): change only how the answer
+is decoded and see which cases pass. Not part of `ra`; a diagnostic kept so its numbers in
+BENCHMARKS.md can be reproduced.
+
+    python benchmarks/long_context_probe.py --distance 1024 frankenstein:whole:10 frankenstein:64000:50
+    python benchmarks/long_context_probe.py --spans 8 frankenstein:whole:10
+
+Cases are book:length:depth as long_context.py names them (seed 0) and must already be in --home
+(default bench_out/long_home, filled by long_context.py): a case that is not is skipped, so the
+prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the decode changes.
+--distance N: retrieved and sink keys attended at distance N instead of DISTANCE (the keys are
+  stored pre-RoPE, so the decode may pick any distance; the exact flat index ranks in that frame).
+--spans M: instead of each head's top-k keys, every key of its top-M 64-key spans ranked by
+  q_glob . (mean pre-RoPE key of the span), as InfLLM's block memory does.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from accuracy import code, insert_at, make_engine  # noqa: E402
+from core import longctx  # noqa: E402
+from long_context import book_text, cut  # noqa: E402
+
+SPAN = 64
+
+
+def span_attend(n_spans: int):
+    """A RemappedRetrievalLayer.attend that retrieves whole spans (probe only)."""
+    def attend(self, query, key, value, scale):
+        _, Hq, T, D = query.shape
+        KVH = key.shape[1]
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
+        L = self.get_seq_length()
+        q_glob = self.rope.rotate(q, longctx.DISTANCE - torch.arange(L - T, L))
+        if not hasattr(self, "span_means"):
+            self.kf = self.offloaded.k.float()                                   # [KVH, N, D]
+            ns = self.n_offloaded // SPAN
+            self.span_means = self.kf[:, :ns * SPAN].reshape(KVH, ns, SPAN, D).mean(2)  # [KVH, ns, D]
+        top = torch.einsum("hgtd,hsd->hgts", q_glob, self.span_means).topk(n_spans, dim=-1).indices
+        ids = (top[..., None] * SPAN + torch.arange(SPAN)).flatten(-2)          # [KVH, G, T, M*SPAN]
+        h = torch.arange(KVH)[:, None, None, None]
+        s_sel = torch.einsum("hgtd,hgtkd->hgtk", q_glob, self.kf[h, ids])
+        o = longctx.remapped_attention(q, q_glob, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
+                                       s_sel, self.offloaded.v[h, ids].float(), scale)
+        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
+    return attend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="+")
+    ap.add_argument("--distance", type=int, default=longctx.DISTANCE)
+    ap.add_argument("--spans", type=int, default=0)
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--home", default="bench_out/long_home")
+    args = ap.parse_args()
+    from core.documents import Document
+
+    engine = make_engine(Path(args.home))
+    engine.s.max_tokens, engine.s.index, engine.s.top_k = 32, "flat", args.top_k
+    passed = 0
+    for case in args.cases:
+        book, length, d = case.split(":")
+        hay = cut(engine.tokenizer, book_text(book), None if length == "whole" else int(length), 0)
+        c = code(random.Random(f"long-{book}-{length}-{d}-0"))
+        doc = Document(text=insert_at(hay, f"The secret passcode is {c}.", int(d)), name=case, kind="text")
+        saved = longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend
+        try:
+            p = engine.prepare(doc)  # a cache hit: the prefill is untouched
+            if not p.cache_hit:
+                print(f"{case}: was not prefilled; prefilled now at the shipped distance, rerun to probe", flush=True)
+                continue
+            longctx.DISTANCE = args.distance
+            if args.spans:
+                longctx.RemappedRetrievalLayer.attend = span_attend(args.spans)
+            t = time.perf_counter()
+            a = "".join(engine.ask(p, "What is the secret passcode? Answer with the number only.")).strip()
+        finally:
+            longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend = saved
+        ok = c in a
+        passed += ok
+        print(f"{case} distance={args.distance} spans={args.spans} k={args.top_k}: {'PASS' if ok else 'fail'} "
+              f"{a[:60]!r} ({time.perf_counter() - t:.0f} s)", flush=True)
+    print(f"{passed}/{len(args.cases)} passed")
+
+
+if __name__ == "__main__":
+    main()
