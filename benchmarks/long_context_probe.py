@@ -10,6 +10,9 @@ Cases are book:length:depth as long_context.py names them (seed 0) and must alre
 prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the decode changes.
 --distance N: retrieved and sink keys attended at distance N instead of DISTANCE (the keys are
   stored pre-RoPE, so the decode may pick any distance; the exact flat index ranks in that frame).
+--ordered: each head's top-k keys (ranked at DISTANCE, as shipped) attended at distances that keep
+  their document order: the earliest at DISTANCE + k - 1 ... the latest at DISTANCE, the sinks at
+  DISTANCE + k (so a retrieved sentence reads in order, as if contiguous).
 --spans M: instead of each head's top-k keys, every key of its top-M 64-key spans ranked by
   q_glob . (mean pre-RoPE key of the span), as InfLLM's block memory does.
 """
@@ -56,11 +59,41 @@ def span_attend(n_spans: int):
     return attend
 
 
+SPREAD = 1  # 0: every retrieved key and the sinks at DISTANCE, i.e. the shipped attend (the self-check)
+
+
+def ordered_attend(self, query, key, value, scale):
+    """A RemappedRetrievalLayer.attend with the retrieved keys in document order (probe only)."""
+    _, Hq, T, D = query.shape
+    KVH, G = key.shape[1], Hq // key.shape[1]
+    q = query[0].float().reshape(KVH, G, T, D)
+    L = self.get_seq_length()
+    pos = torch.arange(L - T, L)
+    k = min(self.top_k, self.n_offloaded)
+    ids, _ = self.index.search(self.rope.rotate(q, longctx.DISTANCE - pos).reshape(KVH, -1, D), k)
+    ids = ids.reshape(KVH, G, T, k).sort(-1).values                          # by document position
+    dist = longctx.DISTANCE + SPREAD * (k - 1 - torch.arange(k))             # [k] earliest = farthest
+    cos, sin = self.rope.cos_sin((dist[None, :] - pos[:, None]).reshape(-1))
+    cos, sin = cos.reshape(T, k, D), sin.reshape(T, k, D)
+    qx = q[..., None, :]                                                     # [KVH, G, T, 1, D]
+    q_j = qx * cos + longctx.rotate_half(qx) * sin                           # [KVH, G, T, k, D]
+    h = torch.arange(KVH)[:, None, None, None]
+    s_sel = (q_j * self.offloaded.k[h, ids].float()).sum(-1)                 # [KVH, G, T, k]
+    q_sink = self.rope.rotate(q, longctx.DISTANCE + SPREAD * k - pos)
+    o = longctx.remapped_attention(q, q_sink, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
+                                   s_sel, self.offloaded.v[h, ids].float(), scale)
+    return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="+")
     ap.add_argument("--distance", type=int, default=longctx.DISTANCE)
     ap.add_argument("--spans", type=int, default=0)
+    ap.add_argument("--ordered", action="store_true")
+    ap.add_argument("--check", action="store_true",
+                    help="instead of probing: run --ordered's code with every distance = DISTANCE beside the "
+                         "shipped attend on the first case and print their largest relative difference")
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--home", default="bench_out/long_home")
     args = ap.parse_args()
@@ -81,15 +114,30 @@ def main() -> None:
                 print(f"{case}: was not prefilled; prefilled now at the shipped distance, rerun to probe", flush=True)
                 continue
             longctx.DISTANCE = args.distance
+            if args.check:
+                global SPREAD
+                SPREAD, diffs = 0, []
+
+                def both(self, q, k, v, scale):
+                    a, b = saved[1](self, q, k, v, scale), ordered_attend(self, q, k, v, scale)
+                    diffs.append(((a - b).abs().max() / a.abs().max()).item())
+                    return a
+                longctx.RemappedRetrievalLayer.attend = both
+                "".join(engine.ask(p, "What is the secret passcode? Answer with the number only."))
+                print(f"{case}: ordered code at one distance vs the shipped attend, {len(diffs)} calls: "
+                      f"largest relative difference {max(diffs):.1e}")
+                return
             if args.spans:
                 longctx.RemappedRetrievalLayer.attend = span_attend(args.spans)
+            elif args.ordered:
+                longctx.RemappedRetrievalLayer.attend = ordered_attend
             t = time.perf_counter()
             a = "".join(engine.ask(p, "What is the secret passcode? Answer with the number only.")).strip()
         finally:
             longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend = saved
         ok = c in a
         passed += ok
-        print(f"{case} distance={args.distance} spans={args.spans} k={args.top_k}: {'PASS' if ok else 'fail'} "
+        print(f"{case} distance={args.distance} spans={args.spans} ordered={args.ordered} k={args.top_k}: {'PASS' if ok else 'fail'} "
               f"{a[:60]!r} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(f"{passed}/{len(args.cases)} passed")
 
