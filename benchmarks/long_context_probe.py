@@ -59,11 +59,9 @@ def span_attend(n_spans: int):
     return attend
 
 
-SPREAD = 1  # 0: every retrieved key and the sinks at DISTANCE, i.e. the shipped attend (the self-check)
-
-
-def ordered_attend(self, query, key, value, scale):
-    """A RemappedRetrievalLayer.attend with the retrieved keys in document order (probe only)."""
+def ordered_attend(self, query, key, value, scale, spread: int = 1):
+    """A RemappedRetrievalLayer.attend with the retrieved keys in document order (probe only).
+    spread=0 puts every retrieved key and the sinks at DISTANCE: the shipped attend (--check)."""
     _, Hq, T, D = query.shape
     KVH, G = key.shape[1], Hq // key.shape[1]
     q = query[0].float().reshape(KVH, G, T, D)
@@ -72,14 +70,14 @@ def ordered_attend(self, query, key, value, scale):
     k = min(self.top_k, self.n_offloaded)
     ids, _ = self.index.search(self.rope.rotate(q, longctx.DISTANCE - pos).reshape(KVH, -1, D), k)
     ids = ids.reshape(KVH, G, T, k).sort(-1).values                          # by document position
-    dist = longctx.DISTANCE + SPREAD * (k - 1 - torch.arange(k))             # [k] earliest = farthest
+    dist = longctx.DISTANCE + spread * (k - 1 - torch.arange(k))             # [k] earliest = farthest
     cos, sin = self.rope.cos_sin((dist[None, :] - pos[:, None]).reshape(-1))
     cos, sin = cos.reshape(T, k, D), sin.reshape(T, k, D)
     qx = q[..., None, :]                                                     # [KVH, G, T, 1, D]
     q_j = qx * cos + longctx.rotate_half(qx) * sin                           # [KVH, G, T, k, D]
     h = torch.arange(KVH)[:, None, None, None]
     s_sel = (q_j * self.offloaded.k[h, ids].float()).sum(-1)                 # [KVH, G, T, k]
-    q_sink = self.rope.rotate(q, longctx.DISTANCE + SPREAD * k - pos)
+    q_sink = self.rope.rotate(q, longctx.DISTANCE + spread * k - pos)
     o = longctx.remapped_attention(q, q_sink, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
                                    s_sel, self.offloaded.v[h, ids].float(), scale)
     return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
@@ -115,11 +113,10 @@ def main() -> None:
                 continue
             longctx.DISTANCE = args.distance
             if args.check:
-                global SPREAD
-                SPREAD, diffs = 0, []
+                diffs = []
 
                 def both(self, q, k, v, scale):
-                    a, b = saved[1](self, q, k, v, scale), ordered_attend(self, q, k, v, scale)
+                    a, b = saved[1](self, q, k, v, scale), ordered_attend(self, q, k, v, scale, spread=0)
                     diffs.append(((a - b).abs().max() / a.abs().max()).item())
                     return a
                 longctx.RemappedRetrievalLayer.attend = both
