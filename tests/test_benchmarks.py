@@ -37,3 +37,20 @@ def test_index_recall_benchmark_json_smoke(smol, ra_home, tmp_path):
         assert x["keys_per_head"] == 2000 and 0 < x["scanned_fraction"] <= 1 and 0 <= x["recall_at_100"] <= 1
     assert rows[0]["recall_at_100"] == 1.0 and rows[0]["scanned_fraction"] == 1.0
     assert rows[1]["scanned_fraction"] < 1.0  # the graph did not score every key
+
+
+def test_run_all_covers_every_benchmarks_md_command():
+    """`benchmarks/run_all.sh` is the one command behind BENCHMARKS.md: every script (and
+    subcommand) a section of BENCHMARKS.md names must be one of its steps."""
+    import re
+
+    md = (ROOT / "BENCHMARKS.md").read_text()
+    sh = (ROOT / "benchmarks" / "run_all.sh").read_text()
+    cited = set(re.findall(r"python benchmarks/(\w+\.py)(?: (needle|ruler|qa|sweep|plot|report))?", md))
+    steps = set(re.findall(r"python benchmarks/(\w+\.py)(?: (needle|ruler|qa|sweep|plot|report))?", sh))
+    assert cited, "no commands found in BENCHMARKS.md"
+    missing = {f"{s} {sub}".strip() for s, sub in cited - steps if s != "gpu_check.py"}
+    assert not missing, f"BENCHMARKS.md cites commands run_all.sh does not run: {sorted(missing)}"
+    assert "gpu_check" in sh  # needs a GPU: run_all.sh says so instead of running it
+    r = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "run_all.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

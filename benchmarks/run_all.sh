@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Every number in BENCHMARKS.md, one command after another (many hours on the 2-core CPU machine: the sum of the run times given in BENCHMARKS.md).
+#
+#   bash benchmarks/run_all.sh [OUT]       # OUT defaults to bench_out/; tables land in OUT/results/
+#
+# Each step prints the markdown table BENCHMARKS.md quotes into OUT/results/<step>.md (progress and
+# logs into <step>.log). Steps share their stores under OUT (each case is prefilled once, and a
+# rerun reuses them), so run one copy at a time, on an otherwise quiet machine for the timings.
+# Optional steps are skipped with a line saying why: the GPU check (no CUDA device) and the
+# llama.cpp peer (llama-cpp-python not installed; it is never an ra dependency).
+# Needs the bench extra: pip install -e ".[bench]".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench_out}
+R=$OUT/results
+mkdir -p "$R"
+failed=0
+# the --jsonl files are appended to; an earlier run's rows would be counted twice, so set them aside
+old=$(ls "$OUT"/*.jsonl 2>/dev/null)
+if [ -n "$old" ]; then
+    keep="$OUT/previous-$(date +%Y%m%d-%H%M%S)"
+    mkdir -p "$keep" && mv $old "$keep"/ && echo "earlier JSONL results moved to $keep" >&2
+fi
+
+step() {  # step NAME command...: stdout -> NAME.md, stderr -> NAME.log
+    local name=$1; shift
+    echo "== $name: $*" >&2
+    if ! "$@" >"$R/$name.md" 2>"$R/$name.log"; then
+        echo "   FAILED (see $R/$name.log)" >&2
+        failed=1
+    fi
+}
+
+# a repeated question vs transformers' generate (7K tokens), and by document length
+step bench_ask python benchmarks/bench_ask.py
+step repeat_vs_length python benchmarks/repeat_vs_length.py --sizes 1000,2000,4000,7500
+
+# accuracy against full attention on the same cached KV
+step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl "$OUT/needle.jsonl"
+step needle_report python benchmarks/accuracy.py report --jsonl "$OUT/needle.jsonl"
+step sweep python benchmarks/accuracy.py sweep --home "$OUT/acc_home" --lengths 2000,4000 --seeds 1 \
+    --depths 0,75 --jsonl "$OUT/sweep.jsonl"
+step ruler python benchmarks/accuracy.py ruler --home "$OUT/acc_home" --jsonl "$OUT/ruler.jsonl"
+step qa python benchmarks/accuracy.py qa --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
+step needle_graph python benchmarks/accuracy.py needle --lengths 2000,4000,7500 --seeds 1 --indexes flat,graph \
+    --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
+
+# the query-aware index and decode latency vs length (KV captured from real text past 8K)
+step index_recall python benchmarks/index_recall.py --work "$OUT/index_recall" --plot benchmarks/index_recall.png
+step decode_scaling python benchmarks/decode_scaling.py --sizes 1024,4096,16384,32768,65536,131072 --steps 8 \
+    --hnsw-max 16384 --rss-min 16384 --prefill-rate 150 --work "$OUT/decode_scaling" \
+    --plot benchmarks/decode_scaling.png --json "$OUT/decode_scaling.json"
+
+# whole books past the embedded model's 8K window
+L=(--home "$OUT/long_home" --jsonl "$OUT/long.jsonl")
+step long_alice python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 "${L[@]}"
+step long_frank python benchmarks/long_context.py needle --book frankenstein --lengths whole --depths 10,50,90 "${L[@]}"
+step long_plot python benchmarks/long_context.py plot "${L[@]}"
+step long_lengths python benchmarks/long_context.py needle --book frankenstein --lengths 8000,16000,32000 \
+    --depths 10,50,90 "${L[@]}"
+step long_64k python benchmarks/long_context.py needle --book frankenstein --lengths 64000 --depths 10,50,90 \
+    --configs ra:100 "${L[@]}"
+step long_first16k python benchmarks/long_context.py needle --book frankenstein --lengths whole --depths 10 \
+    --first 16000 --configs ra:100 "${L[@]}"
+step long_report python benchmarks/long_context.py report --jsonl "$OUT/long.jsonl"
+step long_control python benchmarks/long_context.py plot --control --configs ra:100,full --home "$OUT/long_home" \
+    --jsonl "$OUT/plot_control.jsonl"
+C="alice:whole:10 alice:whole:50 alice:whole:90 frankenstein:16000:10 frankenstein:16000:50 frankenstein:16000:90
+   frankenstein:32000:10 frankenstein:32000:50 frankenstein:32000:90 frankenstein:64000:10 frankenstein:64000:50
+   frankenstein:64000:90 frankenstein:whole:10 frankenstein:whole:50 frankenstein:whole:90"
+for d in 1024 1536 2048; do
+    step "probe_distance_$d" python benchmarks/long_context_probe.py --home "$OUT/long_home" --distance $d $C
+done
+step probe_ordered python benchmarks/long_context_probe.py --home "$OUT/long_home" --ordered $C
+step probe_spans python benchmarks/long_context_probe.py --home "$OUT/long_home" --spans 8 \
+    frankenstein:64000:10 frankenstein:64000:50 frankenstein:whole:10
+step probe_check python benchmarks/long_context_probe.py --home "$OUT/long_home" --check frankenstein:16000:10
+
+# optional peers and devices
+if python -c "import llama_cpp" 2>/dev/null; then
+    step llama_cpp_peer python benchmarks/llama_cpp_peer.py
+else
+    echo "== llama_cpp_peer: skipped (pip install llama-cpp-python to run it)" >&2
+fi
+if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "== gpu_check: needs --tokenizer DIR (a converted model directory); see BENCHMARKS.md" >&2
+else
+    echo "== gpu_check: skipped (no CUDA device)" >&2
+fi
+exit $failed
