@@ -242,7 +242,9 @@ def run(cases: list[Case], configs: list[Config], engine, max_tokens: int, out=N
 def table(rows: list[dict], by: str, configs: list[Config]) -> str:
     """Pass rate per `by` value and config, and how often each config's answer equals full's."""
     keys = sorted({r[by] for r in rows}, key=lambda x: (x is None, x))
+    partial = any(len(r["expected"]) > 1 for r in rows)  # multi-value: count the values found, too
     head = [by] + [f"{c.name} pass" for c in configs] + [f"{c.name} = full" for c in configs if c.name != FULL.name]
+    head += [f"{c.name} values found" for c in configs] if partial else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in keys:
         cells = [str(k)]
@@ -254,6 +256,10 @@ def table(rows: list[dict], by: str, configs: list[Config]) -> str:
                 continue
             sel = [r for r in rows if r[by] == k and r["config"] == c.name and r["same_as_full"] is not None]
             cells.append(f"{sum(r['same_as_full'] for r in sel)}/{len(sel)}" if sel else "-")
+        for c in configs if partial else []:
+            sel = [r for r in rows if r[by] == k and r["config"] == c.name]
+            found = sum(e.lower() in r["answer"].lower() for r in sel for e in r["expected"])
+            cells.append(f"{found}/{sum(len(r['expected']) for r in sel)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
