@@ -47,6 +47,13 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), {dev}")
 
 
+def alice_start(chars: int) -> Document:
+    """The document of these benchmarks: the first `chars` characters of Alice from chapter I."""
+    text = (ROOT / "sample_docs" / "alice.txt").read_text(encoding="utf-8")
+    start = text.index("CHAPTER I.")
+    return Document(text=text[start:start + chars], name="alice-start", kind="text")
+
+
 def hf_generate(model, tok, doc, n_tokens: int, repeats: int):
     """The baseline: transformers' own generate with full attention (SDPA), prefilling the prompt
     and question every time, exactly n_tokens answer tokens. -> (median seconds, output ids)"""
@@ -72,9 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is shown)")
     args = ap.parse_args()
 
-    text = (ROOT / "sample_docs" / "alice.txt").read_text(encoding="utf-8")
-    start = text.index("CHAPTER I.")
-    doc = Document(text=text[start:start + args.chars], name="alice-start", kind="text")
+    doc = alice_start(args.chars)
     ref = models.resolve(None)
     models_root = data_home() / "models"  # reuse the converted model; the document cache is temporary
     model, tok = models.load(ref, models_root, "cpu")

@@ -29,20 +29,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_ask import QUESTION, machine  # noqa: E402
+from benchmarks.bench_ask import QUESTION, alice_start, machine  # noqa: E402
+from benchmarks.decode_scaling import dir_bytes  # noqa: E402
 from core import data_home  # noqa: E402
 from core import model as models  # noqa: E402
-from core.documents import Document  # noqa: E402
 from core.engine import AnswerStats, Engine, Settings  # noqa: E402
 from core.prompt import build_prefix, question_ids  # noqa: E402
 
 
 def median(xs):
     return sorted(xs)[len(xs) // 2]
-
-
-def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 class LlamaPeer:
@@ -99,9 +95,7 @@ def main() -> None:
         sys.exit("llama_cpp_peer.py: needs llama-cpp-python (pip install llama-cpp-python); it is not an ra dependency")
     import torch
 
-    text = (ROOT / "sample_docs" / "alice.txt").read_text(encoding="utf-8")
-    start = text.index("CHAPTER I.")
-    doc = Document(text=text[start:start + args.chars], name="alice-start", kind="text")
+    doc = alice_start(args.chars)
     ref = models.resolve(None)
     models_root = data_home() / "models"
     t = time.perf_counter()
