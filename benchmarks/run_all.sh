@@ -62,6 +62,8 @@ step long_64k python benchmarks/long_context.py needle --book frankenstein --len
     --configs ra:100 "${L[@]}"
 step long_first16k python benchmarks/long_context.py needle --book frankenstein --lengths whole --depths 10 \
     --first 16000 --configs ra:100 "${L[@]}"
+step long_graph python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
+    --configs ra:100 --index graph --home "$OUT/long_home" --jsonl "$OUT/long_graph.jsonl"
 step long_report python benchmarks/long_context.py report --jsonl "$OUT/long.jsonl"
 step long_control python benchmarks/long_context.py plot --control --configs ra:100,full --home "$OUT/long_home" \
     --jsonl "$OUT/plot_control.jsonl"
