@@ -46,6 +46,15 @@ PLOT = [  # (question, expected, the chapter that holds the answer: the --contro
 ]
 
 
+NEEDLE_QUESTION = "What is the secret passcode? Answer with the number only."
+
+
+def needle(hay: str, book: str, length: str, depth: int, seed: int) -> tuple[str, str]:
+    """(document text, passcode) of a needle case: its passcode sentence at `depth` % of `hay`."""
+    c = code(random.Random(f"long-{book}-{length}-{depth}-{seed}"))
+    return insert_at(hay, f"The secret passcode is {c}.", depth), c
+
+
 def chapter(text: str, roman: str) -> str:
     """One chapter of Alice ("CHAPTER VI." up to the next chapter heading)."""
     heads = list(re.finditer(r"^CHAPTER [IVXL]+\.\s*$", text, re.M))  # headings alone on a line (not the contents)
@@ -227,15 +236,12 @@ def main(argv=None) -> None:
                 n = None if length == "whole" else int(length)
                 hay = cut(engine.tokenizer, text, n, args.seed)
                 for d in (int(x) for x in args.depths.split(",")):
-                    c = code(random.Random(f"long-{args.book}-{length}-{d}-{args.seed}"))
-                    doc_text = insert_at(hay, f"The secret passcode is {c}.", d)
+                    doc_text, c = needle(hay, args.book, length, d, args.seed)
                     name = f"{args.book}-{length}-d{d}"
                     if args.first:  # the same case cut after its first N tokens: does the later text hide the needle?
                         off = engine.tokenizer(doc_text, add_special_tokens=False, return_offsets_mapping=True)
                         doc_text, name = doc_text[:off["offset_mapping"][args.first][0]], f"{name}-first{args.first}"
-                    rows += run_case(engine, timer, name, doc_text,
-                                     "What is the secret passcode? Answer with the number only.", [c], cfgs,
-                                     args.full_max, out, log,
+                    rows += run_case(engine, timer, name, doc_text, NEEDLE_QUESTION, [c], cfgs, args.full_max, out, log,
                                      {"task": "needle", "book": args.book, "length": length, "depth": d})
         else:
             text = book_text("alice")

@@ -19,7 +19,6 @@ prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from accuracy import code, insert_at, make_engine  # noqa: E402
+from accuracy import make_engine  # noqa: E402
 from core import longctx  # noqa: E402
-from long_context import book_text, cut  # noqa: E402
+from long_context import NEEDLE_QUESTION, book_text, cut, needle  # noqa: E402
 
 SPAN = 64
 
@@ -103,8 +102,8 @@ def main() -> None:
     for case in args.cases:
         book, length, d = case.split(":")
         hay = cut(engine.tokenizer, book_text(book), None if length == "whole" else int(length), 0)
-        c = code(random.Random(f"long-{book}-{length}-{d}-0"))
-        doc = Document(text=insert_at(hay, f"The secret passcode is {c}.", int(d)), name=case, kind="text")
+        text, c = needle(hay, book, length, int(d), 0)
+        doc = Document(text=text, name=case, kind="text")
         saved = longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend
         try:
             p = engine.prepare(doc)  # a cache hit: the prefill is untouched
@@ -120,7 +119,7 @@ def main() -> None:
                     diffs.append(((a - b).abs().max() / a.abs().max()).item())
                     return a
                 longctx.RemappedRetrievalLayer.attend = both
-                "".join(engine.ask(p, "What is the secret passcode? Answer with the number only."))
+                "".join(engine.ask(p, NEEDLE_QUESTION))
                 print(f"{case}: ordered code at one distance vs the shipped attend, {len(diffs)} calls: "
                       f"largest relative difference {max(diffs):.1e}")
                 return
@@ -129,7 +128,7 @@ def main() -> None:
             elif args.ordered:
                 longctx.RemappedRetrievalLayer.attend = ordered_attend
             t = time.perf_counter()
-            a = "".join(engine.ask(p, "What is the secret passcode? Answer with the number only.")).strip()
+            a = "".join(engine.ask(p, NEEDLE_QUESTION)).strip()
         finally:
             longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend = saved
         ok = c in a
