@@ -132,7 +132,8 @@ def recall(ids: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, heldout: int, efs: list[int],
-             hnsw_efs: list[int], log, graph_kw: dict, indexes=("graph", "hnsw-raw", "hnsw-centred"), n_probe: int = 4) -> list[dict]:
+             hnsw_efs: list[int], log, graph_kw: dict, indexes=("graph", "hnsw-raw", "hnsw-centred"), n_probe: int = 3,
+             coarse_probe: int = 4) -> list[dict]:
     import hnswlib
     import torch
 
@@ -205,13 +206,15 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
         t = time.perf_counter()
         parts = [build_head(keys16[h], qb[h], **graph_kw) for h in range(KVH)]
         build_s = time.perf_counter() - t
-        g, c, e = (np.stack([p[i] for p in parts]) for i in range(3))
-        GraphLayerIndex(keys16, g, c, e).search(qsets["decode"][:, :, 0], 100)  # compile (cached) before timing
+        g, c, e, co, b = (np.stack([p[i] for p in parts]) for i in range(5))
+        # as stored (core/graph.py build_graph_dir): ids in 3 bytes, directions fp32
+        size = 3 * g.size + 3 * e.size + c.nbytes + co.nbytes + b.nbytes
+        GraphLayerIndex(keys16, g, c, e, co, b).search(qsets["decode"][:, :, 0], 100)  # compile (cached) before timing
         for ef in efs:
-            ix = GraphLayerIndex(keys16, g, c, e, ef=ef, n_probe=n_probe)
+            ix = GraphLayerIndex(keys16, g, c, e, co, b, ef=ef, n_probe=n_probe, coarse_probe=coarse_probe)
             run("graph", f"ef={ef}", lambda q: ix.search(q.reshape(KVH, G, D), 100)[0].numpy())
             add("graph", f"ef={ef}", layer, "", scanned=ix.scanned / N, searched=ix.searched,
-                build_s=build_s, bytes_per_key=(g.nbytes + c.nbytes + e.nbytes) / (KVH * N))
+                build_s=build_s, bytes_per_key=size / (KVH * N))
 
         # hnswlib on raw and on mean-centred keys (time: hnswlib's own search; scanned: the same
         # best-first search run by our kernel over hnswlib's level-0 graph from its entry point)
@@ -270,23 +273,29 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
 
 
 def main() -> None:
+    from core import graph as gr
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=102_400, help="keys per KV head (captured tokens)")
     ap.add_argument("--work", default=str(ROOT / "bench_out" / "index_recall"))
     ap.add_argument("--capture-only", action="store_true")
     ap.add_argument("--layers", default="0,6,12,18,24,29", help="layers to measure ('all' for every layer)")
-    ap.add_argument("--build-positions", type=int, default=1024, help="prefill positions whose queries build the graph")
+    ap.add_argument("--build-positions", type=int, default=4096,
+                    help="prefill positions whose queries build the graph (4%%, as a store keeps)")
     ap.add_argument("--heldout", type=int, default=64, help="held-out prefill positions to evaluate on")
-    ap.add_argument("--ef", default="100,150,200,300,400", help="graph search widths")
+    ap.add_argument("--ef", default="100,150,175,200,300", help="graph search widths")
     ap.add_argument("--hnsw-ef", default="100,200,400,800", help="hnswlib search widths")
-    ap.add_argument("--degree", type=int, default=15)
-    ap.add_argument("--fan", type=int, default=100)
-    ap.add_argument("--clusters", type=int, default=256)
-    ap.add_argument("--entries", type=int, default=256)
+    ap.add_argument("--degree", type=int, default=gr.DEGREE)
+    ap.add_argument("--fan", type=int, default=gr.FAN)
+    ap.add_argument("--clusters", type=int, default=None,
+                    help="query directions (default: core.graph.n_clusters_for(keys), 1,024 at 100K keys)")
+    ap.add_argument("--coarse", type=int, default=gr.N_COARSE, help="groups of directions")
+    ap.add_argument("--entries", type=int, default=gr.N_ENTRY, help="entry keys per direction")
     ap.add_argument("--no-hub-norm", dest="hub_norm", action="store_false",
                     help="do not divide co-attention weights by sqrt(partner's list count)")
-    ap.add_argument("--probe", type=int, default=3, help="clusters whose entry keys seed a search")
-    ap.add_argument("--key-degree", type=int, default=8, help="graph slots given to key-key neighbours")
+    ap.add_argument("--probe", type=int, default=gr.N_PROBE, help="clusters whose entry keys seed a search")
+    ap.add_argument("--coarse-probe", type=int, default=gr.COARSE_PROBE, help="groups whose directions a query scores")
+    ap.add_argument("--key-degree", type=int, default=gr.KEY_DEGREE, help="graph slots given to key-key neighbours")
     ap.add_argument("--indexes", default="graph,hnsw-raw,hnsw-centred", help="besides flat, always measured")
     ap.add_argument("--json", action="store_true", help="one JSON object per (index, setting) on stdout")
     ap.add_argument("--save", default=None, help="also write the JSON rows to this file")
@@ -305,7 +314,8 @@ def main() -> None:
     rows = evaluate(work, args.keys, layers, args.build_positions, args.heldout, [int(x) for x in args.ef.split(",")],
                     [int(x) for x in args.hnsw_ef.split(",")], log,
                     dict(degree=args.degree, fan=args.fan, n_clusters=args.clusters, n_entry=args.entries,
-                         key_degree=args.key_degree, tmp=work, hub_norm=args.hub_norm), args.indexes.split(","), args.probe)
+                         key_degree=args.key_degree, tmp=work, hub_norm=args.hub_norm, n_coarse=args.coarse),
+                    args.indexes.split(","), args.probe, args.coarse_probe)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if args.json:
@@ -317,8 +327,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"SmolLM2-135M keys, {args.keys:,} per KV head ({-(-args.keys // CHUNK)} chunks of {CHUNK}); "
           f"layers {args.layers}; graph built from {args.build_positions} prefill positions x {info['q_heads'] // info['kv_heads']} "
-          f"query heads per KV head (degree {args.degree} of which {args.key_degree} key-key, fan {args.fan}, {args.clusters} "
-          f"clusters x {args.entries} entries, probe {args.probe}); decode queries: {info['question']!r} + answer")
+          f"query heads per KV head (degree {args.degree} of which {args.key_degree} key-key, fan {args.fan}, {args.clusters or gr.n_clusters_for(args.keys)} "
+          f"directions in {args.coarse} groups x {args.entries} entries, probe {args.probe} of {args.coarse_probe} groups); decode queries: {info['question']!r} + answer")
     print(f"prefill of the same {info['keys']:,} tokens (the capture): {info['capture_s']:.0f} s; fp16 K+V: "
           f"{4 * info['head_dim']} bytes/key/head\n")
     print("| index | setting | recall@100 decode | recall@100 held-out prefill | attention mass vs exact top-100 | keys scored | step ms (all layers) | vs flat | build s (all heads) | index bytes/key/head |")

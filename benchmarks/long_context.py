@@ -208,7 +208,7 @@ def main(argv=None) -> None:
     ap.add_argument("--full-max", type=int, default=16500, help="run `full` only up to this many tokens")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--index", default="flat",
-                    help="decode-time index (default flat: exact, and no graph build of ~0.9x the prefill time "
+                    help="decode-time index (default flat: exact, and no graph build of ~2x the prefill time "
                          "per case; `auto` is what `ra` uses)")
     ap.add_argument("--jsonl", default=None)
     ap.add_argument("--first", type=int, default=0,

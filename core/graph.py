@@ -15,15 +15,21 @@ own prefill queries, which are distributed like the decode queries:
     4. positional links: key i also reaches i-1 and i+1 (implicit, not stored), because attention
        goes to spans of text, and it makes every key reachable;
     5. entry points: the build queries are clustered by direction (spherical k-means, `n_clusters`);
-       each cluster keeps the `n_entry` keys its queries attend to most.
-  search, per query: score the cluster centroids, seed a best-first beam with the entry keys of
-  the `n_probe` best clusters, expand neighbours while they can still enter the `ef` best; return
-  the k best ids and their exact logits (fp16 keys from the store, fp32 arithmetic).
+       each cluster keeps the `n_entry` keys its queries attend to most. The cluster centroids are
+       themselves grouped (`n_coarse` groups), so a query scores the groups and then only the
+       centroids of its `coarse_probe` best groups: many fine clusters for the cost of few.
+  search, per query: pick the `n_probe` best clusters (two levels), seed a best-first beam with
+  their entry keys (fewer from each next-best cluster), expand neighbours while they can still enter the `ef` best; return the k best
+  ids and their exact logits (fp16 keys from the store, fp32 arithmetic).
 
 Storage (index directory, all memory-mapped on open; nothing is copied or unpickled):
-  graph.npy      int32 [L, KVH, N, degree]   neighbour ids into the offloaded range, -1 = none
-  centroids.npy  fp32  [L, KVH, C, D]        unit query directions
-  entries.npy    int32 [L, KVH, C, n_entry]  entry keys per centroid, -1 = none
+  graph.npy      uint8 [L, KVH, N, degree, 3]  neighbour ids into the offloaded range (24-bit, see pack_ids)
+  centroids.npy  fp32  [L, KVH, C, D]        unit query directions, ordered by group
+  coarse.npy     fp32  [L, KVH, C2, D]       unit group directions
+  bounds.npy     int32 [L, KVH, C2 + 1]      group j holds centroids bounds[j]:bounds[j+1]
+  entries.npy    uint8 [L, KVH, C, n_entry, 3]  entry keys per centroid (24-bit)
+(core/store.py names the directory with a format number, so an index of an older layout is rebuilt,
+never misread.)
 Keys are not duplicated: search reads the store's fp16 keys through their memory map.
 
 The kernels are numba-compiled (cached on disk after the first run) and run the queries of a
@@ -41,13 +47,17 @@ import torch
 from numba import njit, prange
 
 # defaults picked on benchmarks/index_recall.py (100K real keys per head; see BENCHMARKS.md)
-DEGREE = 15        # stored neighbours per key: 60 bytes/key/head (+ entries) <= 25% of its fp16 K+V
+DEGREE = 15        # stored neighbours per key: 45 bytes/key/head (24-bit ids) + entries <= 25% of fp16 K+V
 KEY_DEGREE = 8     # ... of which key-key neighbours (the rest: co-attention partners)
 FAN = 100          # top keys per build query that get projected to edges
-N_CLUSTERS = 256   # query directions
-N_ENTRY = 256      # entry keys per direction: the seeds do much of the work (recall +0.1)
-N_PROBE = 3
-EF = 200           # search width (the beam); >= k
+N_CLUSTERS = 1024  # query directions (at most; one per KEYS_PER_CLUSTER keys): the seeds do most of
+KEYS_PER_CLUSTER = 100  # the work and finer directions seed better, but their entry table is fixed-size
+N_COARSE = 32      # groups of directions: a query scores 32 groups + the ~100 directions of 3 of them
+COARSE_PROBE = 3   # groups whose directions a query scores
+N_ENTRY = 512      # entry keys per direction
+N_PROBE = 4        # directions whose entry keys seed a search ...
+TAPER = True       # ... the t-th best giving (N_PROBE - t) / N_PROBE of its entries (512, 384, 256, 128)
+EF = 175           # search width (the beam); >= k
 
 
 # ----------------------------------------------------------------------------- build
@@ -207,10 +217,36 @@ def _merge(a, b, degree):
     return out
 
 
+def n_clusters_for(n_keys: int) -> int:
+    """Query directions for a head of n_keys keys: one per KEYS_PER_CLUSTER keys, 64 to N_CLUSTERS,
+    so the direction + entry table stays ~18 bytes per key on short documents too."""
+    return int(min(N_CLUSTERS, max(64, n_keys // KEYS_PER_CLUSTER)))
+
+
+def grouped_clusters(q: torch.Tensor, n_clusters: int, n_coarse: int):
+    """Two-level spherical k-means of queries q [m, D].
+
+    -> (centroids [C, D] ordered by group, assignment [m] into that order, coarse [C2, D],
+        bounds int32 [C2 + 1]); fewer queries than clusters leave zero rows after bounds[-1]
+        (never scored) and empty groups."""
+    cents, assign = spherical_kmeans(q, n_clusters)
+    coarse, group = spherical_kmeans(cents, n_coarse)
+    order = torch.argsort(group, stable=True)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order))
+    bounds = np.zeros(n_coarse + 1, np.int32)
+    bounds[1:coarse.shape[0] + 1] = np.cumsum(np.bincount(group.numpy(), minlength=coarse.shape[0]))
+    bounds[coarse.shape[0] + 1:] = bounds[coarse.shape[0]]
+    pad = lambda x, n: torch.cat([x, torch.zeros(n - x.shape[0], x.shape[1])]) if x.shape[0] < n else x
+    return pad(cents[order], n_clusters), inv[assign], pad(coarse, n_coarse), bounds
+
+
 def build_head(keys: np.ndarray, queries: np.ndarray, degree: int = DEGREE, fan: int = FAN,
-               n_clusters: int = N_CLUSTERS, n_entry: int = N_ENTRY, key_degree: int = KEY_DEGREE,
-               tmp: Path | None = None, hub_norm: bool = True):
-    """keys fp16/fp32 [N, D], build queries [m, D] -> (graph [N, degree], centroids [C, D], entries [C, n_entry]).
+               n_clusters: int | None = None, n_entry: int = N_ENTRY, key_degree: int = KEY_DEGREE,
+               tmp: Path | None = None, hub_norm: bool = True, n_coarse: int = N_COARSE):
+    """keys fp16/fp32 [N, D], build queries [m, D] -> (graph [N, degree], centroids [C, D],
+    entries [C, n_entry], coarse [C2, D], bounds [C2 + 1]) (see grouped_clusters; C defaults to
+    n_clusters_for(N)).
 
     key_degree > 0: that many of the degree slots go to key-key neighbours (see key_graph)."""
     if len(queries) == 0:
@@ -223,15 +259,39 @@ def build_head(keys: np.ndarray, queries: np.ndarray, degree: int = DEGREE, fan:
     graph = _project(lists, n, degree - key_degree, hub_norm)
     if key_degree > 0:
         graph = _merge(graph, key_graph(k32.numpy(), key_degree, tmp or Path("/tmp")), degree)
-    cents, assign = spherical_kmeans(q32, n_clusters)
+    n_clusters = n_clusters or n_clusters_for(n)
+    cents, assign, coarse, bounds = grouped_clusters(q32, n_clusters, n_coarse)
     entries = _entries(lists, assign.numpy(), n_clusters, n_entry)
-    if cents.shape[0] < n_clusters:  # fewer build queries than clusters: pad with unusable rows
-        pad = n_clusters - cents.shape[0]
-        cents = torch.cat([cents, torch.zeros(pad, cents.shape[1])])
-    return graph, cents.numpy().astype(np.float32), entries
+    return graph, cents.numpy().astype(np.float32), entries, coarse.numpy().astype(np.float32), bounds
+
+
+def pack_ids(ids: np.ndarray) -> np.ndarray:
+    """int32 key ids (-1 = none) -> uint8 [..., 3], little-endian 24-bit, 0xFFFFFF = none.
+
+    Why: 3 bytes per id instead of 4 is what keeps 15 neighbours per key plus 512 entry keys per
+    direction within 25% of the fp16 K+V at 100K keys; it caps a head at 2^24 - 1 keys."""
+    ids = np.asarray(ids)
+    if ids.size and ids.max() >= 0xFFFFFF:
+        raise ValueError("the graph index holds at most 16,777,214 keys per head")
+    v = (ids.astype(np.int64) & 0xFFFFFF).astype("<u4")
+    return np.ascontiguousarray(v.view(np.uint8).reshape(ids.shape + (4,))[..., :3])
+
+
+def unpack_ids(packed: np.ndarray) -> np.ndarray:
+    """The inverse of pack_ids: uint8 [..., 3] -> int32 [...] with -1 = none."""
+    p = np.asarray(packed).astype(np.int32)
+    v = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
+    return np.where(v == 0xFFFFFF, -1, v).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- search
+
+@njit(inline="always")
+def _id(a, i, t):
+    """Entry t of row i of a packed id table (uint8 [rows, width, 3]); -1 = none."""
+    v = np.int32(a[i, t, 0]) | (np.int32(a[i, t, 1]) << 8) | (np.int32(a[i, t, 2]) << 16)
+    return np.int32(-1) if v == 0xFFFFFF else v
+
 
 @njit(inline="always")
 def _dot_f16(q, row, buf_u, buf_f):
@@ -287,10 +347,19 @@ def _heap_pop_min(hs, hi, size):
     return size
 
 
+@njit(inline="always")
+def _dot_f32(q, row):
+    s = np.float32(0.0)
+    for d in range(q.shape[0]):
+        s += q[d] * row[d]
+    return s
+
+
 @njit(cache=True)
-def _search_one(q, keys, graph, cents, entries, n_probe, ef, k, positional, visited, mark, out_ids, out_scores):
+def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, taper, ef, k, positional,
+                visited, mark, out_ids, out_scores):
     """Best-first search for one query q [D] over one head. Returns the number of vectors scored."""
-    n, degree = graph.shape
+    n, degree = graph.shape[0], graph.shape[1]
     D = q.shape[0]
     buf_u = np.empty(D, np.uint32)
     buf_f = buf_u.view(np.float32)
@@ -302,19 +371,30 @@ def _search_one(q, keys, graph, cents, entries, n_probe, ef, k, positional, visi
     nr = 0
     nc = 0
     scanned = 0
-    # 1. entry points: the entry keys of the n_probe clusters whose centroids best match q
-    C = cents.shape[0]
-    cscore = np.empty(C, np.float32)
-    for c in range(C):
-        s = np.float32(0.0)
-        for d in range(D):
-            s += q[d] * cents[c, d]
-        cscore[c] = s
-    scanned += C
-    order = np.argsort(-cscore)
-    for t in range(min(n_probe, C)):
-        for e in range(entries.shape[1]):
-            x = entries[order[t], e]
+    # 1a. the coarse_probe groups whose directions best match q
+    C2 = coarse.shape[0]
+    gscore = np.empty(C2, np.float32)
+    for g in range(C2):
+        gscore[g] = _dot_f32(q, coarse[g])
+    scanned += C2
+    gorder = np.argsort(-gscore)
+    # 1b. their centroids; the n_probe best give the entry keys
+    fid = np.empty(cents.shape[0], np.int32)
+    fsc = np.empty(cents.shape[0], np.float32)
+    nf = 0
+    for t in range(min(coarse_probe, C2)):
+        g = gorder[t]
+        for c in range(bounds[g], bounds[g + 1]):
+            fid[nf] = c
+            fsc[nf] = _dot_f32(q, cents[c])
+            nf += 1
+    scanned += nf
+    order = np.argsort(-fsc[:nf])
+    for t in range(min(n_probe, nf)):
+        # taper: the t-th best direction gives (n_probe - t) / n_probe of its entry keys
+        n_e = entries.shape[1] * (n_probe - t) // n_probe if taper else entries.shape[1]
+        for e in range(n_e):
+            x = _id(entries, fid[order[t]], e)
             if x < 0 or visited[x] == mark:
                 continue
             visited[x] = mark
@@ -335,7 +415,7 @@ def _search_one(q, keys, graph, cents, entries, n_probe, ef, k, positional, visi
             break
         for t in range(degree + 2 if positional else degree):
             if t < degree:
-                y = graph[x, t]
+                y = _id(graph, x, t)
                 if y < 0:
                     continue
             elif t == degree:
@@ -371,7 +451,8 @@ def _search_one(q, keys, graph, cents, entries, n_probe, ef, k, positional, visi
 
 
 @njit(parallel=True, cache=True)
-def _search_layer(q, keys, graph, cents, entries, n_probe, ef, k, positional, visited, epoch, out_ids, out_scores):
+def _search_layer(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, taper, ef, k, positional,
+                  visited, epoch, out_ids, out_scores):
     """q float32 [KVH, M, D]; keys uint16 [KVH, N, D]; visited int32 [S, N] (S parallel slots).
 
     Tasks (head, query) are dealt to S slots; each slot owns one visited array, marked with a
@@ -383,24 +464,35 @@ def _search_layer(q, keys, graph, cents, entries, n_probe, ef, k, positional, vi
     for slot in prange(S):
         for task in range(slot, n_tasks, S):
             h, i = task // M, task % M
-            scanned[h, i] = _search_one(q[h, i], keys[h], graph[h], cents[h], entries[h], n_probe, ef, k,
-                                        positional, visited[slot], epoch + task, out_ids[h, i], out_scores[h, i])
+            scanned[h, i] = _search_one(q[h, i], keys[h], graph[h], cents[h], entries[h], coarse[h], bounds[h],
+                                        coarse_probe, n_probe, taper, ef, k, positional, visited[slot], epoch + task,
+                                        out_ids[h, i], out_scores[h, i])
     return scanned
 
 
 class GraphLayerIndex:
     """One layer's graphs (one per KV head) over the offloaded keys, searched in parallel.
 
-    keys: fp16 [KVH, N, D] (the store's memory map); graph/cents/entries: this layer's slices."""
+    keys: fp16 [KVH, N, D] (the store's memory map); graph/cents/entries/coarse/bounds: this
+    layer's slices (coarse/bounds None: the centroids form one group, so every one is scored)."""
 
     def __init__(self, keys: np.ndarray, graph: np.ndarray, cents: np.ndarray, entries: np.ndarray,
-                 ef: int = EF, n_probe: int = N_PROBE, slots: int | None = None, positional: bool = True):
+                 coarse: np.ndarray | None = None, bounds: np.ndarray | None = None, ef: int = EF,
+                 n_probe: int = N_PROBE, coarse_probe: int = COARSE_PROBE, slots: int | None = None,
+                 positional: bool = True, taper: bool = TAPER):
         if keys.dtype != np.float16:
             raise ValueError("the graph index reads fp16 keys; this store keeps its KV as " + str(keys.dtype))
         # plain ndarray views (numba does not take np.memmap); nothing is copied or read here
         self.keys = np.asarray(keys).view(np.uint16)
-        self.graph, self.cents, self.entries = np.asarray(graph), np.asarray(cents), np.asarray(entries)
-        self.ef, self.n_probe, self.positional = ef, n_probe, positional
+        # graph/entries: packed (the index files) or int32 (a graph built in memory, packed here)
+        pack = lambda a: np.asarray(a) if np.asarray(a).dtype == np.uint8 else pack_ids(a)
+        self.graph, self.cents, self.entries = pack(graph), np.asarray(cents), pack(entries)
+        KVH, C, D = self.cents.shape
+        if coarse is None:  # one group holding every centroid: the search scores them all
+            coarse = np.zeros((KVH, 1, D), np.float32)
+            bounds = np.tile(np.array([0, C], np.int32), (KVH, 1))
+        self.coarse, self.bounds = np.asarray(coarse), np.asarray(bounds)
+        self.ef, self.n_probe, self.coarse_probe, self.positional, self.taper = ef, n_probe, coarse_probe, positional, taper
         self.visited = np.zeros((slots or max(1, numba.get_num_threads()), keys.shape[1]), np.int32)
         self.epoch = 1
         self.scanned = 0   # vectors scored since creation (keys + centroids), for benchmarks
@@ -414,8 +506,9 @@ class GraphLayerIndex:
             self.epoch = 1
         ids = np.empty((KVH, M, k), np.int32)
         scores = np.empty((KVH, M, k), np.float32)
-        n = _search_layer(q, self.keys, self.graph, self.cents, self.entries, self.n_probe, max(self.ef, k), k,
-                          self.positional, self.visited, self.epoch, ids, scores)
+        n = _search_layer(q, self.keys, self.graph, self.cents, self.entries, self.coarse, self.bounds,
+                          self.coarse_probe, self.n_probe, self.taper, max(self.ef, k), k, self.positional, self.visited,
+                          self.epoch, ids, scores)
         self.epoch += KVH * M
         self.scanned += int(n.sum())
         self.searched += KVH * M
@@ -425,37 +518,46 @@ class GraphLayerIndex:
 # ----------------------------------------------------------------------------- store glue
 
 def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, progress=None,
-                    degree: int = DEGREE, fan: int = FAN, n_clusters: int = N_CLUSTERS, n_entry: int = N_ENTRY,
-                    key_degree: int = KEY_DEGREE) -> None:
-    """Write graph.npy / centroids.npy / entries.npy into the (temporary) index directory `out`.
+                    degree: int = DEGREE, fan: int = FAN, n_clusters: int | None = None, n_entry: int = N_ENTRY,
+                    key_degree: int = KEY_DEGREE, n_coarse: int = N_COARSE) -> None:
+    """Write graph.npy / centroids.npy / entries.npy / coarse.npy / bounds.npy into the (temporary)
+    index directory `out`.
 
     offloaded_keys(layer) -> fp16 [KVH, N, D]; build_queries(layer) -> [KVH, m, D] (the prefill
     queries of each KV head's query heads, stacked)."""
     first = offloaded_keys(0)
     KVH, N, D = first.shape
-    graph = np.lib.format.open_memmap(out / "graph.npy", mode="w+", dtype=np.int32, shape=(n_layers, KVH, N, degree))
-    cents = np.lib.format.open_memmap(out / "centroids.npy", mode="w+", dtype=np.float32,
-                                      shape=(n_layers, KVH, n_clusters, D))
-    entries = np.lib.format.open_memmap(out / "entries.npy", mode="w+", dtype=np.int32,
-                                        shape=(n_layers, KVH, n_clusters, n_entry))
+    arrays = {}
+    if N >= 0xFFFFFF:
+        raise ValueError("the graph index holds at most 16,777,214 keys per head")
+    n_clusters = n_clusters or n_clusters_for(N)
+    for name, dtype, shape in [("graph", np.uint8, (N, degree, 3)), ("centroids", np.float32, (n_clusters, D)),
+                               ("entries", np.uint8, (n_clusters, n_entry, 3)), ("coarse", np.float32, (n_coarse, D)),
+                               ("bounds", np.int32, (n_coarse + 1,))]:
+        arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=dtype,
+                                                 shape=(n_layers, KVH) + shape)
+    names = ("graph", "centroids", "entries", "coarse", "bounds")  # build_head's order
     for layer in range(n_layers):
         keys = first if layer == 0 else offloaded_keys(layer)
         qs = build_queries(layer)
         for h in range(KVH):
-            graph[layer, h], cents[layer, h], entries[layer, h] = build_head(keys[h], qs[h], degree, fan, n_clusters,
-                                                                             n_entry, key_degree, out)
+            parts = build_head(keys[h], qs[h], degree, fan, n_clusters, n_entry, key_degree, out, n_coarse=n_coarse)
+            for name, part in zip(names, parts):
+                arrays[name][layer, h] = pack_ids(part) if name in ("graph", "entries") else part
         if progress:
             progress(layer + 1, n_layers)
-    for a in (graph, cents, entries):
+    for a in arrays.values():
         a.flush()
     (out / "index.json").write_text(json.dumps({"kind": "graph", "degree": degree, "key_degree": key_degree,
-                                                "fan": fan, "clusters": n_clusters, "entries": n_entry}))
+                                                "fan": fan, "clusters": n_clusters, "coarse": n_coarse,
+                                                "entries": n_entry}))
 
 
 def open_graph_layer(index_dir: Path, layer: int, keys: np.ndarray, ef: int = EF, n_probe: int = N_PROBE):
     """keys: this layer's offloaded fp16 keys [KVH, N, D] (a view of the store's memory map)."""
     load = lambda name: np.load(index_dir / name, mmap_mode="r", allow_pickle=False)[layer]
-    return GraphLayerIndex(keys, load("graph.npy"), load("centroids.npy"), load("entries.npy"), ef, n_probe)
+    return GraphLayerIndex(keys, load("graph.npy"), load("centroids.npy"), load("entries.npy"), load("coarse.npy"),
+                           load("bounds.npy"), ef=ef, n_probe=n_probe)
 
 
 def set_threads() -> None:

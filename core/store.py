@@ -13,7 +13,7 @@ Layout under the data directory ($RA_HOME, default the platform's user cache dir
     queries.npy    fp16 [L, Hq, Q, D]    a strided sample of prefill queries (for query-aware indexes;
                                          rotated to the global distance for a long document)
     query_positions.npy int32 [Q]
-    indexes/<kind>-s<sink>-r<recent>/    index over the offloaded range (see core/index.py)
+    indexes/<kind>[.vN]-s<sink>-r<recent>/  index over the offloaded range (see core/index.py)
   store/tmp/       entries and indexes being written; renamed into place only when complete
   store/locks/     one file lock per key, so two processes never build the same entry twice
 
@@ -40,6 +40,9 @@ import numpy as np
 from filelock import FileLock
 
 FORMAT_VERSION = 1
+# bumped when an index kind's files change: a directory of the older layout is then not opened
+# (the new one is built beside it). graph .v2: grouped directions, 24-bit ids (core/graph.py)
+INDEX_FORMATS = {"graph": ".v2"}
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,7 @@ class Entry:
         return q.reshape(self.kv_heads, -1, q.shape[-1])
 
     def index_dir(self, kind: str, sink: int, recent: int) -> Path:
-        return self.path / "indexes" / f"{kind}-s{sink}-r{recent}"
+        return self.path / "indexes" / f"{kind}{INDEX_FORMATS.get(kind, '')}-s{sink}-r{recent}"
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

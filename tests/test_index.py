@@ -1,4 +1,5 @@
 """Indexes return each query's top-k keys and their exact logits; centring keys keeps rankings."""
+import pytest
 import numpy as np
 import torch
 
@@ -99,3 +100,15 @@ def test_graph_refuses_a_float32_store(tmp_path):
     queries = np.zeros((2, 2, 8, 16), np.float32)
     with pytest.raises(ValueError, match="fp16"):
         _graph(tmp_path, keys, queries)
+
+
+def test_packed_ids_round_trip():
+    """The graph files keep ids in 3 bytes: every id a head can hold, and 'none', come back."""
+    from core.graph import pack_ids, unpack_ids
+
+    ids = np.array([[0, 1, 255, 256, 65535, 65536], [2**24 - 2, -1, 7, -1, 123456, 9]], np.int32)
+    packed = pack_ids(ids)
+    assert packed.dtype == np.uint8 and packed.shape == (2, 6, 3)
+    assert (unpack_ids(packed) == ids).all()
+    with pytest.raises(ValueError):
+        pack_ids(np.array([2**24 - 1]))
