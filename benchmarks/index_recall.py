@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--degree", type=int, default=gr.DEGREE)
     ap.add_argument("--fan", type=int, default=gr.FAN)
     ap.add_argument("--clusters", type=int, default=None,
-                    help="query directions (default: core.graph.n_clusters_for(keys), 1,024 at 100K keys)")
+                    help="query directions (default: core.graph.n_clusters_for: 1,024 at 100K keys)")
     ap.add_argument("--coarse", type=int, default=gr.N_COARSE, help="groups of directions")
     ap.add_argument("--entries", type=int, default=gr.N_ENTRY, help="entry keys per direction")
     ap.add_argument("--no-hub-norm", dest="hub_norm", action="store_false",
@@ -327,7 +327,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"SmolLM2-135M keys, {args.keys:,} per KV head ({-(-args.keys // CHUNK)} chunks of {CHUNK}); "
           f"layers {args.layers}; graph built from {args.build_positions} prefill positions x {info['q_heads'] // info['kv_heads']} "
-          f"query heads per KV head (degree {args.degree} of which {args.key_degree} key-key, fan {args.fan}, {args.clusters or gr.n_clusters_for(args.keys)} "
+          f"query heads per KV head (degree {args.degree} of which {args.key_degree} key-key, fan {args.fan}, {args.clusters or 'auto'} "
           f"directions in {args.coarse} groups x {args.entries} entries, probe {args.probe} of {args.coarse_probe} groups); decode queries: {info['question']!r} + answer")
     print(f"prefill of the same {info['keys']:,} tokens (the capture): {info['capture_s']:.0f} s; fp16 K+V: "
           f"{4 * info['head_dim']} bytes/key/head\n")

@@ -177,11 +177,14 @@ class Engine:
 
     def index_kind(self, entry: Entry) -> str:
         """The index for this entry: as asked, or for `auto` exact flat search on short documents
-        and the query-aware graph on long ones (fp16 stores, which are the default)."""
+        and the query-aware graph on long ones (fp16 stores, which are the default). Documents past
+        the model's window (remapped positions) keep exact search: there the graph at its default
+        width missed passcodes exact search finds (2 of whole Alice's 3; BENCHMARKS.md)."""
         if self.s.index != "auto":
             return self.s.index
         a, b = self.split(entry)
-        return "graph" if b - a >= AUTO_GRAPH_MIN_KEYS and entry.keys.dtype == np.float16 else "flat"
+        long = b - a >= AUTO_GRAPH_MIN_KEYS and entry.keys.dtype == np.float16
+        return "graph" if long and not entry.remapped else "flat"
 
     def _build_entry(self, doc: Document, key: StoreKey) -> None:
         from . import longctx

@@ -50,8 +50,9 @@ from numba import njit, prange
 DEGREE = 15        # stored neighbours per key: 45 bytes/key/head (24-bit ids) + entries <= 25% of fp16 K+V
 KEY_DEGREE = 8     # ... of which key-key neighbours (the rest: co-attention partners)
 FAN = 100          # top keys per build query that get projected to edges
-N_CLUSTERS = 1024  # query directions (at most; one per KEYS_PER_CLUSTER keys): the seeds do most of
-KEYS_PER_CLUSTER = 100  # the work and finer directions seed better, but their entry table is fixed-size
+N_CLUSTERS = 1024  # query directions (at most; one per KEYS_PER_CLUSTER keys and per QUERIES_PER_CLUSTER
+KEYS_PER_CLUSTER = 100    # build queries): the seeds do most of the work and finer directions seed
+QUERIES_PER_CLUSTER = 12  # better, but the entry table is fixed-size and each needs queries to vote
 N_COARSE = 32      # groups of directions: a query scores 32 groups + the ~100 directions of 3 of them
 COARSE_PROBE = 3   # groups whose directions a query scores
 N_ENTRY = 512      # entry keys per direction
@@ -217,10 +218,12 @@ def _merge(a, b, degree):
     return out
 
 
-def n_clusters_for(n_keys: int) -> int:
-    """Query directions for a head of n_keys keys: one per KEYS_PER_CLUSTER keys, 64 to N_CLUSTERS,
-    so the direction + entry table stays ~18 bytes per key on short documents too."""
-    return int(min(N_CLUSTERS, max(64, n_keys // KEYS_PER_CLUSTER)))
+def n_clusters_for(n_keys: int, n_queries: int) -> int:
+    """Query directions for a head of n_keys keys and n_queries build queries: one per
+    KEYS_PER_CLUSTER keys (the direction + entry table stays ~18 bytes per key on short documents
+    too) and per QUERIES_PER_CLUSTER queries (an entry table voted by 3-4 queries seeds badly:
+    measured on a whole-book entry kept with 1% of its positions), 64 to N_CLUSTERS."""
+    return int(min(N_CLUSTERS, max(64, min(n_keys // KEYS_PER_CLUSTER, n_queries // QUERIES_PER_CLUSTER))))
 
 
 def grouped_clusters(q: torch.Tensor, n_clusters: int, n_coarse: int):
@@ -246,7 +249,7 @@ def build_head(keys: np.ndarray, queries: np.ndarray, degree: int = DEGREE, fan:
                tmp: Path | None = None, hub_norm: bool = True, n_coarse: int = N_COARSE):
     """keys fp16/fp32 [N, D], build queries [m, D] -> (graph [N, degree], centroids [C, D],
     entries [C, n_entry], coarse [C2, D], bounds [C2 + 1]) (see grouped_clusters; C defaults to
-    n_clusters_for(N)).
+    n_clusters_for(N, m)).
 
     key_degree > 0: that many of the degree slots go to key-key neighbours (see key_graph)."""
     if len(queries) == 0:
@@ -259,7 +262,7 @@ def build_head(keys: np.ndarray, queries: np.ndarray, degree: int = DEGREE, fan:
     graph = _project(lists, n, degree - key_degree, hub_norm)
     if key_degree > 0:
         graph = _merge(graph, key_graph(k32.numpy(), key_degree, tmp or Path("/tmp")), degree)
-    n_clusters = n_clusters or n_clusters_for(n)
+    n_clusters = n_clusters or n_clusters_for(n, len(queries))
     cents, assign, coarse, bounds = grouped_clusters(q32, n_clusters, n_coarse)
     entries = _entries(lists, assign.numpy(), n_clusters, n_entry)
     return graph, cents.numpy().astype(np.float32), entries, coarse.numpy().astype(np.float32), bounds
@@ -530,7 +533,7 @@ def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, pro
     arrays = {}
     if N >= 0xFFFFFF:
         raise ValueError("the graph index holds at most 16,777,214 keys per head")
-    n_clusters = n_clusters or n_clusters_for(N)
+    n_clusters = n_clusters or n_clusters_for(N, build_queries(0).shape[1])
     for name, dtype, shape in [("graph", np.uint8, (N, degree, 3)), ("centroids", np.float32, (n_clusters, D)),
                                ("entries", np.uint8, (n_clusters, n_entry, 3)), ("coarse", np.float32, (n_coarse, D)),
                                ("bounds", np.int32, (n_coarse + 1,))]:

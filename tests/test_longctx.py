@@ -232,6 +232,16 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
     # a second question is a cache hit: nothing is prefilled again
     assert engine.prepare(doc).cache_hit
+    # `--index auto` keeps exact search past the window even where it would pick the graph: the
+    # same entry seen as fp16 with the key threshold at 1 is still flat; not remapped, it is graph
+    import types
+
+    import core.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "AUTO_GRAPH_MIN_KEYS", 1)
+    e = prepared.entry
+    as16 = lambda remapped: types.SimpleNamespace(remapped=remapped, keys=np.zeros(1, np.float16), split=e.split)
+    assert engine.index_kind(as16(True)) == "flat" and engine.index_kind(as16(False)) == "graph"
 
 
 @pytest.fixture(scope="module")
