@@ -44,6 +44,8 @@ step ruler python benchmarks/accuracy.py ruler --home "$OUT/acc_home" --jsonl "$
 step qa python benchmarks/accuracy.py qa --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --lengths 2000,4000,7500 --seeds 1 --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
+step needle_graph_7500 python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 --indexes flat,graph \
+    --home "$OUT/acc_home" --jsonl "$OUT/needle_graph_7500.jsonl"
 
 # the query-aware index and decode latency vs length (KV captured from real text past 8K)
 step index_recall python benchmarks/index_recall.py --work "$OUT/index_recall" --plot benchmarks/index_recall.png
