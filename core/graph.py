@@ -56,8 +56,8 @@ QUERIES_PER_CLUSTER = 12  # better, but the entry table is fixed-size and each n
 N_COARSE = 32      # groups of directions: a query scores 32 groups + the ~100 directions of 3 of them
 COARSE_PROBE = 3   # groups whose directions a query scores
 N_ENTRY = 512      # entry keys per direction
-N_PROBE = 4        # directions whose entry keys seed a search ...
-TAPER = True       # ... the t-th best giving (N_PROBE - t) / N_PROBE of its entries (512, 384, 256, 128)
+N_PROBE = 4        # directions whose entry keys seed a search, the t-th best giving (N_PROBE - t) / N_PROBE
+                   # of its entries (512, 384, 256, 128; tuned on index_recall.py's capture)
 EF = 175           # search width (the beam); >= k
 
 
@@ -359,7 +359,7 @@ def _dot_f32(q, row):
 
 
 @njit(cache=True)
-def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, taper, ef, k, positional,
+def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, ef, k, positional,
                 visited, mark, out_ids, out_scores):
     """Best-first search for one query q [D] over one head. Returns the number of vectors scored."""
     n, degree = graph.shape[0], graph.shape[1]
@@ -394,8 +394,8 @@ def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_
     scanned += nf
     order = np.argsort(-fsc[:nf])
     for t in range(min(n_probe, nf)):
-        # taper: the t-th best direction gives (n_probe - t) / n_probe of its entry keys
-        n_e = entries.shape[1] * (n_probe - t) // n_probe if taper else entries.shape[1]
+        # the t-th best direction gives (n_probe - t) / n_probe of its entry keys
+        n_e = entries.shape[1] * (n_probe - t) // n_probe
         for e in range(n_e):
             x = _id(entries, fid[order[t]], e)
             if x < 0 or visited[x] == mark:
@@ -454,7 +454,7 @@ def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_
 
 
 @njit(parallel=True, cache=True)
-def _search_layer(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, taper, ef, k, positional,
+def _search_layer(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, ef, k, positional,
                   visited, epoch, out_ids, out_scores):
     """q float32 [KVH, M, D]; keys uint16 [KVH, N, D]; visited int32 [S, N] (S parallel slots).
 
@@ -468,7 +468,7 @@ def _search_layer(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, 
         for task in range(slot, n_tasks, S):
             h, i = task // M, task % M
             scanned[h, i] = _search_one(q[h, i], keys[h], graph[h], cents[h], entries[h], coarse[h], bounds[h],
-                                        coarse_probe, n_probe, taper, ef, k, positional, visited[slot], epoch + task,
+                                        coarse_probe, n_probe, ef, k, positional, visited[slot], epoch + task,
                                         out_ids[h, i], out_scores[h, i])
     return scanned
 
@@ -482,20 +482,20 @@ class GraphLayerIndex:
     def __init__(self, keys: np.ndarray, graph: np.ndarray, cents: np.ndarray, entries: np.ndarray,
                  coarse: np.ndarray | None = None, bounds: np.ndarray | None = None, ef: int = EF,
                  n_probe: int = N_PROBE, coarse_probe: int = COARSE_PROBE, slots: int | None = None,
-                 positional: bool = True, taper: bool = TAPER):
+                 positional: bool = True):
         if keys.dtype != np.float16:
             raise ValueError("the graph index reads fp16 keys; this store keeps its KV as " + str(keys.dtype))
         # plain ndarray views (numba does not take np.memmap); nothing is copied or read here
         self.keys = np.asarray(keys).view(np.uint16)
         # graph/entries: packed (the index files) or int32 (a graph built in memory, packed here)
-        pack = lambda a: np.asarray(a) if np.asarray(a).dtype == np.uint8 else pack_ids(a)
-        self.graph, self.cents, self.entries = pack(graph), np.asarray(cents), pack(entries)
+        pack = lambda a: a if a.dtype == np.uint8 else pack_ids(a)
+        self.graph, self.cents, self.entries = pack(np.asarray(graph)), np.asarray(cents), pack(np.asarray(entries))
         KVH, C, D = self.cents.shape
         if coarse is None:  # one group holding every centroid: the search scores them all
             coarse = np.zeros((KVH, 1, D), np.float32)
             bounds = np.tile(np.array([0, C], np.int32), (KVH, 1))
         self.coarse, self.bounds = np.asarray(coarse), np.asarray(bounds)
-        self.ef, self.n_probe, self.coarse_probe, self.positional, self.taper = ef, n_probe, coarse_probe, positional, taper
+        self.ef, self.n_probe, self.coarse_probe, self.positional = ef, n_probe, coarse_probe, positional
         self.visited = np.zeros((slots or max(1, numba.get_num_threads()), keys.shape[1]), np.int32)
         self.epoch = 1
         self.scanned = 0   # vectors scored since creation (keys + centroids), for benchmarks
@@ -510,7 +510,7 @@ class GraphLayerIndex:
         ids = np.empty((KVH, M, k), np.int32)
         scores = np.empty((KVH, M, k), np.float32)
         n = _search_layer(q, self.keys, self.graph, self.cents, self.entries, self.coarse, self.bounds,
-                          self.coarse_probe, self.n_probe, self.taper, max(self.ef, k), k, self.positional, self.visited,
+                          self.coarse_probe, self.n_probe, max(self.ef, k), k, self.positional, self.visited,
                           self.epoch, ids, scores)
         self.epoch += KVH * M
         self.scanned += int(n.sum())
@@ -533,7 +533,8 @@ def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, pro
     arrays = {}
     if N >= 0xFFFFFF:
         raise ValueError("the graph index holds at most 16,777,214 keys per head")
-    n_clusters = n_clusters or n_clusters_for(N, build_queries(0).shape[1])
+    first_qs = build_queries(0)
+    n_clusters = n_clusters or n_clusters_for(N, first_qs.shape[1])
     for name, dtype, shape in [("graph", np.uint8, (N, degree, 3)), ("centroids", np.float32, (n_clusters, D)),
                                ("entries", np.uint8, (n_clusters, n_entry, 3)), ("coarse", np.float32, (n_coarse, D)),
                                ("bounds", np.int32, (n_coarse + 1,))]:
@@ -542,7 +543,7 @@ def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, pro
     names = ("graph", "centroids", "entries", "coarse", "bounds")  # build_head's order
     for layer in range(n_layers):
         keys = first if layer == 0 else offloaded_keys(layer)
-        qs = build_queries(layer)
+        qs = first_qs if layer == 0 else build_queries(layer)
         for h in range(KVH):
             parts = build_head(keys[h], qs[h], degree, fan, n_clusters, n_entry, key_degree, out, n_coarse=n_coarse)
             for name, part in zip(names, parts):
