@@ -5,7 +5,7 @@ BENCHMARKS.md can be reproduced.
     python benchmarks/long_context_probe.py --distance 1024 frankenstein:whole:10 frankenstein:64000:50
     python benchmarks/long_context_probe.py --spans 8 frankenstein:whole:10
 
-Cases are book:length:depth as long_context.py names them (seed 0) and must already be in --home
+Cases are book:length:depth[:seed] as long_context.py makes them (seed 0 unless given) and must already be in --home
 (default bench_out/long_home, filled by long_context.py): a case that is not is skipped, so the
 prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the decode changes.
 --distance N: retrieved and sink keys attended at distance N instead of DISTANCE (the keys are
@@ -13,6 +13,9 @@ prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the 
 --ordered: each head's top-k keys (ranked at DISTANCE, as shipped) attended at distances that keep
   their document order: the earliest at DISTANCE + k - 1 ... the latest at DISTANCE, the sinks at
   DISTANCE + k (so a retrieved sentence reads in order, as if contiguous).
+--recall EF[,EF..]: answer as shipped with the graph index (built if missing) and report, for every
+  decode query, the graph's recall of the exact top-k at each search width EF (issue 5's measure on
+  a remapped entry).
 --spans M: instead of each head's top-k keys, every key of its top-M 64-key spans ranked by
   q_glob . (mean pre-RoPE key of the span), as InfLLM's block memory does.
 """
@@ -82,12 +85,41 @@ def ordered_attend(self, query, key, value, scale, spread: int = 1):
     return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 
+def recall_attend(efs: list[int], out: list):
+    """A RemappedRetrievalLayer.attend that first measures the graph index's recall (probe only)."""
+    from core.index import FlatLayerIndex
+
+    shipped = longctx.RemappedRetrievalLayer.attend
+
+    def attend(self, query, key, value, scale):
+        _, Hq, T, D = query.shape
+        KVH = key.shape[1]
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
+        L = self.get_seq_length()
+        q_glob = self.rope.rotate(q, longctx.DISTANCE - torch.arange(L - T, L)).reshape(KVH, -1, D)
+        k = min(self.top_k, self.n_offloaded)
+        if not hasattr(self, "flat"):
+            self.flat = FlatLayerIndex(self.offloaded.k.float())
+        exact = self.flat.search(q_glob, k)[0]                                   # [KVH, M, k]
+        ef0, row = self.index.ef, []
+        for ef in efs:
+            self.index.ef = ef
+            got = self.index.search(q_glob, k)[0]
+            hit = (got[..., :, None] == exact[..., None, :]).any(-1).float().mean().item()
+            row.append(hit)
+        self.index.ef = ef0
+        out.append(row)
+        return shipped(self, query, key, value, scale)
+    return attend
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="+")
     ap.add_argument("--distance", type=int, default=longctx.DISTANCE)
     ap.add_argument("--spans", type=int, default=0)
     ap.add_argument("--ordered", action="store_true")
+    ap.add_argument("--recall", default="", help="search widths, e.g. 175,1000 (graph index recall)")
     ap.add_argument("--check", action="store_true",
                     help="instead of probing: run --ordered's code with every distance = DISTANCE beside the "
                          "shipped attend on the first case and print their largest relative difference")
@@ -97,12 +129,13 @@ def main() -> None:
     from core.documents import Document
 
     engine = make_engine(Path(args.home))
-    engine.s.max_tokens, engine.s.index, engine.s.top_k = 32, "flat", args.top_k
+    engine.s.max_tokens, engine.s.index, engine.s.top_k = 32, "graph" if args.recall else "flat", args.top_k
+    efs = [int(x) for x in args.recall.split(",")] if args.recall else []
     passed = 0
     for case in args.cases:
-        book, length, d = case.split(":")
-        hay = cut(engine.tokenizer, book_text(book), None if length == "whole" else int(length), 0)
-        text, c = needle(hay, book, length, int(d), 0)
+        book, length, d, seed = (case.split(":") + ["0"])[:4]
+        hay = cut(engine.tokenizer, book_text(book), None if length == "whole" else int(length), int(seed))
+        text, c = needle(hay, book, length, int(d), int(seed))
         doc = Document(text=text, name=case, kind="text")
         saved = longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend
         try:
@@ -123,7 +156,10 @@ def main() -> None:
                 print(f"{case}: ordered code at one distance vs the shipped attend, {len(diffs)} calls: "
                       f"largest relative difference {max(diffs):.1e}")
                 return
-            if args.spans:
+            recalls: list = []
+            if args.recall:
+                longctx.RemappedRetrievalLayer.attend = recall_attend(efs, recalls)
+            elif args.spans:
                 longctx.RemappedRetrievalLayer.attend = span_attend(args.spans)
             elif args.ordered:
                 longctx.RemappedRetrievalLayer.attend = ordered_attend
@@ -133,6 +169,10 @@ def main() -> None:
             longctx.DISTANCE, longctx.RemappedRetrievalLayer.attend = saved
         ok = c in a
         passed += ok
+        if recalls:
+            r = torch.tensor(recalls)  # [layer calls, widths]
+            print(f"{case} graph recall@{args.top_k} over {len(recalls)} layer calls: " + ", ".join(
+                f"ef={ef} {m:.3f} (worst layer call {w:.3f})" for ef, m, w in zip(efs, r.mean(0), r.min(0).values)))
         print(f"{case} distance={args.distance} spans={args.spans} ordered={args.ordered} k={args.top_k}: {'PASS' if ok else 'fail'} "
               f"{a[:60]!r} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(f"{passed}/{len(args.cases)} passed")
