@@ -10,9 +10,8 @@ Cases are book:length:depth[:seed] as long_context.py makes them (seed 0 unless 
 prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the decode changes.
 --distance N: retrieved and sink keys attended at distance N instead of DISTANCE (the keys are
   stored pre-RoPE, so the decode may pick any distance; the exact flat index ranks in that frame).
---ordered: each head's top-k keys (ranked at DISTANCE, as shipped) attended at distances that keep
-  their document order: the earliest at DISTANCE + k - 1 ... the latest at DISTANCE, the sinks at
-  DISTANCE + k (so a retrieved sentence reads in order, as if contiguous).
+--shared: every retrieved key and the sinks attended at DISTANCE, as the prefill does (the decode
+  before retrieved keys were ordered; the shipped decode places them in document order beyond DISTANCE).
 --recall EF[,EF..]: answer as shipped with the graph index (built if missing) and report, for every
   decode query, the graph's recall of the exact top-k at each search width EF (issue 5's measure on
   a remapped entry).
@@ -61,27 +60,18 @@ def span_attend(n_spans: int):
     return attend
 
 
-def ordered_attend(self, query, key, value, scale, spread: int = 1):
-    """A RemappedRetrievalLayer.attend with the retrieved keys in document order (probe only).
-    spread=0 puts every retrieved key and the sinks at DISTANCE: the shipped attend (--check)."""
+def shared_attend(self, query, key, value, scale):
+    """A RemappedRetrievalLayer.attend with every retrieved key and the sinks at DISTANCE (probe only)."""
     _, Hq, T, D = query.shape
-    KVH, G = key.shape[1], Hq // key.shape[1]
-    q = query[0].float().reshape(KVH, G, T, D)
+    KVH = key.shape[1]
+    q = query[0].float().reshape(KVH, Hq // KVH, T, D)
     L = self.get_seq_length()
-    pos = torch.arange(L - T, L)
+    q_glob = self.rope.rotate(q, longctx.DISTANCE - torch.arange(L - T, L))
     k = min(self.top_k, self.n_offloaded)
-    ids, _ = self.index.search(self.rope.rotate(q, longctx.DISTANCE - pos).reshape(KVH, -1, D), k)
-    ids = ids.reshape(KVH, G, T, k).sort(-1).values                          # by document position
-    dist = longctx.DISTANCE + spread * (k - 1 - torch.arange(k))             # [k] earliest = farthest
-    cos, sin = self.rope.cos_sin((dist[None, :] - pos[:, None]).reshape(-1))
-    cos, sin = cos.reshape(T, k, D), sin.reshape(T, k, D)
-    qx = q[..., None, :]                                                     # [KVH, G, T, 1, D]
-    q_j = qx * cos + longctx.rotate_half(qx) * sin                           # [KVH, G, T, k, D]
-    h = torch.arange(KVH)[:, None, None, None]
-    s_sel = (q_j * self.offloaded.k[h, ids].float()).sum(-1)                 # [KVH, G, T, k]
-    q_sink = self.rope.rotate(q, longctx.DISTANCE + spread * k - pos)
-    o = longctx.remapped_attention(q, q_sink, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
-                                   s_sel, self.offloaded.v[h, ids].float(), scale)
+    ids, scores = self.index.search(q_glob.reshape(KVH, -1, D), k)
+    v_sel = self.offloaded.gather_values(ids).float().reshape(*q.shape[:3], k, D)
+    o = longctx.remapped_attention(q, q_glob, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
+                                   scores.reshape(*q.shape[:3], k), v_sel, scale)
     return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 
@@ -118,11 +108,8 @@ def main() -> None:
     ap.add_argument("cases", nargs="+")
     ap.add_argument("--distance", type=int, default=longctx.DISTANCE)
     ap.add_argument("--spans", type=int, default=0)
-    ap.add_argument("--ordered", action="store_true")
+    ap.add_argument("--shared", action="store_true")
     ap.add_argument("--recall", default="", help="search widths, e.g. 175,1000 (graph index recall)")
-    ap.add_argument("--check", action="store_true",
-                    help="instead of probing: run --ordered's code with every distance = DISTANCE beside the "
-                         "shipped attend on the first case and print their largest relative difference")
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--home", default="bench_out/long_home")
     args = ap.parse_args()
@@ -144,25 +131,13 @@ def main() -> None:
                 print(f"{case}: was not prefilled; prefilled now at the shipped distance, rerun to probe", flush=True)
                 continue
             longctx.DISTANCE = args.distance
-            if args.check:
-                diffs = []
-
-                def both(self, q, k, v, scale):
-                    a, b = saved[1](self, q, k, v, scale), ordered_attend(self, q, k, v, scale, spread=0)
-                    diffs.append(((a - b).abs().max() / a.abs().max()).item())
-                    return a
-                longctx.RemappedRetrievalLayer.attend = both
-                "".join(engine.ask(p, NEEDLE_QUESTION))
-                print(f"{case}: ordered code at one distance vs the shipped attend, {len(diffs)} calls: "
-                      f"largest relative difference {max(diffs):.1e}")
-                return
             recalls: list = []
             if args.recall:
                 longctx.RemappedRetrievalLayer.attend = recall_attend(efs, recalls)
             elif args.spans:
                 longctx.RemappedRetrievalLayer.attend = span_attend(args.spans)
-            elif args.ordered:
-                longctx.RemappedRetrievalLayer.attend = ordered_attend
+            elif args.shared:
+                longctx.RemappedRetrievalLayer.attend = shared_attend
             t = time.perf_counter()
             a = "".join(engine.ask(p, NEEDLE_QUESTION)).strip()
         finally:
@@ -173,7 +148,7 @@ def main() -> None:
             r = torch.tensor(recalls)  # [layer calls, widths]
             print(f"{case} graph recall@{args.top_k} over {len(recalls)} layer calls: " + ", ".join(
                 f"ef={ef} {m:.3f} (worst layer call {w:.3f})" for ef, m, w in zip(efs, r.mean(0), r.min(0).values)))
-        print(f"{case} distance={args.distance} spans={args.spans} ordered={args.ordered} k={args.top_k}: {'PASS' if ok else 'fail'} "
+        print(f"{case} distance={args.distance} spans={args.spans} shared={args.shared} k={args.top_k}: {'PASS' if ok else 'fail'} "
               f"{a[:60]!r} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(f"{passed}/{len(args.cases)} passed")
 

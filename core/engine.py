@@ -85,6 +85,10 @@ class OffloadedKV:
         """ids: [KVH, M, k] -> v: [KVH, M, k, D] (store dtype, CPU)."""
         return self.v[self.heads, ids]
 
+    def gather_keys(self, ids):
+        """ids: [KVH, M, k] -> k: [KVH, M, k, D] (store dtype, CPU)."""
+        return self.k[self.heads, ids]
+
 
 class Engine:
     def __init__(self, home: Path, settings: Settings | None = None, progress=None, notice=None, loaded=None):
@@ -156,7 +160,7 @@ class Engine:
                     entry = self.store.open(key)
         if entry.remapped:
             self.notice(f"{doc.name}: {entry.n_tokens:,} tokens, past the model's {self.max_positions:,}-token "
-                        f"window: remapped positions (local window + retrieved keys at one distance)")
+                        f"window: remapped positions (local window + retrieved keys beyond a fixed distance)")
         t = time.perf_counter()
         kind = self.index_kind(entry)
         index_dir = entry.ensure_index(self.store, kind, *self.static_sizes(entry),

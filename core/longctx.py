@@ -6,10 +6,16 @@ ever attends to a few keys, so it can lie about where they are, as InfLLM does:
 
   * local keys  - the last LOCAL tokens before the query (and the query's own chunk) - keep their
                   true relative positions;
-  * global keys - the first SINK tokens and the top-k retrieved far keys - are all placed at one
-                  fixed distance DISTANCE before the query.
+  * global keys - the first SINK tokens and the top-k retrieved far keys - are placed just beyond
+                  a fixed distance DISTANCE before the query: during the prefill all at DISTANCE;
+                  when decoding an answer, the k retrieved keys of each head in document order at
+                  DISTANCE + k - 1 (the earliest) ... DISTANCE (the latest), the sinks at
+                  DISTANCE + k, so a retrieved sentence reads as if it were contiguous text.
 
-Every relative distance the model sees is then < LOCAL + chunk <= W, whatever the document length.
+Every relative distance the model sees is then < LOCAL + chunk + k <= W, whatever the document
+length. (Why ordered when decoding: on 15 needles past the window one shared distance and ordered
+distances both found 12, ordered all six whole-book ones; on 8 needles chosen beforehand and held
+out, see BENCHMARKS.md.)
 
 How the fixed distance is computed (RoPE only sees relative positions): a key stored with its
 rotation removed ("pre-RoPE", rotated to position 0) scored against the query rotated to position
@@ -41,9 +47,9 @@ from transformers.cache_utils import DynamicLayer
 from .attention import (RetrievalLayer, attention_from_scores, local_attention, merge_partials, partial_attention,
                         reference_attention)
 
-SINK = 128          # global sink tokens of the prefill (decode uses Settings.sink: at one distance, any split works)
+SINK = 128          # global sink tokens of the prefill (decoding uses Settings.sink)
 LOCAL = 2048        # local window at true positions (FIELD-NOTES: 2048 local + fixed distance 2048 found needles to 38K)
-DISTANCE = 2048     # the one distance every global key is placed at
+DISTANCE = 2048     # prefill: every global key's distance; decoding: the nearest retrieved key's
 PREFILL_TOPK = 512  # far keys retrieved per block of prefill queries, per query head
 BLOCK = 128         # prefill queries sharing one retrieval (their mean global query ranks the far keys)
 SPAN = 64           # far keys are summarised in spans of this many tokens (per-dimension min / max)
@@ -90,13 +96,15 @@ class Rope:
 # ----------------------------------------------------------------------------- the math
 
 def remapped_attention(q, q_glob, k_loc, v_loc, k_sink, v_sink, s_sel, v_sel, scale: float):
-    """Local keys at true positions (causal on the newest T) + sinks + retrieved keys at DISTANCE.
+    """Local keys at true positions (causal on the newest T) + sinks + retrieved keys, both remapped.
 
     q:      [KVH, G, T, D]     queries rotated at their true positions (as the model made them)
-    q_glob: [KVH, G, T, D]     the same queries rotated to position DISTANCE
+    q_glob: [KVH, G, T, D]     the same queries rotated to the sinks' distance (position DISTANCE when
+                               every global key is at DISTANCE)
     k_loc:  [KVH, S, D]        local keys at true positions; the last T are the queries' own
     k_sink: [KVH, Ns, D]       pre-RoPE sink keys (Ns may be 0)
-    s_sel:  [KVH, G, T, K]     q_glob . k_pre logits (unscaled) of K retrieved keys; v_sel [KVH, G, T, K, D]
+    s_sel:  [KVH, G, T, K]     logits (unscaled) of K retrieved keys at their remapped distances
+                               (q_glob . k_pre at DISTANCE, or ordered_scores); v_sel [KVH, G, T, K, D]
     returns [KVH, G, T, D]
     """
     S, T = k_loc.shape[1], q.shape[2]
@@ -110,19 +118,35 @@ def remapped_attention(q, q_glob, k_loc, v_loc, k_sink, v_sink, s_sel, v_sel, sc
     return o
 
 
+def ordered_scores(q, k_sel, pos, rope: Rope):
+    """Logits of each query's K retrieved keys placed in document order before it.
+
+    q: [KVH, G, T, D] at true positions pos [T]; k_sel: [KVH, G, T, K, D] pre-RoPE, sorted by
+    document position. Key j sits DISTANCE + K - 1 - j tokens before its query (the earliest
+    farthest). Rotating the query by (distance - pos) equals rotating the key to pos - distance.
+    returns [KVH, G, T, K] (unscaled)"""
+    T, K, D = q.shape[2], k_sel.shape[3], q.shape[3]
+    dist = DISTANCE + K - 1 - torch.arange(K, device=q.device)                   # [K]
+    cos, sin = rope.cos_sin((dist[None, :] - pos[:, None]).reshape(-1))
+    cos, sin = cos.reshape(T, K, D), sin.reshape(T, K, D)
+    qx = q[..., None, :]                                                         # [KVH, G, T, 1, D]
+    return ((qx * cos + rotate_half(qx) * sin) * k_sel).sum(-1)
+
+
 def remapped_reference(q, pos, k_loc, v_loc, loc_pos, k_glob_pre, v_glob, rope: Rope, scale: float,
-                       distance: int | None = None):
+                       distance=None):
     """Naive reference: one softmax per query over local keys (true positions, causal) and global
     keys rotated to position pos - distance. Builds every key explicitly, per query.
 
     q: [H, T, D] at positions pos [T]; k_loc: [H, S, D] at loc_pos [S]; k_glob_pre: [H, T, K, D]
-    (each query's own global set, pre-RoPE). returns [H, T, D]"""
-    distance = DISTANCE if distance is None else distance
+    (each query's own global set, pre-RoPE); distance: one int (default DISTANCE) or a [K] tensor,
+    one distance per global key. returns [H, T, D]"""
+    distance = torch.as_tensor(DISTANCE if distance is None else distance).expand(k_glob_pre.shape[2])
     out = torch.empty_like(q)
     for t in range(q.shape[1]):
         p = int(pos[t])
         vis = loc_pos <= p
-        kg = rope.rotate(k_glob_pre[:, t], torch.full((k_glob_pre.shape[2],), p - distance))
+        kg = rope.rotate(k_glob_pre[:, t], p - distance)
         keys = torch.cat([k_loc[:, vis], kg], dim=1)
         vals = torch.cat([v_loc[:, vis], v_glob[:, t]], dim=1)
         out[:, t] = reference_attention(q[:, t:t + 1], keys, vals, scale)[:, 0]
@@ -274,8 +298,10 @@ class RemappedRetrievalLayer(RetrievalLayer):
     """RetrievalLayer for a long document's entry (pre-RoPE keys in the store).
 
     keys/values (inherited) hold the local window: the document's last `recent` tokens rotated
-    back to their true positions, then every new token. The sinks are kept pre-RoPE; sinks and the
-    offloaded middle are attended at DISTANCE, the index searched with the global query.
+    back to their true positions, then every new token. The sinks are kept pre-RoPE. The index is
+    searched with the global query (every key at DISTANCE: the frame it was built in); the top-k
+    it returns are then attended in document order just beyond DISTANCE and the sinks beyond them
+    (ordered_scores).
     """
 
     def __init__(self, local_k, local_v, sink_k, sink_v, offloaded, index, top_k: int, n_prefix: int, rope: Rope):
@@ -292,16 +318,18 @@ class RemappedRetrievalLayer(RetrievalLayer):
         KVH = key.shape[1]
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)
         pos = torch.arange(self.get_seq_length() - T, self.get_seq_length(), device=q.device)
-        q_glob = self.rope.rotate(q, DISTANCE - pos)
         k = min(self.top_k, self.n_offloaded)
         if k > 0:
-            ids, scores = self.index.search(q_glob.reshape(KVH, -1, D), k)  # [KVH, G*T, k]
+            ids, _ = self.index.search(self.rope.rotate(q, DISTANCE - pos).reshape(KVH, -1, D), k)  # [KVH, G*T, k]
+            ids = ids.sort(dim=-1).values  # document order
             self.last_retrieved = ids
-            s_sel = scores.to(q.device).reshape(*q.shape[:3], k)
+            k_sel = self.offloaded.gather_keys(ids).to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
+            s_sel = ordered_scores(q, k_sel, pos, self.rope)
             v_sel = self.offloaded.gather_values(ids).to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
         else:
             s_sel, v_sel = q.new_zeros(*q.shape[:3], 0), q.new_zeros(*q.shape[:3], 0, D)
-        o = remapped_attention(q, q_glob, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
+        q_sink = self.rope.rotate(q, DISTANCE + k - pos)  # the sinks just beyond the farthest retrieved key
+        o = remapped_attention(q, q_sink, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
                                s_sel, v_sel, scale)
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 

@@ -69,27 +69,35 @@ def test_remapped_attention_equals_one_softmax_at_virtual_positions(tiny):
         assert torch.allclose(fast[h], ref, atol=1e-5)
 
 
-def test_decode_layer_with_k_covering_everything_equals_reference(tiny):
-    """RemappedRetrievalLayer (flat index over the offloaded middle, k = all of it) == one softmax."""
+@pytest.mark.parametrize("top_k", [1000, 10])
+def test_decode_layer_equals_reference(tiny, top_k):
+    """RemappedRetrievalLayer (flat index over the offloaded middle) == one softmax over the sinks,
+    the local window and the exact top-k (all of the middle for k = 1000), at their distances."""
     rope = Rope(tiny)
     KVH, G, D, n, a, b = 2, 2, 16, 40, 4, 30  # sinks [0, 4), offloaded [4, 30), local [30, 40)
     k_pre, v = torch.randn(KVH, n, D), torch.randn(KVH, n, D)
     k_loc = rope.rotate(k_pre[:, b:], torch.arange(b, n))
-    off = type("Off", (), {"gather_values": lambda self, ids: v[:, a:b][torch.arange(KVH)[:, None, None], ids]})()
+    h3 = torch.arange(KVH)[:, None, None]
+    off = type("Off", (), {"gather_values": lambda self, ids: v[:, a:b][h3, ids],
+                           "gather_keys": lambda self, ids: k_pre[:, a:b][h3, ids]})()
     layer = RemappedRetrievalLayer(k_loc[None], v[:, b:][None], k_pre[:, :a], v[:, :a], off,
-                                   FlatLayerIndex(k_pre[:, a:b].contiguous()), 1000, n, rope)
+                                   FlatLayerIndex(k_pre[:, a:b].contiguous()), top_k, n, rope)
     q_pre, k_new, v_new = torch.randn(KVH * G, 1, D), torch.randn(KVH, 1, D), torch.randn(KVH, 1, D)
     k_new_post = rope.rotate(k_new, torch.tensor([n]))
     key, value = layer.update(k_new_post[None], v_new[None])
     q = rope.rotate(q_pre, torch.tensor([n]))
     out = layer.attend(q[None], key, value, 0.25)[0].transpose(0, 1)  # [Hq, 1, D]
     loc_pos = torch.arange(b, n + 1)
+    K = min(top_k, b - a)  # the retrieved keys in document order just beyond DISTANCE, the sinks beyond them
+    dist = torch.cat([torch.full((a,), longctx.DISTANCE + K), longctx.DISTANCE + K - 1 - torch.arange(K)])
+    q_glob = rope.rotate(q, torch.tensor([longctx.DISTANCE - n]))  # the frame the index ranks in
     for h in range(KVH * G):
         kv = h // G
-        glob_k = torch.cat([k_pre[kv, :a], k_pre[kv, a:b]])[None, None]
-        glob_v = torch.cat([v[kv, :a], v[kv, a:b]])[None, None]
+        picked = a + (k_pre[kv, a:b] @ q_glob[h, 0]).topk(K).indices.sort().values  # exact top-k, in order
+        glob_k = torch.cat([k_pre[kv, :a], k_pre[kv, picked]])[None, None]
+        glob_v = torch.cat([v[kv, :a], v[kv, picked]])[None, None]
         ref = remapped_reference(q[h][None], torch.tensor([n]), key[0, kv][None], value[0, kv][None], loc_pos,
-                                 glob_k, glob_v, rope, 0.25)
+                                 glob_k, glob_v, rope, 0.25, distance=dist)
         assert torch.allclose(out[h], ref[0], atol=1e-5)
 
 
@@ -118,12 +126,15 @@ class _Writer:
 
 class _DenseRemapLayer(DynamicLayer):
     """The naive reference of LongPrefillLayer: keeps every key; each query attends to its chunk's
-    local window at true positions and to every earlier key at DISTANCE (no retrieval cut)."""
+    local window at true positions and to every earlier key at DISTANCE (no retrieval cut). Past
+    the prefix (decoding), as RemappedRetrievalLayer with k covering every key: the offloaded keys
+    [decode_sink, decode_lo) in document order from DISTANCE on, the sinks just beyond them."""
 
-    def __init__(self, rope, writer, layer, n_prefix=None, decode_lo=None):
+    def __init__(self, rope, writer, layer, n_prefix=None, decode_lo=None, decode_sink=None):
         super().__init__()
         self.rope, self.writer, self.layer = rope, writer, layer
         self.n_prefix, self.decode_lo = n_prefix, decode_lo  # tokens past the prefix: local = [decode_lo, p]
+        self.decode_sink = decode_sink
         self.all_k = self.all_v = None
         self.start = 0
 
@@ -148,8 +159,11 @@ class _DenseRemapLayer(DynamicLayer):
         G, s = Hq // KVH, self.start
         n = s + T
         lo = 0 if n <= longctx.SINK + longctx.LOCAL or s < longctx.SINK else max(longctx.SINK, s - longctx.LOCAL)
+        dist = None  # every global key at DISTANCE
         if self.n_prefix is not None and s >= self.n_prefix:
-            lo = self.decode_lo
+            lo, a = self.decode_lo, self.decode_sink
+            K = lo - a
+            dist = torch.cat([torch.full((a,), longctx.DISTANCE + K), longctx.DISTANCE + K - 1 - torch.arange(K)])
         pos = torch.arange(s, n)
         k_pre = self.rope.rotate(key[0], -torch.arange(n))
         out = torch.empty(Hq, T, D)
@@ -157,7 +171,7 @@ class _DenseRemapLayer(DynamicLayer):
             kv = h // G
             ref = remapped_reference(query[0, h][None], pos, key[0, kv, lo:][None], value[0, kv, lo:][None],
                                      torch.arange(lo, n), k_pre[kv, :lo][None, None].expand(1, T, lo, D),
-                                     value[0, kv, :lo][None, None].expand(1, T, lo, D), self.rope, scale)
+                                     value[0, kv, :lo][None, None].expand(1, T, lo, D), self.rope, scale, dist)
             out[h] = ref[0]
         return out.transpose(0, 1)[None]
 
@@ -219,7 +233,7 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
 
     prefix = build_prefix(tok, doc).ids
     q = question_ids(tok, "Where did the White Rabbit go?") + stats.answer_ids
-    cache = RetrievalCache([_DenseRemapLayer(Rope(model), None, i, n, b) for i in range(2)])
+    cache = RetrievalCache([_DenseRemapLayer(Rope(model), None, i, n, b, a) for i in range(2)])
     with torch.inference_mode():
         for st in range(0, n, 40):
             x = torch.from_numpy(prefix[st:st + 40].astype(np.int64))[None]
