@@ -12,7 +12,7 @@ prefill always ran at the shipped distance (core/longctx.DISTANCE) and only the 
   stored pre-RoPE, so the decode may pick any distance; the exact flat index ranks in that frame).
 --shared: every retrieved key and the sinks attended at DISTANCE, as the prefill does (the decode
   before retrieved keys were ordered; the shipped decode places them in document order beyond DISTANCE).
---recall EF[,EF..]: answer as shipped with the graph index (built if missing) and report, for every
+--recall EF[,EF..]: answer with the graph index (built if missing; with --shared at one distance) and report, for every
   decode query, the graph's recall of the exact top-k at each search width EF (issue 5's measure on
   a remapped entry).
 --spans M: instead of each head's top-k keys, every key of its top-M 64-key spans ranked by
@@ -75,11 +75,10 @@ def shared_attend(self, query, key, value, scale):
     return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 
-def recall_attend(efs: list[int], out: list):
-    """A RemappedRetrievalLayer.attend that first measures the graph index's recall (probe only)."""
+def recall_attend(efs: list[int], out: list, base):
+    """A RemappedRetrievalLayer.attend that first measures the graph index's recall, then attends
+    as `base` does (probe only)."""
     from core.index import FlatLayerIndex
-
-    shipped = longctx.RemappedRetrievalLayer.attend
 
     def attend(self, query, key, value, scale):
         _, Hq, T, D = query.shape
@@ -99,7 +98,7 @@ def recall_attend(efs: list[int], out: list):
             row.append(hit)
         self.index.ef = ef0
         out.append(row)
-        return shipped(self, query, key, value, scale)
+        return base(self, query, key, value, scale)
     return attend
 
 
@@ -133,7 +132,8 @@ def main() -> None:
             longctx.DISTANCE = args.distance
             recalls: list = []
             if args.recall:
-                longctx.RemappedRetrievalLayer.attend = recall_attend(efs, recalls)
+                longctx.RemappedRetrievalLayer.attend = recall_attend(efs, recalls, shared_attend if args.shared
+                                                                      else saved[1])
             elif args.spans:
                 longctx.RemappedRetrievalLayer.attend = span_attend(args.spans)
             elif args.shared:

@@ -42,10 +42,8 @@ step sweep python benchmarks/accuracy.py sweep --home "$OUT/acc_home" --lengths 
     --depths 0,75 --jsonl "$OUT/sweep.jsonl"
 step ruler python benchmarks/accuracy.py ruler --home "$OUT/acc_home" --jsonl "$OUT/ruler.jsonl"
 step qa python benchmarks/accuracy.py qa --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
-step needle_graph python benchmarks/accuracy.py needle --lengths 2000,4000,7500 --seeds 1 --indexes flat,graph \
+step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
-step needle_graph_7500 python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 --indexes flat,graph \
-    --home "$OUT/acc_home" --jsonl "$OUT/needle_graph_7500.jsonl"
 
 # the query-aware index and decode latency vs length (KV captured from real text past 8K)
 step index_recall python benchmarks/index_recall.py --work "$OUT/index_recall" --plot benchmarks/index_recall.png
@@ -73,12 +71,22 @@ C="alice:whole:10 alice:whole:50 alice:whole:90 frankenstein:16000:10 frankenste
    frankenstein:32000:10 frankenstein:32000:50 frankenstein:32000:90 frankenstein:64000:10 frankenstein:64000:50
    frankenstein:64000:90 frankenstein:whole:10 frankenstein:whole:50 frankenstein:whole:90"
 for d in 1024 1536 2048; do
-    step "probe_distance_$d" python benchmarks/long_context_probe.py --home "$OUT/long_home" --distance $d $C
+    step "probe_distance_$d" python benchmarks/long_context_probe.py --home "$OUT/long_home" --shared --distance $d $C
 done
-step probe_ordered python benchmarks/long_context_probe.py --home "$OUT/long_home" --ordered $C
+step probe_ordered python benchmarks/long_context_probe.py --home "$OUT/long_home" $C
 step probe_spans python benchmarks/long_context_probe.py --home "$OUT/long_home" --spans 8 \
     frankenstein:64000:10 frankenstein:64000:50 frankenstein:whole:10
-step probe_check python benchmarks/long_context_probe.py --home "$OUT/long_home" --check frankenstein:16000:10
+step probe_recall python benchmarks/long_context_probe.py --home "$OUT/long_home" --shared --recall 175,1000 \
+    alice:whole:10 alice:whole:50 alice:whole:90
+# held-out needles (fixed before they were run): one distance (the prefill's, and the decode before) vs ordered
+H=(--configs ra:100 --home "$OUT/long_home" --jsonl "$OUT/heldout.jsonl")
+step heldout_16k32k python benchmarks/long_context.py needle --book sherlock --lengths 16000,32000 --depths 25,75 "${H[@]}"
+step heldout_alice python benchmarks/long_context.py needle --book alice --lengths whole --depths 30,70 --seed 1 "${H[@]}"
+step heldout_64k python benchmarks/long_context.py needle --book sherlock --lengths 64000 --depths 30,70 "${H[@]}"
+HC="sherlock:16000:25 sherlock:16000:75 sherlock:32000:25 sherlock:32000:75 alice:whole:30:1 alice:whole:70:1
+    sherlock:64000:30 sherlock:64000:70"
+step heldout_ordered python benchmarks/long_context_probe.py --home "$OUT/long_home" $HC
+step heldout_shared python benchmarks/long_context_probe.py --home "$OUT/long_home" --shared $HC
 
 # optional peers and devices
 if python -c "import llama_cpp" 2>/dev/null; then
