@@ -14,8 +14,8 @@ ever attends to a few keys, so it can lie about where they are, as InfLLM does:
 
 Every relative distance the model sees is then < LOCAL + chunk + k <= W, whatever the document
 length. (Why ordered when decoding: on 15 needles past the window one shared distance and ordered
-distances both found 12, ordered all six whole-book ones; on 8 needles chosen beforehand and held
-out, see BENCHMARKS.md.)
+distances both found 12, ordered all six whole-book ones; on 8 needles fixed beforehand and held
+out, ordered found 6 and one distance 5: BENCHMARKS.md.)
 
 How the fixed distance is computed (RoPE only sees relative positions): a key stored with its
 rotation removed ("pre-RoPE", rotated to position 0) scored against the query rotated to position
