@@ -45,13 +45,16 @@ class Case:
     meta: dict = field(default_factory=dict)
 
 
+from core.settings import DEFAULTS  # noqa: E402
+
+
 @dataclass
 class Config:
     name: str
-    attention: str = "retrieval"
-    top_k: int = 100
-    sink: int = 128
-    recent: int = 512
+    attention: str = DEFAULTS.attention
+    top_k: int = DEFAULTS.top_k
+    sink: int = DEFAULTS.sink
+    recent: int = DEFAULTS.recent
     index: str = "flat"
 
 
@@ -216,10 +219,9 @@ def run(cases: list[Case], configs: list[Config], engine, max_tokens: int, out=N
         doc = Document(text=case.text, name=case.name, kind="text")
         answers = {}
         for cfg in configs:
-            s = engine.s
-            s.attention, s.top_k, s.sink, s.recent, s.max_tokens, s.index = (
-                cfg.attention, cfg.top_k, cfg.sink, cfg.recent, max_tokens, cfg.index)
-            p = engine.prepare(doc)  # a cache hit after the first config
+            settings = engine.settings.but(attention=cfg.attention, top_k=cfg.top_k, sink=cfg.sink, recent=cfg.recent,
+                                           max_tokens=max_tokens, index=cfg.index)
+            p = engine.prepare(doc, settings)  # a cache hit after the first config
             answers[cfg.name] = "".join(engine.ask(p, case.question)).strip()
         full = answers.get(FULL.name)
         for cfg in configs:
@@ -264,14 +266,15 @@ def table(rows: list[dict], by: str, configs: list[Config]) -> str:
     return "\n".join(lines)
 
 
-def make_engine(home: Path):
+def make_engine(home: Path, **settings):
+    """An Engine over the embedded model (converted once under $RA_HOME) with these settings."""
     from core import data_home
     from core import model as models
     from core.engine import Engine, Settings
 
     ref = models.resolve(None)
     model, tok = models.load(ref, data_home() / "models", "cpu")
-    return Engine(home, Settings(), loaded=(model, tok, ref.identity))
+    return Engine(home, Settings(**settings), loaded=(model, tok, ref.identity))
 
 
 def main(argv=None) -> None:

@@ -86,6 +86,7 @@ def capture(engine, n_total: int, out: Path, log) -> Path:
 def make_entry(engine, base: Path, n: int):
     """A real store entry holding the first n captured tokens; returns the Document that opens it."""
     from core.documents import Document
+    from core.manifest import DocumentInfo, Manifest, ModelInfo
     from core.store import EntryWriter
 
     doc = Document(text=f"decode-scaling benchmark, {n} tokens of captured KV", name=f"captured-{n}", kind="text")
@@ -98,29 +99,37 @@ def make_entry(engine, base: Path, n: int):
     queries = np.load(base / "queries.npy", mmap_mode="r")
     # the prefill-query sample a real entry of n tokens keeps (Engine.query_count), from the capture
     have = n // QUERY_STRIDE
-    slots = np.unique(np.linspace(0, have - 1, num=min(engine.query_count(n), have)).astype(np.int64))
+    slots = np.unique(np.linspace(0, have - 1, num=min(engine.query_count(n, engine.settings), have)).astype(np.int64))
     with engine.store.staging() as tmp:
         w = EntryWriter(tmp, n, engine.n_layers, engine.kv_heads, engine.q_heads, engine.head_dim, "float16",
                         slots * QUERY_STRIDE)
         for layer in range(engine.n_layers):
             w.write_kv(layer, 0, keys[layer, :, :n], values[layer, :, :n])
             w.write_queries(layer, slice(0, len(slots)), queries[layer][:, slots])
-        manifest = {"format": key.format, "key": key.__dict__, "digest": key.digest, "n_tokens": n,
-                    "document": {"name": doc.name, "kind": "text", "chars": len(doc.text), "page_starts": [0]},
-                    "model": {"spec": "embedded", "identity": engine.ref.identity}, "synthetic": True}
+        captured = json.loads((base / "done.json").read_text())
+        manifest = Manifest(
+            format=key.format, key=key.__dict__, digest=key.digest,
+            document=DocumentInfo(doc.name, "text", len(doc.text), page_starts=[0]),
+            model=ModelInfo(engine.ref.spec, engine.ref.identity, engine.n_layers, engine.q_heads, engine.kv_heads,
+                            engine.head_dim),
+            n_tokens=n, prefill_s=round(captured["prefill_s"] * n / captured["tokens"], 3), chunk_size=1024,
+            positions={"scheme": "exact", "keys": "post-rope"}, created=time.time())
         w.finish(manifest, tokens, np.full((n, 2), -1, dtype=np.int32), doc.text)
         engine.store.commit(tmp, engine.store.path(key))
     return doc
 
 
 class Timed:
-    """Wraps an index or an OffloadedKV and adds the seconds its calls take to a shared counter."""
+    """Wraps a Retriever (index search + K/V gather) and adds the seconds its method calls take to
+    a shared counter."""
 
     def __init__(self, inner, counter: dict, name: str):
         self.inner, self.counter, self.name = inner, counter, name
 
     def __getattr__(self, attr):
         fn = getattr(self.inner, attr)
+        if not callable(fn):
+            return fn
 
         def timed(*a, **kw):
             t = time.perf_counter()
@@ -133,19 +142,18 @@ class Timed:
 
 def time_decode(engine, doc, attention: str, index: str, steps: int) -> dict:
     """Median per-step latency over `steps` decode steps, with the retrieval/attention/rest split."""
-    from core.attention import RetrievalLayer
     from core.generation import forward
+    from core.layer import DocumentLayer
 
-    engine.s.attention, engine.s.index = attention, index
     t = time.perf_counter()
-    p = engine.prepare(doc)
+    p = engine.prepare(doc, engine.settings.but(attention=attention, index=index))
     prepare_s = time.perf_counter() - t
     counter = {"retrieval": 0.0, "attend": 0.0}
-    p.layer_state = [(Timed(off, counter, "retrieval"), Timed(ix, counter, "retrieval") if ix else None)
-                     for off, ix in p.layer_state]
     cache = engine.build_cache(p)
     for layer in cache.layers:
-        if isinstance(layer, RetrievalLayer):
+        if isinstance(layer, DocumentLayer):
+            if layer.retriever is not None:
+                layer.retriever = Timed(layer.retriever, counter, "retrieval")
             inner = layer.attend
 
             def attend(*a, inner=inner, **kw):

@@ -114,21 +114,20 @@ def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out,
     doc = Document(text=text, name=name, kind="text")
     timer.points = []
     timer.t0 = time.perf_counter()
-    engine.s.attention, engine.s.top_k = "retrieval", 100
-    p = engine.prepare(doc)
+    base = engine.settings
+    p = engine.prepare(doc, base.but(attention="retrieval", top_k=100))
     hit, profile = p.cache_hit, (None if p.cache_hit else timer.points)
     rows = []
     for cname, attention, k in cfgs:
         if attention == "full" and p.entry.n_tokens > full_max:
             continue
-        engine.s.attention, engine.s.top_k = attention, k
-        p = engine.prepare(doc)
+        p = engine.prepare(doc, base.but(attention=attention, top_k=k))
         t = time.perf_counter()
         answer = "".join(engine.ask(p, question)).strip()
         row = {**extra, "case": name, "tokens": p.entry.n_tokens, "remapped": p.entry.remapped, "config": cname,
                "question": question, "expected": expected, "answer": answer,
                "passed": passed_any(answer, expected), "answer_s": round(time.perf_counter() - t, 2),
-               "prefill_s": p.entry.manifest.get("prefill_s"), "cache_hit": hit,
+               "prefill_s": p.entry.manifest.prefill_s, "cache_hit": hit,
                "prefill_profile": profile, "index": p.index_kind}
         profile = None  # kept once per case
         rows.append(row)
@@ -226,8 +225,7 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp)
-        engine = make_engine(home)
-        engine.s.max_tokens, engine.s.index = args.max_tokens, args.index
+        engine = make_engine(home, max_tokens=args.max_tokens, index=args.index)
         timer = Timer(log)
         engine.progress, engine.notice = timer, lambda m: log(f"  {m}")
         if args.task == "needle":

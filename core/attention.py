@@ -1,29 +1,17 @@
-"""Retrieval attention: the math, the naive reference beside it, and the transformers hook.
+"""Retrieval attention's math, the naive reference beside it, and the transformers hook.
 
-A decoding query attends to two disjoint key sets:
-  * the *static* set on the compute device: the document's first `sink` and last `recent`
-    tokens plus every token after the document (question, answer so far);
-  * the *offloaded* middle of the document, on the CPU, of which only the top-k keys that the
-    index returns for this query are read.
-Each set gives a partial softmax (output, log-sum-exp); `merge_partials` combines them exactly,
-as FlashAttention combines blocks. With k covering every offloaded key the result IS full
-attention, which tests/test_attention.py and tests/test_exactness.py check.
-
-transformers integration uses public extension points only: `AttentionInterface` (the function
-`ra_attention` below, registered as "ra") and a `Cache` whose layers are `RetrievalLayer`s. The
-cache reaches the attention function as the `ra_cache` keyword argument that our own generation
-loop passes to `model(...)`; transformers forwards unknown keyword arguments to the attention
-function untouched.
+A decoding query attends to disjoint key sets (zones), each giving a partial softmax
+(output, log-sum-exp): the static keys on the compute device, the keys an index retrieves from
+the offloaded middle of the document, and whatever zone comes next. `merge` combines any number
+of partials exactly, as FlashAttention combines blocks; it is the only merge in ra. With every
+offloaded key retrieved the result IS full attention (tests/test_attention.py, test_exactness.py).
+The parts that produce the partials for a cached document are in core/layer.py.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "ra"
 
@@ -86,6 +74,16 @@ def merge_partials(o1, lse1, o2, lse2):
     return o, m + torch.log(denom)
 
 
+def merge(parts):
+    """Exact combination of any number of partials [(o, lse), ...] over disjoint key sets: the
+    pairwise rule folded left to right (parts[0] with parts[1], the result with parts[2], ...).
+    Returns (o, lse)."""
+    o, lse = parts[0]
+    for o2, lse2 in parts[1:]:
+        o, lse = merge_partials(o, lse, o2, lse2)
+    return o, lse
+
+
 def reference_attention(q, k, v, scale: float, causal_offset: int | None = None):
     """Naive full softmax attention, kept as the reference every fast path is tested against.
 
@@ -110,96 +108,28 @@ def attention_from_scores(scores, v, scale: float):
     return torch.matmul(p[..., None, :], v)[..., 0, :], lse
 
 
-def retrieval_attention(q, k_local, v_local, s_sel, v_sel, scale: float):
-    """Attention over the local keys (causal for the newest) merged with per-query retrieved keys.
-
-    q:        [KVH, G, T, D]    queries grouped by the KV head they share (GQA)
-    k_local:  [KVH, S, D]       static set + tokens after the document; the last T are the queries' own
-    s_sel:    [KVH, G, T, K]    q.k logits (unscaled) of the K offloaded keys retrieved for each query
-    v_sel:    [KVH, G, T, K, D] their values (K may be 0)
-    returns   [KVH, G, T, D]
-    """
-    KVH, G, T, D = q.shape
-    S = k_local.shape[-2]
-    # [KVH, G*T, D] against [KVH, S, D]: one bmm per KV head, no broadcast copies of the keys
-    scores = torch.bmm(q.reshape(KVH, G * T, D), k_local.transpose(1, 2)).view(KVH, G, T, S) * scale
-    if T > 1:  # the new tokens see each other causally; everything before them is visible
-        t = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)[None, :]
-        scores = scores.masked_fill(j > S - T + t, float("-inf"))
-    lse_loc = torch.logsumexp(scores, dim=-1)  # [KVH, G, T]; finite: a token always sees itself
-    p = torch.exp(scores - lse_loc[..., None]).view(KVH, G * T, S)
-    o_loc = torch.bmm(p, v_local).view(KVH, G, T, D)
-    if s_sel.shape[-1] == 0:
-        return o_loc
-    o_ret, lse_ret = attention_from_scores(s_sel, v_sel, scale)
-    o, _ = merge_partials(o_loc, lse_loc, o_ret, lse_ret)
-    return o
-
-
-# ----------------------------------------------------------------------------- the cache
-
-class RetrievalLayer(DynamicLayer):
-    """One layer's KV for a cached document: static keys on the compute device, the rest offloaded.
-
-    `keys`/`values` (inherited, [1, KVH, S, D], on the compute device) start as the static set and
-    grow by `update` with every token after the document, as a DynamicLayer does. The offloaded
-    middle lives in `offloaded` (an `OffloadedKV` of core/engine.py: CPU, memory-mapped) and is
-    reached only through `index`, which returns the ids and logits of each query's top-k keys.
-    """
-
-    def __init__(self, static_k, static_v, offloaded, index, top_k: int, n_prefix: int):
-        super().__init__()
-        self.keys, self.values = static_k, static_v
-        self.device = static_k.device
-        self.is_initialized = True
-        self.offloaded, self.index, self.top_k = offloaded, index, top_k
-        self.n_offloaded = n_prefix - static_k.shape[-2]
-        self.last_retrieved = None  # ids of the last step, for tests and future citations
-
-    def get_seq_length(self) -> int:
-        # the logical length (document + new tokens): transformers derives positions from it
-        return self.n_offloaded + self.keys.shape[-2]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # ra_attention builds its own mask; keep the unused one as small as the local key set
-        return self.keys.shape[-2] + query_length, 0
-
-    def attend(self, query, key, value, scale: float):
-        """query: [1, Hq, T, D]; key/value: [1, KVH, S, D] as returned by update -> [1, T, Hq, D]."""
-        _, Hq, T, D = query.shape
-        KVH = key.shape[1]
-        # the attention math runs in fp32 whatever the model's dtype (cheap: few keys per query)
-        q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
-        k = min(self.top_k, self.n_offloaded)
-        if k > 0:
-            # the index returns the ids of each query's top-k keys and their exact logits q.k
-            ids, scores = self.index.search(q.reshape(KVH, -1, D), k)  # [KVH, G*T, k], CPU
-            self.last_retrieved = ids
-            v_sel = self.offloaded.gather_values(ids)  # [KVH, G*T, k, D], CPU, store dtype
-            s_sel = scores.to(q.device).reshape(*q.shape[:3], k)
-            v_sel = v_sel.to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
-        else:
-            s_sel, v_sel = q.new_zeros(*q.shape[:3], 0), q.new_zeros(*q.shape[:3], 0, D)
-        o = retrieval_attention(q, key[0].float(), value[0].float(), s_sel, v_sel, scale)
-        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
-
-
-class RetrievalCache(Cache):
-    """A transformers Cache made of RetrievalLayers (retrieval mode) or of plain DynamicLayers
-    holding the whole document (the `--attention full` baseline)."""
-
-    def __init__(self, layers):
-        super().__init__(layers=layers)
-
-
 # ----------------------------------------------------------------------------- the hook
 
+# How a cache reaches the attention function, in one place:
+#   1. `register()` (called by core/model.load and by whoever builds a model for ra) adds
+#      `ra_attention` to transformers' AttentionInterface under the name "ra", with SDPA's mask;
+#      a model loaded with attn_implementation="ra" then calls it in every attention layer.
+#   2. ra's own loops (core/generation.py, core/longctx.py) pass the Cache they built as the
+#      keyword argument `ra_cache=cache` to `model(...)`; transformers forwards keyword arguments
+#      it does not know to the attention function untouched (and passes the same object as
+#      `cache`, through which each layer's `update` stores the new tokens' K/V first).
+#   3. `ra_attention` looks up `ra_cache.layers[module.layer_idx]`; a layer with an `attend`
+#      method (core/layer.DocumentLayer, core/longctx.LongPrefillLayer) computes the attention
+#      itself; any other layer (a DynamicLayer: the `full` baseline, the prefill inside the
+#      window, a model used without a document) falls through to transformers' SDPA.
+#   `ra_capture` (a core/generation.QueryCapture) rides along the same way during a prefill.
+
 def ra_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ra_cache=None, **kwargs):
-    """AttentionInterface function: retrieval attention on RetrievalLayers, SDPA everywhere else
-    (prefill, the full-attention baseline, models used without a document)."""
+    """AttentionInterface function: a layer's own `attend` where it has one, SDPA everywhere else."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if ra_cache is not None:
-        attend = getattr(ra_cache.layers[module.layer_idx], "attend", None)  # RetrievalLayer and kin
+        attend = getattr(ra_cache.layers[module.layer_idx], "attend", None)
         if attend is not None:
             scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
             return attend(query, key, value, scale), None
@@ -209,5 +139,11 @@ def ra_attention(module, query, key, value, attention_mask, scaling=None, dropou
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, ra_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+def register() -> str:
+    """Register the "ra" attention implementation with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, ra_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class DocumentError(Exception):
-    """A document that cannot be read; the message is shown to the user as is."""
+from .errors import DocumentError  # noqa: E402,F401  (raised here; importable from here as before)
 
 
 @dataclass

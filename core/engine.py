@@ -1,9 +1,15 @@
 """The engine: document -> (cached) prefix KV in the store -> answers with retrieval attention.
 
-    engine = Engine(home, Settings())
+    engine = Engine(home, Settings())                      # loads the model once
     prepared = engine.prepare(load_document("book.pdf"))   # prefill once, or load from the store
     for piece in engine.ask(prepared, "Who is the narrator?"):
         print(piece, end="")
+    again = engine.prepare(doc, engine.settings.but(top_k=400))  # other settings: open again (cheap)
+
+A token's K/V: prefill (core/generation.py, core/longctx.py past the window) -> the entry's
+keys.npy / values.npy (core/store.py, manifest core/manifest.py) -> split at open time into the
+static zone and the offloaded range, which an index of core/index.py searches -> one
+core/layer.DocumentLayer per model layer merges the static and retrieved partials for each answer.
 
 Device split (the same code on CPU and CUDA): the model and each question's static KV (sinks,
 recent window, new tokens) live on `Settings.device`; the offloaded KV (memory-mapped store
@@ -13,53 +19,37 @@ No CLI imports here: progress and notices go through the callbacks given to Engi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import attention  # noqa: F401  registers the "ra" attention implementation with transformers
 from .documents import Document
+from .errors import DocumentError, DocumentTooLong, UsageError
+from .manifest import DocumentInfo, Manifest, ModelInfo
+from .settings import RemapScheme, Settings
 from .store import Entry, EntryWriter, Store, StoreKey
 
-
-@dataclass
-class Settings:
-    model: str | None = None       # None: the embedded default
-    device: str = "auto"           # auto | cpu | cuda
-    dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
-    attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
-    index: str = "auto"            # auto | flat | hnsw | graph  (auto: see Engine.index_kind)
-    top_k: int = 100
-    sink: int = 128
-    recent: int = 512
-    chunk_size: int = 1024
-    kv_dtype: str = "float16"
-    max_tokens: int = 256
-    stop_at_eos: bool = True       # False: always generate max_tokens (benchmarks)
-    query_samples: int = 512       # prefill positions whose queries are kept (more for long documents)
-    trust_remote_code: bool = False
+# settings fixed when the engine loads its model: a document cannot be opened with others
+MODEL_FIELDS = ("model", "device", "dtype", "trust_remote_code")
 
 
-# `--index auto` switches from exact flat search to the graph index at this many offloaded keys
-# per head: benchmarks/index_recall.py measured flat at ~6 ms per 1K keys per decode step (all
-# layers) against ~110 ms for the graph at 100K keys (recall 0.92, attention mass 0.99); below
-# ~16K keys exact search costs about as little and is exact. BENCHMARKS.md has the numbers.
-AUTO_GRAPH_MIN_KEYS = 16_384
-
-
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
-    """A document whose prefix KV is in the store, opened for answering."""
+    """A document whose prefix KV is in the store, opened for answering with `settings`. Everything
+    `Engine.ask` reads is here and fixed: to ask with other settings, prepare the document again."""
 
     doc: Document
     entry: Entry
+    settings: Settings
     cache_hit: bool
+    split: tuple[int, int]         # the offloaded range [a, b) of the entry's tokens
+    index_kind: str | None         # the index actually used (`auto` resolved); None for full attention
+    scheme: RemapScheme | None     # the remap scheme the answer is decoded with (None inside the window)
+    retrievers: tuple = ()         # per layer: a core/layer.Retriever (empty for full attention)
     prefill_s: float = 0.0
     index_s: float = 0.0
     load_s: float = 0.0
-    index_kind: str = "flat"       # the index actually used (`auto` resolved)
-    layer_state: list = field(default_factory=list)  # per layer: (OffloadedKV, index) reused across questions
 
 
 @dataclass
@@ -71,43 +61,30 @@ class AnswerStats:
     answer_ids: list = field(default_factory=list)  # the generated tokens (kept for the next turn)
 
 
-class OffloadedKV:
-    """One layer's offloaded K/V: [KVH, N, D] views of the store's memory maps (CPU)."""
-
-    def __init__(self, keys: np.ndarray, values: np.ndarray):
-        import torch
-
-        self.k = torch.from_numpy(keys)
-        self.v = torch.from_numpy(values)
-        self.heads = torch.arange(keys.shape[0])[:, None, None]
-
-    def gather_values(self, ids):
-        """ids: [KVH, M, k] -> v: [KVH, M, k, D] (store dtype, CPU)."""
-        return self.v[self.heads, ids]
-
-    def gather_keys(self, ids):
-        """ids: [KVH, M, k] -> k: [KVH, M, k, D] (store dtype, CPU)."""
-        return self.k[self.heads, ids]
-
-
 class Engine:
+    """One loaded model and the store; opens documents (`prepare`) and answers about them (`ask`)."""
+
     def __init__(self, home: Path, settings: Settings | None = None, progress=None, notice=None, loaded=None):
-        """progress(stage, done, total) and notice(message) report long work; both optional.
+        """settings: the engine's model-level settings and the defaults for documents it opens.
+        progress(stage, done, total) and notice(message) report long work; both optional.
         loaded=(model, tokenizer, identity) uses an already loaded model (tests, benchmarks)."""
+        from . import attention
         from . import model as models
 
+        attention.register()  # the "ra" attention implementation (core/attention.py explains the hook)
         self.home = Path(home)
-        self.s = settings or Settings()
+        self.settings = (settings or Settings()).check()
         self.progress = progress or (lambda *a: None)
         self.notice = notice or (lambda *a: None)
         self.store = Store(self.home / "store")
+        s = self.settings
         t = time.perf_counter()
         if loaded is None:
-            self.ref = models.resolve(self.s.model)
-            self.device = models.pick_device(self.s.device)
-            self.dtype = models.pick_dtype(self.s.dtype, self.device)
+            self.ref = models.resolve(s.model)
+            self.device = models.pick_device(s.device)
+            self.dtype = models.pick_dtype(s.dtype, self.device)
             self.model, self.tokenizer = models.load(self.ref, self.home / "models", self.device, self.dtype,
-                                                     self.s.trust_remote_code, self.notice)
+                                                     s.trust_remote_code, self.notice)
         else:
             self.model, self.tokenizer, identity = loaded
             self.ref = models.ModelRef(identity, "loaded", identity, identity)
@@ -123,74 +100,85 @@ class Engine:
 
     # ------------------------------------------------------------------ documents -> store
 
-    def key(self, doc: Document) -> StoreKey:
+    def key(self, doc: Document, s: Settings | None = None) -> StoreKey:
+        """The store key of `doc` under settings `s` (default the engine's): everything that changes
+        the cached tokens or K/V."""
         from .prompt import PROMPT_VERSION
 
-        from .longctx import SCHEME
-
+        s = s or self.settings
         return StoreKey(text_sha256=doc.sha256, model=self.ref.identity, prompt=PROMPT_VERSION,
-                        compute_dtype=str(self.dtype).replace("torch.", ""), kv_dtype=self.s.kv_dtype,
-                        positions=SCHEME)
+                        compute_dtype=str(self.dtype).replace("torch.", ""), kv_dtype=s.kv_dtype,
+                        positions=s.remap.name)
 
-    def static_sizes(self, entry: Entry) -> tuple[int, int]:
-        """(sink, recent) for an entry under the current settings. A long document's local window
-        (true positions) is at least longctx.LOCAL tokens, as in its prefill."""
-        from .longctx import LOCAL
+    def static_sizes(self, entry: Entry, s: Settings) -> tuple[int, int]:
+        """(sink, recent) for an entry under settings s. A long document's local window (true
+        positions) is at least its scheme's `local` tokens, as in its prefill."""
+        return s.sink, max(s.recent, entry.manifest.scheme.local) if entry.remapped else s.recent
 
-        return self.s.sink, max(self.s.recent, LOCAL) if entry.remapped else self.s.recent
-
-    def split(self, entry: Entry) -> tuple[int, int]:
-        """The offloaded range [a, b) of an entry under the current settings."""
-        return entry.split(*self.static_sizes(entry))
-
-    def prepare(self, doc: Document) -> Prepared:
-        """Open the document's store entry, prefilling and indexing it first if it is not cached."""
-        key = self.key(doc)
+    def prepare(self, doc: Document, settings: Settings | None = None, decode_scheme: RemapScheme | None = None
+                ) -> Prepared:
+        """Open the document's store entry with `settings` (default the engine's), prefilling and
+        indexing it first if it is not cached. decode_scheme: decode a remapped entry with another
+        scheme than the one it was prefilled with (probes; e.g. `ordered=False`)."""
+        s = (settings or self.settings).check()
+        changed = [f for f in MODEL_FIELDS if getattr(s, f) != getattr(self.settings, f)]
+        if changed:
+            raise UsageError(f"this engine was loaded with other {', '.join(changed)}; make another Engine")
+        key = self.key(doc, s)
         entry = self.store.open(key)
         hit = entry is not None
         prefill_s = 0.0
         if not hit:
-            with self.store.lock(key):  # another process may be building the same entry
+            with self.store.lock(key.digest):  # another process may be building the same entry
                 entry = self.store.open(key)
                 hit = entry is not None
                 if not hit:
                     t = time.perf_counter()
-                    self._build_entry(doc, key)
+                    self._build_entry(doc, key, s)
                     prefill_s = time.perf_counter() - t
                     entry = self.store.open(key)
+        scheme = None
         if entry.remapped:
+            scheme = decode_scheme or replace(entry.manifest.scheme, ordered=s.remap.ordered)
             self.notice(f"{doc.name}: {entry.n_tokens:,} tokens, past the model's {self.max_positions:,}-token "
                         f"window: remapped positions (local window + retrieved keys beyond a fixed distance)")
-        t = time.perf_counter()
-        kind = self.index_kind(entry)
-        index_dir = entry.ensure_index(self.store, kind, *self.static_sizes(entry),
-                                       lambda d, n: self.progress("index", d, n))
-        index_s = time.perf_counter() - t
-        prepared = Prepared(doc=doc, entry=entry, cache_hit=hit, prefill_s=prefill_s, index_s=index_s, index_kind=kind)
-        t = time.perf_counter()
-        prepared.layer_state = self._open_layers(entry, index_dir, kind)
-        prepared.load_s = time.perf_counter() - t
-        return prepared
+        split = entry.split(*self.static_sizes(entry, s))
+        kind, index_s, retrievers, load_s = None, 0.0, (), 0.0
+        if s.attention == "retrieval":  # full attention reads the whole KV, not an index
+            kind = self.index_kind(entry, s)
+            t = time.perf_counter()
+            index_dir = entry.ensure_index(self.store, kind, *self.static_sizes(entry, s),
+                                           lambda d, n: self.progress("index", d, n))
+            index_s = time.perf_counter() - t
+            t = time.perf_counter()
+            retrievers = self._open_retrievers(entry, split, index_dir, kind)
+            load_s = time.perf_counter() - t
+        return Prepared(doc=doc, entry=entry, settings=s, cache_hit=hit, split=split, index_kind=kind, scheme=scheme,
+                        retrievers=retrievers, prefill_s=prefill_s, index_s=index_s, load_s=load_s)
 
-    def query_count(self, n_tokens: int) -> int:
+    def query_count(self, n_tokens: int, s: Settings) -> int:
         """Prefill positions whose queries an entry keeps to build a graph index from: 4% of a long
         document (index_recall.py: 4,096 of 100K positions lift recall@100 by ~0.02 over 1,024 at
         equal keys scored, mostly through better entry keys), at least `query_samples`, at most
         8,192 (35 KB a position for SmolLM2: 4% of them is 6% of the fp16 K+V)."""
-        return max(self.s.query_samples, min(8192, n_tokens // 25))
+        return max(s.query_samples, min(8192, n_tokens // 25))
 
-    def index_kind(self, entry: Entry) -> str:
+    def index_kind(self, entry: Entry, s: Settings) -> str:
         """The index for this entry: as asked, or for `auto` exact flat search on short documents
         and the query-aware graph on long ones (fp16 stores, which are the default). Documents past
         the model's window (remapped positions) keep exact search: there the graph at its default
-        width missed passcodes exact search finds (2 of whole Alice's 3; BENCHMARKS.md)."""
-        if self.s.index != "auto":
-            return self.s.index
-        a, b = self.split(entry)
-        long = b - a >= AUTO_GRAPH_MIN_KEYS and entry.keys.dtype == np.float16
+        width missed passcodes exact search finds (2 of whole Alice's 3; BENCHMARKS.md).
+
+        "Long" is `s.graph_min_keys` offloaded keys per head (16K): benchmarks/index_recall.py
+        measured flat at ~6 ms per 1K keys per decode step (all layers) against ~110 ms for the
+        graph at 100K keys; below ~16K keys exact search costs about as little and is exact."""
+        if s.index != "auto":
+            return s.index
+        a, b = entry.split(*self.static_sizes(entry, s))
+        long = b - a >= s.graph_min_keys and entry.keys.dtype == np.float16
         return "graph" if long and not entry.remapped else "flat"
 
-    def _build_entry(self, doc: Document, key: StoreKey) -> None:
+    def _build_entry(self, doc: Document, key: StoreKey, s: Settings) -> None:
         from . import longctx
         from .generation import QueryCapture, prefill
         from .prompt import build_prefix
@@ -198,105 +186,99 @@ class Engine:
         prefix = build_prefix(self.tokenizer, doc)
         n = len(prefix.ids)
         remap = longctx.needs_remap(n, self.max_positions)
+        scheme = s.remap
         if remap and not longctx.supports(self.model):
-            from .documents import DocumentError
-
-            raise DocumentError(
+            raise DocumentTooLong(
                 f"{doc.name} is {n:,} tokens; {self.ref.spec} handles at most {self.max_positions:,} "
                 f"(prompt and answer included) and has no RoPE module to remap positions with")
         if remap:
             self.notice(f"{doc.name} is {n:,} tokens, past the model's {self.max_positions:,}-token window: "
-                        f"prefilling in chunks with remapped positions ({longctx.LOCAL:,}-token local window, "
-                        f"top-{longctx.PREFILL_TOPK} far keys per {longctx.BLOCK} tokens)")
-        q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n), n)).astype(np.int64))
+                        f"prefilling in chunks with remapped positions ({scheme.local:,}-token local window, "
+                        f"top-{scheme.prefill_topk} far keys per {scheme.block} tokens)")
+        q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n, s), n)).astype(np.int64))
         with self.store.staging() as tmp:
             t = time.perf_counter()
-            w = EntryWriter(tmp, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, self.s.kv_dtype, q_pos)
+            w = EntryWriter(tmp, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, s.kv_dtype, q_pos)
             capture = QueryCapture(q_pos, w.write_queries)
             report = lambda d, total: self.progress("prefill", d, total)
             if remap:  # keys stored pre-RoPE, queries in the global frame (core/longctx.py)
-                longctx.prefill_long(self.model, prefix.ids, min(self.s.chunk_size, 512), w, capture, report)
+                longctx.prefill_long(self.model, prefix.ids, min(s.chunk_size, 512), w, scheme, capture, report)
             else:
-                prefill(self.model, prefix.ids, self.s.chunk_size, w.write_kv, capture, report)
-            manifest = {
-                "format": key.format, "key": key.__dict__, "digest": key.digest,
-                "document": {"name": doc.name, "kind": doc.kind, "chars": len(doc.text),
-                             "page_starts": doc.page_starts, "files": doc.files},
-                "model": {"spec": self.ref.spec, "identity": self.ref.identity,
-                          "layers": self.n_layers, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
-                          "head_dim": self.head_dim},
-                "n_tokens": n, "prefill_s": round(time.perf_counter() - t, 3), "chunk_size": self.s.chunk_size,
-                "positions": ({"scheme": longctx.SCHEME, "keys": "pre-rope", "window": self.max_positions,
-                               "sink": longctx.SINK, "local": longctx.LOCAL, "distance": longctx.DISTANCE,
-                               "prefill_topk": longctx.PREFILL_TOPK, "block": longctx.BLOCK}
-                              if remap else {"scheme": "exact", "keys": "post-rope"}),
-                "created": time.time(),
-            }
+                prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
+            manifest = Manifest(
+                format=key.format, key=key.__dict__, digest=key.digest,
+                document=DocumentInfo(doc.name, doc.kind, len(doc.text), doc.page_starts, doc.files),
+                model=ModelInfo(self.ref.spec, self.ref.identity, self.n_layers, self.q_heads, self.kv_heads,
+                                self.head_dim),
+                n_tokens=n, prefill_s=round(time.perf_counter() - t, 3), chunk_size=s.chunk_size,
+                positions={**scheme.as_manifest(), "window": self.max_positions} if remap
+                else {"scheme": "exact", "keys": "post-rope"},
+                created=time.time())
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
             self.store.commit(tmp, self.store.path(key))
 
-    def _open_layers(self, entry: Entry, index_dir: Path, kind: str) -> list:
-        import torch
+    def _open_retrievers(self, entry: Entry, split: tuple[int, int], index_dir: Path, kind: str) -> tuple:
+        """Per layer: the offloaded K/V (memory-map views) and its opened index. Reads no K/V."""
+        from .index import kind as index_kind
+        from .layer import Retriever
 
-        from .index import open_layer_index
-
-        layers = []
-        a, b = self.split(entry)
-        for layer in range(entry.n_layers):
-            off = OffloadedKV(entry.keys[layer, :, a:b], entry.values[layer, :, a:b])
-            index = None
-            if b > a and self.s.attention != "full":  # full attention reads the KV, not the index
-                keys32 = off.k.float() if kind == "flat" else None
-                index = open_layer_index(kind, index_dir, layer, keys32, b - a, entry.head_dim, entry.kv_heads,
-                                         keys_f16=entry.keys[layer, :, a:b])
-            layers.append((off, index))
-        return layers
+        a, b = split
+        if b <= a:
+            return ()
+        opener = index_kind(kind).open
+        return tuple(Retriever(entry.keys[layer, :, a:b], entry.values[layer, :, a:b],
+                               opener(index_dir, layer, entry.keys[layer, :, a:b]))
+                     for layer in range(entry.n_layers))
 
     # ------------------------------------------------------------------ answering
 
-    def build_cache(self, prepared: Prepared):
-        """A fresh transformers Cache for one question: RetrievalLayers, or the whole KV for `full`."""
+    def build_cache(self, prepared: Prepared, capacity: int = 0):
+        """A fresh transformers Cache for one question: DocumentLayers, or the whole KV for `full`.
+        capacity: tokens that will follow the document (question + answer), preallocated."""
         import torch
         from transformers.cache_utils import DynamicLayer
 
-        from .attention import RetrievalCache, RetrievalLayer
+        from .layer import DocumentLayer, ExactPositions, RaCache, RemappedPositions, StaticKV
 
-        e = prepared.entry
-        a, b = self.split(e)
+        e, s = prepared.entry, prepared.settings
+        a, b = prepared.split
+        to_dev = lambda arr, dtype=self.dtype: torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, dtype)
         rope = None
         if e.remapped:
-            from .longctx import RemappedRetrievalLayer, Rope
+            from .longctx import Rope
 
             rope = Rope(self.model)
-        layers = []
-        for layer, (off, index) in enumerate(prepared.layer_state):
-            to_dev = lambda arr: torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)[None]
-            if self.s.attention == "full":
-                k = to_dev(e.keys[layer])
+        if s.attention == "full":
+            layers = []
+            for layer in range(e.n_layers):
+                k = to_dev(e.keys[layer])[None]
                 if rope is not None:  # plain positions (the baseline that fails past the window)
                     k = rope.rotate(k.float(), torch.arange(e.n_tokens, device=k.device)).to(self.dtype)
                 dl = DynamicLayer()
-                dl.update(k, to_dev(e.values[layer]))
+                dl.update(k, to_dev(e.values[layer])[None])
                 layers.append(dl)
-                continue
-            if self.s.attention != "retrieval":
-                raise ValueError(f"unknown attention {self.s.attention!r} (retrieval or full)")
+            return RaCache(layers)
+        policy = RemappedPositions(rope, prepared.scheme) if rope is not None else ExactPositions()
+        layers = []
+        for layer in range(e.n_layers):
             if rope is not None:
                 # the local window rotated back to its true positions; sinks stay pre-RoPE (global)
                 k_loc = rope.rotate(to_dev(e.keys[layer, :, b:]).float(), torch.arange(b, e.n_tokens, device=self.device))
-                f32 = lambda arr: torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, torch.float32)
-                layers.append(RemappedRetrievalLayer(k_loc.to(self.dtype), to_dev(e.values[layer, :, b:]),
-                                                     f32(e.keys[layer, :, :a]), f32(e.values[layer, :, :a]),
-                                                     off, index, self.s.top_k, e.n_tokens, rope))
-                continue
-            k = np.concatenate([e.keys[layer, :, :a], e.keys[layer, :, b:]], axis=1)  # [KVH, S, D]
-            v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
-            layers.append(RetrievalLayer(to_dev(k), to_dev(v), off, index, self.s.top_k, e.n_tokens))
-        return RetrievalCache(layers)
+                static = StaticKV(k_loc.to(self.dtype)[None], to_dev(e.values[layer, :, b:])[None],
+                                  e.n_tokens - b + capacity,
+                                  to_dev(e.keys[layer, :, :a], torch.float32), to_dev(e.values[layer, :, :a], torch.float32))
+            else:
+                k = np.concatenate([e.keys[layer, :, :a], e.keys[layer, :, b:]], axis=1)  # [KVH, S, D]
+                v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
+                static = StaticKV(to_dev(k)[None], to_dev(v)[None], k.shape[1] + capacity)
+            retriever = prepared.retrievers[layer] if prepared.retrievers else None
+            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens))
+        return RaCache(layers)
 
     def ask(self, prepared: Prepared, question: str, stats: AnswerStats | None = None, on_logits=None,
             history: list | None = None):
-        """Stream the answer to `question` as text pieces. Fills `stats` if given.
+        """Stream the answer to `question` as text pieces. Fills `stats` if given. Reads only
+        `prepared` (its settings are frozen) and the question.
 
         history: earlier turns of a conversation about this document, [(question, answer_ids)];
         they are run again on top of the document's cache (a few hundred tokens, no document
@@ -304,6 +286,7 @@ class Engine:
         from .generation import TextStream, generate
         from .prompt import followup_ids, question_ids, stop_ids
 
+        s = prepared.settings
         stats = stats if stats is not None else AnswerStats()
         turns = list(history or []) + [(question, None)]
         q: list[int] = []
@@ -315,16 +298,14 @@ class Engine:
         n = prepared.entry.n_tokens
         window = None if prepared.entry.remapped else self.max_positions  # a remapped entry has no limit
         if window and n + len(q) + 1 > window:
-            from .documents import DocumentError
-
-            raise DocumentError(f"the conversation no longer fits in the model's {self.max_positions:,} tokens "
-                                f"(document {n:,} + {len(q):,}); start over (/reset)")
-        max_new = min(self.s.max_tokens, window - n - len(q)) if window else self.s.max_tokens
-        cache = self.build_cache(prepared)
+            raise DocumentTooLong(f"the conversation no longer fits in the model's {self.max_positions:,} tokens "
+                                  f"(document {n:,} + {len(q):,}); start over (/reset)")
+        max_new = min(s.max_tokens, window - n - len(q)) if window else s.max_tokens
+        cache = self.build_cache(prepared, len(q) + max_new)
         stream = TextStream(self.tokenizer)
         t = time.perf_counter()
         for tok in generate(self.model, cache, q, n, max_new,
-                            stop_ids(self.tokenizer, self.model.config) if self.s.stop_at_eos else set(),
+                            stop_ids(self.tokenizer, self.model.config) if s.stop_at_eos else set(),
                             on_logits):
             if stats.answer_tokens == 0:
                 stats.first_token_s = time.perf_counter() - t

@@ -7,39 +7,54 @@ over the retrieved keys needs only their values.
 
   flat  exact: q @ K^T, then top-k. Scans every key; the reference for recall and the right
         choice for short documents (measured: 10 ms per decode step vs 27 ms for hnswlib at
-        6.4K keys per head, SmolLM2, 2 cores; see ../BENCHMARKS.md).
+        6.4K keys per head, SmolLM2, 2 cores; see ../BENCHMARKS.md). It reads the offloaded keys
+        into an fp32 copy at its first search (4 bytes per key element), not when it is opened.
   hnsw  hnswlib inner-product graph over *mean-centred* keys. Subtracting one vector mu from every
         key shifts each of a query's logits by the same q.mu, so ranking and softmax are unchanged,
         but the keys become far less one-sided and the graph far easier to search (recall@100 on
         SmolLM2's real keys: 0.50 -> 0.89 at ef=100, 0.96 at ef=200).
-
   graph the query-aware graph of core/graph.py (built from the document's prefill queries).
 
-Persisted per index directory: `means.npy` float32 [L, KVH, D] and, for hnsw, one hnswlib file
-per (layer, head) named `l{layer:03d}h{head:02d}.hnsw` (hnswlib's own binary format, not pickle).
+Index kinds are a registry (`KINDS`): each has one `build(keys, queries, n_layers, out, progress)`
+and one `open(index_dir, layer, keys)`, where keys(layer) / keys are the store's memory-mapped
+[KVH, N, D] views of the offloaded range and queries(layer) the entry's sampled prefill queries.
+A kind's `format` names its directory's layout version (core/store.py): a directory of another
+layout is rebuilt beside it, never misread. This module imports torch only when an index is used.
+
+Persisted per index directory: `index.json` (kind and parameters, written last), `means.npy`
+float32 [L, KVH, D] and, for hnsw, one hnswlib file per (layer, head) named `l{layer:03d}h{head:02d}.hnsw`
+(hnswlib's own binary format, not pickle); graph: see core/graph.py.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import torch
 
-KINDS = ("flat", "hnsw", "graph")
+from .errors import UsageError
+
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 200
 
 
 class FlatLayerIndex:
-    """Exact top-k over all offloaded keys of one layer. keys: float32 [KVH, N, D] (CPU)."""
+    """Exact top-k over all offloaded keys of one layer. keys: [KVH, N, D] (any float dtype, CPU;
+    a memory map is read, into an fp32 copy kept for later questions, at the first search)."""
 
-    def __init__(self, keys: torch.Tensor):
-        self.keys = keys
+    def __init__(self, keys):
+        self.source, self.keys = keys, None
 
-    def search(self, q: torch.Tensor, k: int):
+    def search(self, q, k: int):
+        import torch
+
+        if self.keys is None:
+            src = self.source
+            self.keys = src.float() if isinstance(src, torch.Tensor) else torch.from_numpy(src).float()
         scores = torch.bmm(q.to("cpu", torch.float32), self.keys.transpose(1, 2))  # [KVH, M, N]
         top = scores.topk(k, dim=-1, sorted=False)
         return top.indices, top.values
@@ -51,7 +66,9 @@ class HnswLayerIndex:
     def __init__(self, graphs: list, means: np.ndarray, ef: int = HNSW_EF_SEARCH):
         self.graphs, self.means, self.ef = graphs, means, ef
 
-    def search(self, q: torch.Tensor, k: int):
+    def search(self, q, k: int):
+        import torch
+
         q = q.to("cpu", torch.float32).numpy()
         ids = np.empty((q.shape[0], q.shape[1], k), dtype=np.int64)
         scores = np.empty((q.shape[0], q.shape[1], k), dtype=np.float32)
@@ -85,46 +102,70 @@ def load_hnsw(path: Path, dim: int, n: int):
     return g
 
 
-def build_index_dir(kind: str, offloaded_keys, n_layers: int, out: Path, progress=None, build_queries=None) -> None:
-    """Write the index files for `kind` into the (temporary) directory `out`.
+# ----------------------------------------------------------------------------- the kinds
 
-    offloaded_keys(layer) -> numpy [KVH, N, D] (fp16 or fp32); progress(done, total) is called per
-    layer; build_queries(layer) -> [KVH, m, D] prefill queries (graph only).
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
-    if kind == "graph":
-        from .graph import build_graph_dir
-
-        return build_graph_dir(offloaded_keys, build_queries, n_layers, out, progress)
-    first = offloaded_keys(0)
+def _build_means(keys, n_layers: int, out: Path, progress, hnsw: bool) -> None:
+    first = keys(0)
     means = np.zeros((n_layers, first.shape[0], first.shape[2]), dtype=np.float32)
     for layer in range(n_layers):
-        keys = first if layer == 0 else offloaded_keys(layer)
-        if keys.shape[1] > 0:
-            keys = np.asarray(keys, np.float32)
-            means[layer] = keys.mean(axis=1)
-        if kind == "hnsw" and keys.shape[1] > 0:
-            for h in range(keys.shape[0]):
-                build_hnsw(np.ascontiguousarray(keys[h] - means[layer, h]), out / f"l{layer:03d}h{h:02d}.hnsw")
+        k = first if layer == 0 else keys(layer)
+        if k.shape[1] > 0:
+            k = np.asarray(k, np.float32)
+            means[layer] = k.mean(axis=1)
+            for h in range(k.shape[0]) if hnsw else ():
+                build_hnsw(np.ascontiguousarray(k[h] - means[layer, h]), out / f"l{layer:03d}h{h:02d}.hnsw")
         if progress:
             progress(layer + 1, n_layers)
     np.save(out / "means.npy", means, allow_pickle=False)
-    (out / "index.json").write_text(json.dumps({"kind": kind, "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}))
 
 
-def open_layer_index(kind: str, index_dir: Path, layer: int, keys_f32: torch.Tensor | None, n: int, dim: int,
-                     kv_heads: int, ef: int = HNSW_EF_SEARCH, keys_f16: np.ndarray | None = None):
-    """Open one layer's index. flat needs keys_f32 (float32 [KVH, N, D], in RAM); graph needs
-    keys_f16 (the store's memory-mapped [KVH, N, D] view, read only where the search goes)."""
-    if kind == "flat":
-        return FlatLayerIndex(keys_f32)
-    if kind == "graph":
-        from .graph import open_graph_layer
+def _build_flat(keys, queries, n_layers, out, progress):
+    _build_means(keys, n_layers, out, progress, hnsw=False)
+    (out / "index.json").write_text(json.dumps({"kind": "flat"}))
 
-        return open_graph_layer(index_dir, layer, keys_f16)
-    if kind == "hnsw":
-        means = np.load(index_dir / "means.npy", allow_pickle=False)[layer]
-        graphs = [load_hnsw(index_dir / f"l{layer:03d}h{h:02d}.hnsw", dim, n) for h in range(kv_heads)]
-        return HnswLayerIndex(graphs, means, ef)
-    raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+
+def _build_hnsw(keys, queries, n_layers, out, progress):
+    _build_means(keys, n_layers, out, progress, hnsw=True)
+    (out / "index.json").write_text(json.dumps({"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}))
+
+
+def _open_hnsw(index_dir: Path, layer: int, keys, ef: int = HNSW_EF_SEARCH):
+    means = np.load(index_dir / "means.npy", allow_pickle=False)[layer]
+    kvh, n, dim = keys.shape
+    return HnswLayerIndex([load_hnsw(index_dir / f"l{layer:03d}h{h:02d}.hnsw", dim, n) for h in range(kvh)], means, ef)
+
+
+def _build_graph(keys, queries, n_layers, out, progress):
+    from .graph import build_graph_dir
+
+    build_graph_dir(keys, queries, n_layers, out, progress)
+
+
+def _open_graph(index_dir: Path, layer: int, keys, **kw):
+    from .graph import open_graph_layer
+
+    return open_graph_layer(index_dir, layer, keys, **kw)
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    name: str
+    build: Callable        # (keys(layer), queries(layer), n_layers, out_dir, progress) -> None
+    open: Callable         # (index_dir, layer, keys [KVH, N, D] memory map, **search options) -> index
+    format: str = ""       # layout version in the directory name (bumped when the files change)
+    needs_fp16: bool = False
+
+
+KINDS: dict[str, IndexKind] = {k.name: k for k in (
+    IndexKind("flat", _build_flat, lambda d, layer, keys: FlatLayerIndex(keys)),
+    IndexKind("hnsw", _build_hnsw, _open_hnsw),
+    # .v2: grouped directions, 24-bit ids (core/graph.py)
+    IndexKind("graph", _build_graph, _open_graph, format=".v2", needs_fp16=True),
+)}
+
+
+def kind(name: str) -> IndexKind:
+    """The registered kind `name`, or a UsageError listing the kinds."""
+    if name not in KINDS:
+        raise UsageError(f"unknown index kind {name!r} (choose from {', '.join(KINDS)})")
+    return KINDS[name]

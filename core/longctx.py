@@ -4,57 +4,50 @@ A model trained on W tokens of RoPE positions breaks when a query sees keys more
 back (SmolLM2, W = 8K: a passcode found at 7K tokens, nothing at 11.5K). Retrieval attention only
 ever attends to a few keys, so it can lie about where they are, as InfLLM does:
 
-  * local keys  - the last LOCAL tokens before the query (and the query's own chunk) - keep their
-                  true relative positions;
-  * global keys - the first SINK tokens and the top-k retrieved far keys - are placed just beyond
-                  a fixed distance DISTANCE before the query: during the prefill all at DISTANCE;
+  * local keys  - the last `local` tokens before the query (and the query's own chunk) - keep
+                  their true relative positions;
+  * global keys - the first `sink` tokens and the top-k retrieved far keys - are placed just beyond
+                  a fixed `distance` before the query: during the prefill all at `distance`;
                   when decoding an answer, the k retrieved keys of each head in document order at
-                  DISTANCE + k - 1 (the earliest) ... DISTANCE (the latest), the sinks at
-                  DISTANCE + k, so a retrieved sentence reads as if it were contiguous text.
+                  distance + k - 1 (the earliest) ... distance (the latest), the sinks at
+                  distance + k, so a retrieved sentence reads as if it were contiguous text.
 
-Every relative distance the model sees is then < LOCAL + chunk + k <= W, whatever the document
-length. (Why ordered when decoding: on 15 needles past the window one shared distance and ordered
+The numbers are one value, a `RemapScheme` (core/settings.py), recorded in the entry's key and
+manifest and passed to every function and layer here. Every relative distance the model sees is
+then < local + chunk + k <= W, whatever the document length. (Why ordered when decoding: on 15 needles past the window one shared distance and ordered
 distances both found 12, ordered all six whole-book ones; on 8 needles fixed beforehand and held
 out, ordered found 6 and one distance 5: BENCHMARKS.md.)
 
 How the fixed distance is computed (RoPE only sees relative positions): a key stored with its
 rotation removed ("pre-RoPE", rotated to position 0) scored against the query rotated to position
-DISTANCE gives exactly the logit of a key DISTANCE tokens before the query. So a long document's
+`distance` gives exactly the logit of a key that many tokens before the query. So a long document's
 store entry keeps pre-RoPE keys, and every global score (sinks, prefill retrieval, the decode-time
-index) is q_glob . k_pre with q_glob = the query rotated to DISTANCE. The index is built and
+index) is q_glob . k_pre with q_glob = the query rotated to `distance`. The index is built and
 searched in that same frame (queries for the graph index are captured as q_glob), so the scores it
 ranks by are the scores attention uses. Local keys are rotated back to their true positions.
 
 Prefill of a long document runs in chunks (bounded memory, cost linear in the length apart from a
-cheap scan): the first SINK + LOCAL tokens exactly (plain causal attention), then each chunk
-attends to sinks + local window + the top PREFILL_TOPK far keys of each BLOCK of its queries,
+cheap scan): the first sink + local tokens exactly (plain causal attention), then each chunk
+attends to sinks + local window + the top `prefill_topk` far keys of each `block` of its queries,
 ranked by the block's mean global query. Finding them must not cost a scan of every far key (that
-made the cost per token grow with the position): the far keys are summarised in spans of SPAN
+made the cost per token grow with the position): the far keys are summarised in spans of `span`
 tokens by their per-dimension min and max, which bound every key's score from above (Quest's
-bound, exact); the SPANS spans with the highest bound are read from the entry being written (its
+bound, exact); the `spans` spans with the highest bound are read from the entry being written (its
 memory map) and scored exactly. The summaries grow as the chunks arrive (8 bytes per dimension
 per 64 keys). The decode-time index (flat or graph, core/index.py) is built once the entry is
 complete.
 
+Decoding over such an entry is core/layer.py's DocumentLayer with the RemappedPositions policy.
 `remapped_reference` is the naive version (one softmax, keys rotated to their virtual positions)
-that tests/test_longctx.py checks the fast path against.
+that tests/test_longctx.py checks the fast paths against.
 """
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .attention import (RetrievalLayer, attention_from_scores, local_attention, merge_partials, partial_attention,
-                        reference_attention)
-
-SINK = 128          # global sink tokens of the prefill (decoding uses Settings.sink)
-LOCAL = 2048        # local window at true positions (FIELD-NOTES: 2048 local + fixed distance 2048 found needles to 38K)
-DISTANCE = 2048     # prefill: every global key's distance; decoding: the nearest retrieved key's
-PREFILL_TOPK = 512  # far keys retrieved per block of prefill queries, per query head
-BLOCK = 128         # prefill queries sharing one retrieval (their mean global query ranks the far keys)
-SPAN = 64           # far keys are summarised in spans of this many tokens (per-dimension min / max)
-SPANS = 32          # spans whose bound is highest are scored exactly (32 x 64 = 2,048 candidate keys)
-SCHEME = f"remap-s{SINK}-l{LOCAL}-d{DISTANCE}-k{PREFILL_TOPK}-b{BLOCK}-p{SPAN}x{SPANS}"
+from .attention import local_attention, merge, partial_attention, reference_attention
+from .settings import RemapScheme
 
 
 def supports(model) -> bool:
@@ -95,53 +88,29 @@ class Rope:
 
 # ----------------------------------------------------------------------------- the math
 
-def remapped_attention(q, q_glob, k_loc, v_loc, k_sink, v_sink, s_sel, v_sel, scale: float):
-    """Local keys at true positions (causal on the newest T) + sinks + retrieved keys, both remapped.
-
-    q:      [KVH, G, T, D]     queries rotated at their true positions (as the model made them)
-    q_glob: [KVH, G, T, D]     the same queries rotated to the sinks' distance (position DISTANCE when
-                               every global key is at DISTANCE)
-    k_loc:  [KVH, S, D]        local keys at true positions; the last T are the queries' own
-    k_sink: [KVH, Ns, D]       pre-RoPE sink keys (Ns may be 0)
-    s_sel:  [KVH, G, T, K]     logits (unscaled) of K retrieved keys at their remapped distances
-                               (q_glob . k_pre at DISTANCE, or ordered_scores); v_sel [KVH, G, T, K, D]
-    returns [KVH, G, T, D]
-    """
-    S, T = k_loc.shape[1], q.shape[2]
-    o, lse = local_attention(q, k_loc, v_loc, scale, causal_offset=S - T)
-    if k_sink.shape[1] > 0:
-        o2, lse2 = partial_attention(q_glob, k_sink[:, None], v_sink[:, None], scale)
-        o, lse = merge_partials(o, lse, o2, lse2)
-    if s_sel.shape[-1] > 0:
-        o2, lse2 = attention_from_scores(s_sel, v_sel, scale)
-        o, lse = merge_partials(o, lse, o2, lse2)
-    return o
-
-
-def ordered_scores(q, k_sel, pos, rope: Rope):
+def ordered_scores(q, k_sel, pos, rope: Rope, distance: int):
     """Logits of each query's K retrieved keys placed in document order before it.
 
     q: [KVH, G, T, D] at true positions pos [T]; k_sel: [KVH, G, T, K, D] pre-RoPE, sorted by
-    document position. Key j sits DISTANCE + K - 1 - j tokens before its query (the earliest
+    document position. Key j sits distance + K - 1 - j tokens before its query (the earliest
     farthest). Rotating the query by (distance - pos) equals rotating the key to pos - distance.
     returns [KVH, G, T, K] (unscaled)"""
     T, K, D = q.shape[2], k_sel.shape[3], q.shape[3]
-    dist = DISTANCE + K - 1 - torch.arange(K, device=q.device)                   # [K]
+    dist = distance + K - 1 - torch.arange(K, device=q.device)                   # [K]
     cos, sin = rope.cos_sin((dist[None, :] - pos[:, None]).reshape(-1))
     cos, sin = cos.reshape(T, K, D), sin.reshape(T, K, D)
     qx = q[..., None, :]                                                         # [KVH, G, T, 1, D]
     return ((qx * cos + rotate_half(qx) * sin) * k_sel).sum(-1)
 
 
-def remapped_reference(q, pos, k_loc, v_loc, loc_pos, k_glob_pre, v_glob, rope: Rope, scale: float,
-                       distance=None):
+def remapped_reference(q, pos, k_loc, v_loc, loc_pos, k_glob_pre, v_glob, rope: Rope, scale: float, distance):
     """Naive reference: one softmax per query over local keys (true positions, causal) and global
     keys rotated to position pos - distance. Builds every key explicitly, per query.
 
     q: [H, T, D] at positions pos [T]; k_loc: [H, S, D] at loc_pos [S]; k_glob_pre: [H, T, K, D]
-    (each query's own global set, pre-RoPE); distance: one int (default DISTANCE) or a [K] tensor,
-    one distance per global key. returns [H, T, D]"""
-    distance = torch.as_tensor(DISTANCE if distance is None else distance).expand(k_glob_pre.shape[2])
+    (each query's own global set, pre-RoPE); distance: one int or a [K] tensor, one distance per
+    global key. returns [H, T, D]"""
+    distance = torch.as_tensor(distance).expand(k_glob_pre.shape[2])
     out = torch.empty_like(q)
     for t in range(q.shape[1]):
         p = int(pos[t])
@@ -160,22 +129,24 @@ def span_bounds(rep, smin, smax):
     return torch.bmm(rep.clamp(min=0), smax.transpose(1, 2)) + torch.bmm(rep.clamp(max=0), smin.transpose(1, 2))
 
 
-def block_retrieval(q_glob, store_k, store_v, far_start: int, far_end: int, smin, smax, topk: int, block: int):
-    """Prefill retrieval: each block of `block` queries shares the top-k far keys of its mean query.
+def block_retrieval(q_glob, store_k, store_v, far_start: int, far_end: int, smin, smax, scheme: RemapScheme):
+    """Prefill retrieval: each block of `scheme.block` queries shares the top `scheme.prefill_topk`
+    far keys of its mean query.
 
     q_glob: [KVH, G, T, D]; store_k/v: [KVH, P, D] (pre-RoPE, the entry's memory map, any dtype);
     far keys are [far_start, far_end); smin/smax: [KVH, S, D] bounds of the S complete spans from
-    far_start. Candidates: every far key while there are few, else the SPANS spans of highest bound
+    far_start. Candidates: every far key while there are few, else the `spans` spans of highest bound
     plus the far keys past the last complete span. Returns a list over blocks of
     (T_b, k_sel [KVH, G, K, D] float32, v_sel [KVH, G, K, D] float32).
     """
     KVH, G, T, D = q_glob.shape
     dev = q_glob.device
     heads = torch.arange(KVH)[:, None, None]
+    SPAN, SPANS = scheme.span, scheme.spans
     n_spans = smin.shape[1]
     tail = torch.arange(far_start + n_spans * SPAN, far_end)
     out = []
-    for qb in torch.split(q_glob, block, dim=2):
+    for qb in torch.split(q_glob, scheme.block, dim=2):
         rep = qb.mean(dim=2)  # [KVH, G, D]
         if n_spans <= SPANS:  # every span would be picked: score every far key
             ids = torch.arange(far_start, far_end).expand(KVH, G, -1)
@@ -185,7 +156,7 @@ def block_retrieval(q_glob, store_k, store_v, far_start: int, far_end: int, smin
             ids = torch.cat([ids, tail.expand(KVH, G, -1)], dim=-1)  # [KVH, G, C]
         cand = store_k[heads, ids].to(dev, torch.float32)  # [KVH, G, C, D]
         scores = (cand @ rep[..., None])[..., 0]  # [KVH, G, C]
-        pick = scores.topk(min(topk, ids.shape[-1]), dim=-1, sorted=False).indices  # [KVH, G, K]
+        pick = scores.topk(min(scheme.prefill_topk, ids.shape[-1]), dim=-1, sorted=False).indices  # [KVH, G, K]
         k_sel = cand.gather(2, pick[..., None].expand(-1, -1, -1, D))
         v_sel = store_v[heads, ids.gather(2, pick.cpu())].to(dev, torch.float32)
         out.append((qb.shape[2], k_sel, v_sel))
@@ -202,9 +173,9 @@ class LongPrefillLayer(DynamicLayer):
     returns the local window + the chunk. attend() is called by core/attention.py's hook.
     """
 
-    def __init__(self, layer: int, rope: Rope, write_kv, store_k, store_v, capture=None):
+    def __init__(self, layer: int, rope: Rope, scheme: RemapScheme, write_kv, store_k, store_v, capture=None):
         super().__init__()
-        self.layer, self.rope, self.write_kv, self.capture = layer, rope, write_kv, capture
+        self.layer, self.rope, self.scheme, self.write_kv, self.capture = layer, rope, scheme, write_kv, capture
         self.store_k, self.store_v = store_k, store_v  # [KVH, P, D] views of the entry's memory maps
         self.n_seen = 0     # tokens before the current chunk (after update: including it)
         self.start = 0      # first position of the current chunk
@@ -227,10 +198,11 @@ class LongPrefillLayer(DynamicLayer):
         self.write_kv(self.layer, s, k_pre.cpu().numpy(), value_states[0].float().cpu().numpy())
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # plain causal attention while the whole prefix is within SINK + LOCAL tokens (and for a
+        # plain causal attention while the whole prefix is within sink + local tokens (and for a
         # first chunk that holds the sinks themselves: its distances are < T anyway)
+        SINK, LOCAL = self.scheme.sink, self.scheme.local
         self.exact = s + T <= SINK + LOCAL or s < SINK
-        # local window of this chunk: [max(SINK, s - LOCAL), s), all of [0, s) while exact
+        # local window of this chunk: [max(sink, s - local), s), all of [0, s) while exact
         lo = 0 if self.exact else max(SINK, s - LOCAL)
         drop = lo - self.loc_start
         if drop > 0:
@@ -243,8 +215,9 @@ class LongPrefillLayer(DynamicLayer):
         return self.keys, self.values
 
     def _summarise(self) -> None:
-        """Min / max per dimension of every span [SINK + i*SPAN, SINK + (i+1)*SPAN) now complete,
+        """Min / max per dimension of every span [sink + i*span, sink + (i+1)*span) now complete,
         from the stored (fp16) keys, so the bounds hold for the keys that are scored."""
+        SINK, SPAN = self.scheme.sink, self.scheme.span
         done = 0 if self.smin is None else self.smin.shape[1]
         total = max(0, self.n_seen - SINK) // SPAN
         if total <= done:
@@ -261,90 +234,44 @@ class LongPrefillLayer(DynamicLayer):
         KVH = key.shape[1]
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)
         pos = torch.arange(self.start, self.start + T, device=q.device)
-        q_glob = self.rope.rotate(q, DISTANCE - pos)
+        q_glob = self.rope.rotate(q, self.scheme.distance - pos)
         if self.capture is not None:
             self.capture.record(self.layer, q_glob.reshape(1, Hq, T, D))
         k_loc, v_loc = key[0].float(), value[0].float()
-        if self.exact:
-            o, _ = local_attention(q, k_loc, v_loc, scale, causal_offset=k_loc.shape[1] - T)
-        else:
-            dev = q.device
+        parts = [local_attention(q, k_loc, v_loc, scale, causal_offset=k_loc.shape[1] - T)]
+        if not self.exact:
+            dev, SINK = q.device, self.scheme.sink
             k_sink = torch.from_numpy(self.store_k[:, :SINK]).to(dev, torch.float32)
             v_sink = torch.from_numpy(self.store_v[:, :SINK]).to(dev, torch.float32)
-            o, lse = local_attention(q, k_loc, v_loc, scale, causal_offset=k_loc.shape[1] - T)
-            o2, lse2 = partial_attention(q_glob, k_sink[:, None], v_sink[:, None], scale)
-            o, lse = merge_partials(o, lse, o2, lse2)
-            far_end = self.loc_start  # far keys: [SINK, loc_start)
+            parts.append(partial_attention(q_glob, k_sink[:, None], v_sink[:, None], scale))
+            far_end = self.loc_start  # far keys: [sink, loc_start)
             if far_end > SINK:
-                n_spans = (far_end - SINK) // SPAN  # complete spans inside the far range
+                n_spans = (far_end - SINK) // self.scheme.span  # complete spans inside the far range
                 empty = torch.zeros(KVH, 0, D)
                 smin = (empty if self.smin is None else self.smin[:, :n_spans]).to(dev)
                 smax = (empty if self.smax is None else self.smax[:, :n_spans]).to(dev)
                 store_k, store_v = torch.from_numpy(self.store_k), torch.from_numpy(self.store_v)
-                parts, t0 = [], 0
+                blocks, t0 = [], 0
                 for tb, k_sel, v_sel in block_retrieval(q_glob, store_k, store_v, SINK, far_end, smin, smax,
-                                                        PREFILL_TOPK, BLOCK):
-                    parts.append(partial_attention(q_glob[:, :, t0:t0 + tb], k_sel, v_sel, scale))
+                                                        self.scheme):
+                    blocks.append(partial_attention(q_glob[:, :, t0:t0 + tb], k_sel, v_sel, scale))
                     t0 += tb
-                o2 = torch.cat([p[0] for p in parts], dim=2)
-                lse2 = torch.cat([p[1] for p in parts], dim=2)
-                o, lse = merge_partials(o, lse, o2, lse2)
-        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
-
-
-# ----------------------------------------------------------------------------- decoding
-
-class RemappedRetrievalLayer(RetrievalLayer):
-    """RetrievalLayer for a long document's entry (pre-RoPE keys in the store).
-
-    keys/values (inherited) hold the local window: the document's last `recent` tokens rotated
-    back to their true positions, then every new token. The sinks are kept pre-RoPE. The index is
-    searched with the global query (every key at DISTANCE: the frame it was built in); the top-k
-    it returns are then attended in document order just beyond DISTANCE and the sinks beyond them
-    (ordered_scores).
-    """
-
-    def __init__(self, local_k, local_v, sink_k, sink_v, offloaded, index, top_k: int, n_prefix: int, rope: Rope):
-        super().__init__(local_k, local_v, offloaded, index, top_k, n_prefix)
-        self.sink_k, self.sink_v, self.rope = sink_k, sink_v, rope  # [KVH, Ns, D]
-        self.n_offloaded = n_prefix - local_k.shape[-2] - sink_k.shape[1]
-        self.n_sink = sink_k.shape[1]
-
-    def get_seq_length(self) -> int:
-        return self.n_sink + self.n_offloaded + self.keys.shape[-2]
-
-    def attend(self, query, key, value, scale: float):
-        _, Hq, T, D = query.shape
-        KVH = key.shape[1]
-        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
-        pos = torch.arange(self.get_seq_length() - T, self.get_seq_length(), device=q.device)
-        k = min(self.top_k, self.n_offloaded)
-        if k > 0:
-            ids, _ = self.index.search(self.rope.rotate(q, DISTANCE - pos).reshape(KVH, -1, D), k)  # [KVH, G*T, k]
-            ids = ids.sort(dim=-1).values  # document order
-            self.last_retrieved = ids
-            k_sel = self.offloaded.gather_keys(ids).to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
-            s_sel = ordered_scores(q, k_sel, pos, self.rope)
-            v_sel = self.offloaded.gather_values(ids).to(q.device, torch.float32).reshape(*q.shape[:3], k, D)
-        else:
-            s_sel, v_sel = q.new_zeros(*q.shape[:3], 0), q.new_zeros(*q.shape[:3], 0, D)
-        q_sink = self.rope.rotate(q, DISTANCE + k - pos)  # the sinks just beyond the farthest retrieved key
-        o = remapped_attention(q, q_sink, key[0].float(), value[0].float(), self.sink_k, self.sink_v,
-                               s_sel, v_sel, scale)
+                parts.append((torch.cat([p[0] for p in blocks], dim=2), torch.cat([p[1] for p in blocks], dim=2)))
+        o, _ = merge(parts)
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 
 @torch.inference_mode()
-def prefill_long(model, ids, chunk_size: int, writer, capture=None, progress=None) -> None:
+def prefill_long(model, ids, chunk_size: int, writer, scheme: RemapScheme, capture=None, progress=None) -> None:
     """Prefill a prefix longer than the model's window into `writer` (a core/store.EntryWriter):
     pre-RoPE keys and values of every token, global-frame queries at the capture positions."""
-    from .attention import RetrievalCache
+    from .layer import RaCache
 
     device = next(model.parameters()).device
     rope = Rope(model)
-    layers = [LongPrefillLayer(i, rope, writer.write_kv, writer.keys[i], writer.values[i], capture)
+    layers = [LongPrefillLayer(i, rope, scheme, writer.write_kv, writer.keys[i], writer.values[i], capture)
               for i in range(model.config.num_hidden_layers)]
-    cache = RetrievalCache(layers)
+    cache = RaCache(layers)
     n = len(ids)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)

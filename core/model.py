@@ -23,8 +23,7 @@ DEFAULT_MODEL = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(Exception):
-    """A model that cannot be found or loaded; the message is shown to the user as is."""
+from .errors import ModelError, UsageError
 
 
 @dataclass
@@ -128,7 +127,7 @@ def pick_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise ModelError("--device cuda asked for, but torch sees no CUDA device")
     elif device != "cpu":
-        raise ModelError(f"unknown device {device!r} (auto, cpu or cuda)")
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
     return device
 
 
@@ -140,7 +139,7 @@ def pick_dtype(dtype: str, device: str):
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ModelError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return table[dtype]
 
 
@@ -151,7 +150,7 @@ def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trus
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from . import attention  # noqa: F401  registers the "ra" attention implementation
+    from . import attention
 
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs is noise here
     hf_logging.set_verbosity_error()
@@ -160,7 +159,7 @@ def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trus
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, attn_implementation=attention.ATTN_IMPLEMENTATION,
+            path, dtype=dtype or torch.float32, attn_implementation=attention.register(),
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {ref.spec!r}: {str(e).splitlines()[0]}") from None

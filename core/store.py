@@ -3,7 +3,7 @@
 Layout under the data directory ($RA_HOME, default the platform's user cache dir):
 
   store/entries/<key>/             one prefilled document; <key> = sha256 of `StoreKey` (hex, 32)
-    manifest.json                  format version, key fields, shapes, source document, timings
+    manifest.json                  format version, key fields, shapes, source document, timings (core/manifest.py)
     tokens.npy     int32 [P]       the cached prefix tokens (chat template head + document + ...)
     sources.npy    int32 [P, 2]    per token: char offset in text.txt, page (0-based); -1 = template
     text.txt                       the extracted document text (UTF-8), what `sources` points into
@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from .manifest import Manifest
+
 FORMAT_VERSION = 1
-# bumped when an index kind's files change: a directory of the older layout is then not opened
-# (the new one is built beside it). graph .v2: grouped directions, 24-bit ids (core/graph.py)
-INDEX_FORMATS = {"graph": ".v2"}
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,10 @@ class Store:
             if pid.isdigit() and not _pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
 
-    def lock(self, key: StoreKey):
-        return FileLock(str(self.locks / f"{key.digest}.lock"))
+    def lock(self, name: str) -> FileLock:
+        """The store's one lock helper: an inter-process file lock named `name` (an entry's digest
+        while it is built or removed, `<digest>.index` while one of its indexes is built)."""
+        return FileLock(str(self.locks / f"{name}.lock"))
 
     def path(self, key: StoreKey) -> Path:
         return self.entries / key.digest
@@ -144,7 +145,7 @@ class Store:
         """Delete an entry: renamed out of `entries/` first, so no reader ever sees half of one.
         A process that has it open keeps its memory maps until it exits."""
         src = self.entries / digest
-        with FileLock(str(self.locks / f"{digest}.lock")):
+        with self.lock(digest):
             if not src.exists():
                 return
             trash = self.tmp / f"{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
@@ -171,15 +172,15 @@ class EntryInfo:
     """What `ra cache` shows about an entry, without opening its arrays."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     size_bytes: int
     last_used: float  # manifest.json's mtime, touched each time the entry is opened
 
     @classmethod
     def read(cls, path: Path) -> "EntryInfo":
-        m = path / "manifest.json"
+        m = path / Manifest.FILE
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return cls(path, json.loads(m.read_text()), size, m.stat().st_mtime)
+        return cls(path, Manifest.read(path), size, m.stat().st_mtime)
 
     @property
     def digest(self) -> str:
@@ -218,7 +219,7 @@ class EntryWriter:
         """q: [Hq, n, D] for query_positions[slot]"""
         self.queries[layer, :, slot] = q
 
-    def finish(self, manifest: dict, tokens: np.ndarray, sources: np.ndarray, text: str) -> None:
+    def finish(self, manifest: Manifest, tokens: np.ndarray, sources: np.ndarray, text: str) -> None:
         for m in (self.keys, self.values, self.queries):
             m.flush()
         del self.keys, self.values, self.queries
@@ -226,8 +227,7 @@ class EntryWriter:
         np.save(self.dir / "sources.npy", sources.astype(np.int32), allow_pickle=False)
         np.save(self.dir / "query_positions.npy", self.query_positions, allow_pickle=False)
         (self.dir / "text.txt").write_text(text, encoding="utf-8")
-        # the manifest is written last: an entry without one is never opened
-        (self.dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        manifest.write(self.dir)  # last: an entry without a manifest is never opened
 
 
 class Entry:
@@ -236,7 +236,7 @@ class Entry:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        self.manifest = Manifest.read(self.path)
         self.tokens = self._load("tokens.npy")
         self.keys = self._load("keys.npy")      # [L, KVH, P, D]
         self.values = self._load("values.npy")
@@ -249,7 +249,7 @@ class Entry:
     @property
     def remapped(self) -> bool:
         """A document past the model's window: keys are stored pre-RoPE (core/longctx.py)."""
-        return self.manifest.get("positions", {}).get("scheme", "exact") != "exact"
+        return self.manifest.remapped
 
     def _load(self, name: str):
         return np.load(self.path / name, mmap_mode="c", allow_pickle=False)
@@ -278,26 +278,26 @@ class Entry:
         return q.reshape(self.kv_heads, -1, q.shape[-1])
 
     def index_dir(self, kind: str, sink: int, recent: int) -> Path:
-        return self.path / "indexes" / f"{kind}{INDEX_FORMATS.get(kind, '')}-s{sink}-r{recent}"
+        from .index import kind as index_kind
+
+        return self.path / "indexes" / f"{kind}{index_kind(kind).format}-s{sink}-r{recent}"
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def ensure_index(self, store: Store, kind: str, sink: int, recent: int, progress=None) -> Path:
-        """Build the index for this split if it is missing (atomically, under the entry's lock)."""
-        from filelock import FileLock
-
-        from .index import build_index_dir
+        """Build the index for this split if it is missing (atomically, under the entry's index lock)."""
+        from .index import kind as index_kind
 
         final = self.index_dir(kind, sink, recent)
         if (final / "index.json").exists():
             return final
-        with FileLock(str(store.locks / f"{self.path.name}.index.lock")):
+        with store.lock(f"{self.path.name}.index"):
             if (final / "index.json").exists():
                 return final
             with store.staging() as tmp:
-                build_index_dir(kind, lambda layer: self.offloaded_keys(layer, sink, recent), self.n_layers, tmp,
-                                progress, self.build_queries)
+                index_kind(kind).build(lambda layer: self.offloaded_keys(layer, sink, recent), self.build_queries,
+                                       self.n_layers, tmp, progress)
                 store.commit(tmp, final)
         return final
 

@@ -9,13 +9,11 @@ from typing import List
 
 import typer
 
-from .session import UsageError, human_size, parse_size
+from core.errors import StoreError, UsageError
+
+from .session import human_size, parse_size
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the document cache.")
-
-
-class StoreError(Exception):
-    """A cache entry that cannot be found; exit code 1."""
 
 
 def _home() -> Path:
@@ -47,9 +45,9 @@ def _find(store, prefix: str):
 
 def _row(e) -> dict:
     m = e.manifest
-    return {"entry": e.digest, "document": m["document"]["name"], "kind": m["document"]["kind"],
-            "model": m["model"]["spec"], "tokens": m["n_tokens"], "size_bytes": e.size_bytes,
-            "last_used": e.last_used, "created": m.get("created")}
+    return {"entry": e.digest, "document": m.document.name, "kind": m.document.kind,
+            "model": m.model.spec, "tokens": m.n_tokens, "size_bytes": e.size_bytes,
+            "last_used": e.last_used, "created": m.created, "positions": m.positions["scheme"]}
 
 
 @cache_app.command("list")
@@ -68,18 +66,18 @@ def cache_list(as_json: bool = typer.Option(False, "--json", help="One JSON obje
 def cache_info(entry: str = typer.Argument(..., help="An entry key, or its first characters.")):
     """Show one cached document: source, model, tokens, files, indexes, timings."""
     e = _find(_store(), entry)
-    m, doc = e.manifest, e.manifest["document"]
-    lines = [("entry", e.digest), ("document", f"{doc['name']} ({doc['kind']}, {doc['chars']:,} chars)"),
-             ("model", f"{m['model']['spec']} ({m['model']['identity'][:24]}...)"),
-             ("tokens", f"{m['n_tokens']:,}"), ("size", human_size(e.size_bytes)),
-             ("positions", m.get("positions", {}).get("scheme", "exact")),
-             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"]))),
-             ("last used", _ago(e.last_used)), ("prefill", f"{m['prefill_s']:.1f} s"),
+    m, doc = e.manifest, e.manifest.document
+    lines = [("entry", e.digest), ("document", f"{doc.name} ({doc.kind}, {doc.chars:,} chars)"),
+             ("model", f"{m.model.spec} ({m.model.identity[:24]}...)"),
+             ("tokens", f"{m.n_tokens:,}"), ("size", human_size(e.size_bytes)),
+             ("positions", m.positions["scheme"]),
+             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))),
+             ("last used", _ago(e.last_used)), ("prefill", f"{m.prefill_s:.1f} s"),
              ("indexes", ", ".join(sorted(p.name for p in (e.path / "indexes").glob("*"))) or "none"),
              ("path", str(e.path))]
-    if doc.get("files"):
-        lines.insert(2, ("files", f"{len(doc['files'])}: " + ", ".join(doc["files"][:20])
-                         + (" ..." if len(doc["files"]) > 20 else "")))
+    if doc.files:
+        lines.insert(2, ("files", f"{len(doc.files)}: " + ", ".join(doc.files[:20])
+                         + (" ..." if len(doc.files) > 20 else "")))
     for k, v in lines:
         typer.echo(f"{k + ':':<10} {v}")
 
@@ -91,7 +89,7 @@ def cache_rm(entries: List[str] = typer.Argument(..., help="Entry keys, or their
     found = [_find(store, p) for p in entries]  # all or nothing: check every key first
     for e in found:
         store.remove(e.digest)
-        typer.echo(f"removed {e.digest[:12]}  {e.manifest['document']['name']}  ({human_size(e.size_bytes)})")
+        typer.echo(f"removed {e.digest[:12]}  {e.manifest.document.name}  ({human_size(e.size_bytes)})")
 
 
 @cache_app.command("clear")
@@ -123,7 +121,7 @@ def cache_gc(
     verb = "would remove" if dry_run else "removed"
     for e in evicted:
         typer.echo(f"{verb} {e.digest[:12]}  {_ago(e.last_used):>12}  {human_size(e.size_bytes):>10}  "
-                   f"{e.manifest['document']['name']}")
+                   f"{e.manifest.document.name}")
     left = sum(e.size_bytes for e in store.infos()) - (sum(e.size_bytes for e in evicted) if dry_run else 0)
     typer.echo(f"{verb} {len(evicted)} entries; the store holds {human_size(left)}")
 

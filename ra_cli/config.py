@@ -18,8 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class ConfigError(Exception):
-    """A config.toml that cannot be used; exit code 2."""
+from core.errors import ConfigError
 
 
 def read_config(home: Path) -> tuple[dict, Path]:

@@ -13,8 +13,12 @@ from typing import List, Optional
 
 import typer
 
+from core.errors import RaError, UsageError
+from core.settings import DEFAULTS as D
+from core.settings import Settings
+
 from .cache import cache_app, models
-from .session import ModelOptions, UsageError, WalkOptions
+from .session import WalkOptions
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Ask questions about whole books, PDFs and codebases with a local LLM.")
@@ -32,7 +36,8 @@ def _version(value: bool):
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors (anywhere on the line).")):
     """Ask questions about whole books, PDFs and codebases with a local LLM."""
 
 
@@ -48,32 +53,33 @@ def _err_console():
     return Console(stderr=True, highlight=False)
 
 
-# Options shared by ask, repl and index (each is a default value Typer reads; reusing them is fine).
-MODEL = typer.Option(None, "--model", "-m", envvar="RA_MODEL",
+# Options shared by ask, repl and index: their defaults are core.settings.Settings' (D).
+MODEL = typer.Option(D.model, "--model", "-m", envvar="RA_MODEL",
                      help="Model: .gguf file, model directory or Hugging Face id. Default: embedded SmolLM2-135M-Instruct.")
-DEVICE = typer.Option("auto", envvar="RA_DEVICE", help="auto, cpu or cuda.")
-DTYPE = typer.Option("auto", envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
-ATTENTION = typer.Option("retrieval", envvar="RA_ATTENTION",
+DEVICE = typer.Option(D.device, envvar="RA_DEVICE", help="auto, cpu or cuda.")
+DTYPE = typer.Option(D.dtype, envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
+ATTENTION = typer.Option(D.attention, envvar="RA_ATTENTION",
                          help="retrieval, or full (exact attention over the same cached KV).")
-INDEX = typer.Option("auto", envvar="RA_INDEX",
-                     help="Offloaded-key index: auto (flat under 16K keys, else graph), flat (exact), hnsw, graph.")
-TOP_K = typer.Option(100, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
-SINK = typer.Option(128, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")
-RECENT = typer.Option(512, envvar="RA_RECENT", min=0, help="Last tokens of the document kept static.")
-MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", envvar="RA_MAX_TOKENS", min=1, help="Longest answer, in tokens.")
-CHUNK = typer.Option(1024, envvar="RA_CHUNK_SIZE", min=16, help="Prefill chunk size, in tokens.")
-TRUST = typer.Option(False, help="Allow a model's own Python code to run.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress or notices on stderr.")
+INDEX = typer.Option(D.index, envvar="RA_INDEX",
+                     help="Offloaded-key index: auto (flat under 16K keys or past the window, else graph), flat (exact), hnsw, graph.")
+TOP_K = typer.Option(D.top_k, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
+SINK = typer.Option(D.sink, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")
+RECENT = typer.Option(D.recent, envvar="RA_RECENT", min=0, help="Last tokens of the document kept static.")
+MAX_TOKENS = typer.Option(D.max_tokens, "--max-tokens", "-n", envvar="RA_MAX_TOKENS", min=1, help="Longest answer, in tokens.")
+CHUNK = typer.Option(D.chunk_size, envvar="RA_CHUNK_SIZE", min=16, help="Prefill chunk size, in tokens.")
+TRUST = typer.Option(D.trust_remote_code, help="Allow a model's own Python code to run (off: never).")
+QUIET = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors (no progress, notices or library bars).")
 INCLUDE = typer.Option([], "--include", help="Directories: index only files matching this glob (repeatable).")
 EXCLUDE = typer.Option([], "--exclude", help="Directories: skip files matching this glob (repeatable).")
 MAX_FILE = typer.Option("256K", envvar="RA_MAX_FILE_SIZE", help="Directories: skip files larger than this.")
 
 
-def _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size, trust_remote_code):
-    o = ModelOptions(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                     trust_remote_code)
-    o.check()
-    return o
+def _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+              trust_remote_code) -> Settings:
+    """The options as Settings, checked (a bad value is a usage error before anything loads)."""
+    return Settings(model=model, device=device, dtype=dtype, attention=attention, index=index, top_k=top_k,
+                    sink=sink, recent=recent, max_tokens=max_tokens, chunk_size=chunk_size,
+                    trust_remote_code=trust_remote_code).check()
 
 
 def _questions(target: str, question: Optional[str], extra: List[str], questions_file: Optional[str]) -> list[str]:
@@ -116,11 +122,11 @@ def ask(
     """Answer questions about a document (prefilled once, then answered from the cache)."""
     from .session import Session, answer_record, read_document, write_answer
 
-    opts = _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                 trust_remote_code)
+    settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+                         trust_remote_code)
     questions = _questions(target, question, more, questions_file)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))  # before torch loads
-    session = Session(_home(), opts, _err_console(), quiet)
+    session = Session(_home(), settings, _err_console(), quiet)
 
     from core.engine import AnswerStats
 
@@ -156,10 +162,11 @@ def index_cmd(
 
     from .session import Session, human_size, read_document
 
-    opts = _opts(model, device, dtype, "retrieval", index, 100, sink, recent, 1, chunk_size, trust_remote_code)
+    settings = _settings(model, device, dtype, D.attention, index, D.top_k, sink, recent, D.max_tokens, chunk_size,
+                         trust_remote_code)
     walk = WalkOptions(include, exclude, max_file_size)
     docs = [read_document(p, walk) for p in paths]  # every input is checked before the model loads
-    session = Session(_home(), opts, _err_console(), quiet)
+    session = Session(_home(), settings, _err_console(), quiet)
     for doc in docs:
         t = time.perf_counter()
         prepared = session.open(doc)
@@ -187,10 +194,10 @@ def repl(
 
     if target == "-":
         raise UsageError("ra repl reads questions from stdin; give the document as a file")
-    opts = _opts(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                 trust_remote_code)
+    settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+                         trust_remote_code)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))
-    session = Session(_home(), opts, _err_console(), quiet)
+    session = Session(_home(), settings, _err_console(), quiet)
     prepared = session.open(doc)
     Repl(session, doc, prepared, _home()).run()
 
@@ -233,11 +240,10 @@ def main() -> None:
         if isinstance(e, typer.TyperException) and hasattr(e, "format_message"):  # bad option or argument
             print(f"ra: error: {e.format_message()}", file=sys.stderr)
             sys.exit(getattr(e, "exit_code", 2))
-        known = type(e).__name__ in ("DocumentError", "ModelError", "UsageError", "ConfigError", "StoreError")
-        code = 2 if type(e).__name__ in ("UsageError", "ConfigError") else 1
+        known = isinstance(e, RaError)
         msg = str(e) or type(e).__name__
         print(f"ra: error: {msg}" + ("" if known else "  (run with --debug for a traceback)"), file=sys.stderr)
-        sys.exit(code)
+        sys.exit(e.exit_code if known else 1)
 
 if __name__ == "__main__":
     main()

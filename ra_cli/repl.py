@@ -81,8 +81,8 @@ class Repl:
         rows = [("document", f"{self.doc.name} ({p.entry.n_tokens:,} tokens, "
                              f"{'from the cache' if p.cache_hit else f'prefilled in {p.prefill_s:.1f} s'})"),
                 ("model", f"{e.ref.spec} on {e.device}, loaded once in {e.load_s:.1f} s"),
-                ("attention", f"{e.s.attention}" + (f", {e.s.index} index, top-{e.s.top_k}"
-                                                    if e.s.attention == "retrieval" else "")),
+                ("attention", f"{p.settings.attention}" + (f", {p.index_kind} index, top-{p.settings.top_k}"
+                                                           if p.settings.attention == "retrieval" else "")),
                 ("questions", f"{self.asked} answered, {self.interrupted} interrupted"),
                 ("conversation", f"{len(self.history)} turns")]
         if self.last:
@@ -92,8 +92,8 @@ class Repl:
         return "\n".join(f"{k + ':':<14}{v}" for k, v in rows)
 
     def answer(self, question: str) -> None:
-        from core.documents import DocumentError
         from core.engine import AnswerStats
+        from core.errors import DocumentTooLong
 
         from .session import write_answer
 
@@ -106,7 +106,7 @@ class Repl:
                 self.interrupted += 1
                 print("ra: answer stopped", file=sys.stderr, flush=True)
                 return
-            except DocumentError:  # the conversation outgrew the model's context
+            except DocumentTooLong:  # the conversation outgrew the model's context
                 if not self.history:
                     raise
                 self.history.pop(0)

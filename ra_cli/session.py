@@ -7,29 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 
-class UsageError(Exception):
-    """Bad arguments: exit code 2."""
-
-
-@dataclass
-class ModelOptions:
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "retrieval"
-    index: str = "auto"
-    top_k: int = 100
-    sink: int = 128
-    recent: int = 512
-    max_tokens: int = 256
-    chunk_size: int = 1024
-    trust_remote_code: bool = False
-
-    def check(self) -> None:
-        if self.attention not in ("retrieval", "full"):
-            raise UsageError(f"--attention must be retrieval or full, not {self.attention!r}")
-        if self.index not in ("auto", "flat", "hnsw", "graph"):
-            raise UsageError(f"--index must be auto, flat, hnsw or graph, not {self.index!r}")
+from core.errors import UsageError  # noqa: F401  (the CLI's usage errors are core's)
 
 
 @dataclass
@@ -101,17 +79,16 @@ def read_document(target: str, walk: WalkOptions):
 class Session:
     """Loads the model (once) and opens documents with it."""
 
-    def __init__(self, home, opts: ModelOptions, console, quiet: bool):
-        from core.engine import Engine, Settings
-
+    def __init__(self, home, settings, console, quiet: bool):
+        """settings: a checked core.settings.Settings (the CLI's options)."""
         self.console, self.quiet = console, quiet
         self.progress = Progress(console, enabled=not quiet)
+        if quiet:
+            _silence_libraries()
         self.say("loading model...")
-        s = Settings(model=opts.model, device=opts.device, dtype=opts.dtype, attention=opts.attention,
-                     index=opts.index, top_k=opts.top_k, sink=opts.sink, recent=opts.recent,
-                     max_tokens=opts.max_tokens, chunk_size=opts.chunk_size,
-                     trust_remote_code=opts.trust_remote_code)
-        self.engine = Engine(home, s, progress=self.progress, notice=self.say)
+        from core.engine import Engine
+
+        self.engine = Engine(home, settings, progress=self.progress, notice=self.say)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -119,27 +96,41 @@ class Session:
 
     def open(self, doc):
         """-> Prepared: the document's cache entry, built first if it is missing."""
-        from core.documents import DocumentError
+        from core.errors import DocumentTooLong
 
         try:
             prepared = self.engine.prepare(doc)
-        except DocumentError as e:
-            if doc.kind == "code" and "handles at most" in str(e):
-                raise DocumentError(f"{e}; narrow it with --include/--exclude") from None
+        except DocumentTooLong as e:
+            if doc.kind == "code":
+                raise DocumentTooLong(f"{e}; narrow it with --include/--exclude") from None
             raise
         finally:
             self.progress.stop()
-        n, s = prepared.entry.n_tokens, self.engine.s
+        n, s = prepared.entry.n_tokens, prepared.settings
         if prepared.cache_hit:
             self.say(f"cache hit: reused {n:,} document tokens from the store, no prefill")
         else:
             self.say(f"prefilled {n:,} tokens in {prepared.prefill_s:.1f} s "
                      f"({n / max(prepared.prefill_s, 1e-9):,.0f} tokens/s); cached for next time")
-        a, b = self.engine.split(prepared.entry)
+        a, b = prepared.split
         if s.attention == "retrieval":
             self.say(f"retrieval attention: {n - (b - a):,} static tokens on {self.engine.device}, {b - a:,} "
                      f"offloaded ({prepared.index_kind} index, top-{s.top_k})")
         return prepared
+
+
+def _silence_libraries() -> None:
+    """-q: nothing on stderr but errors, the libraries' own progress bars and warnings included."""
+    import os
+    import warnings
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def write_answer(pieces, markdown: bool) -> str:
@@ -187,6 +178,8 @@ def answer_record(question: str, answer: str, doc, prepared, stats, engine) -> d
                    "answer": stats.answer_tokens},
         "cache_hit": prepared.cache_hit,
         "positions": "remapped" if prepared.entry.remapped else "exact",  # past the model's window or not
+        "attention": prepared.settings.attention,
+        "index": prepared.index_kind,
         "timings": {"load_s": round(engine.load_s + prepared.load_s, 3),
                     "prefill_s": round(prepared.prefill_s + prepared.index_s, 3),
                     "first_token_s": round(stats.first_token_s, 3), "answer_s": round(stats.answer_s, 3),

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from core.attention import merge_partials, partial_attention, reference_attention, retrieval_attention
+from core.attention import merge_partials, partial_attention, reference_attention
 
 
 def _rand(*shape, seed=0):
@@ -44,33 +44,70 @@ def test_empty_side_is_ignored_and_large_logits_are_stable():
     assert torch.isfinite(m).all()
 
 
-def test_retrieval_attention_with_every_key_retrieved_is_full_attention():
+def _exact_layer(k_loc, v_loc, k_off, v_off, top_k, n_new):
+    """A DocumentLayer (ExactPositions, flat index) whose static rows are k_loc[:, :-n_new] and whose
+    offloaded range is k_off; the last n_new rows of k_loc are appended as the new tokens."""
+    from core.index import FlatLayerIndex
+    from core.layer import DocumentLayer, ExactPositions, Retriever, StaticKV
+
+    S0 = k_loc.shape[1] - n_new
+    static = StaticKV(k_loc[None, :, :S0], v_loc[None, :, :S0], S0 + n_new)
+    retriever = Retriever(k_off.numpy(), v_off.numpy(), FlatLayerIndex(k_off))
+    layer = DocumentLayer(static, retriever, ExactPositions(), top_k, S0 + k_off.shape[1])
+    key, value = layer.update(k_loc[None, :, S0:], v_loc[None, :, S0:])
+    return layer, key, value
+
+
+def test_document_layer_with_every_key_retrieved_is_full_attention():
     # GQA: 2 KV heads x 3 query heads each; 5 new tokens (causal among themselves), 17 local keys,
-    # 23 offloaded keys, all retrieved (in a shuffled order: order must not matter)
+    # 23 offloaded keys, all retrieved; in float32, as the layer computes
     KVH, G, T, S, N, D = 2, 3, 5, 17, 23, 8
-    q = _rand(KVH, G, T, D, seed=1)
-    k_loc, v_loc = _rand(KVH, S, D, seed=2), _rand(KVH, S, D, seed=3)
-    k_off, v_off = _rand(KVH, N, D, seed=4), _rand(KVH, N, D, seed=5)
-    perm = torch.randperm(N, generator=torch.Generator().manual_seed(0))
-    k_sel = k_off[:, perm][:, None, None].expand(KVH, G, T, N, D)
-    v_sel = v_off[:, perm][:, None, None].expand(KVH, G, T, N, D)
-    s_sel = (q[..., None, :] * k_sel).sum(-1)  # the logits an index returns with its ids
-    out = retrieval_attention(q, k_loc, v_loc, s_sel, v_sel, 0.25)
+    q = _rand(KVH, G, T, D, seed=1).float()
+    k_loc, v_loc = _rand(KVH, S, D, seed=2).float(), _rand(KVH, S, D, seed=3).float()
+    k_off, v_off = _rand(KVH, N, D, seed=4).float(), _rand(KVH, N, D, seed=5).float()
+    layer, key, value = _exact_layer(k_loc, v_loc, k_off, v_off, top_k=10**6, n_new=T)
+    out = layer.attend(q.reshape(1, KVH * G, T, D), key, value, 0.25)  # [1, T, Hq, D]
+    assert layer.last.ids.shape == (KVH, G * T, N)  # the index was asked, for every key
     # reference: offloaded keys come before the local ones, all visible; local ones causal
-    k_all = torch.cat([k_off, k_loc], 1)[:, None]
-    v_all = torch.cat([v_off, v_loc], 1)[:, None]
-    ref = reference_attention(q, k_all, v_all, 0.25, causal_offset=N + S - T)
-    torch.testing.assert_close(out, ref)
+    k_all = torch.cat([k_off, k_loc], 1)[:, None].double()
+    v_all = torch.cat([v_off, v_loc], 1)[:, None].double()
+    ref = reference_attention(q.double(), k_all, v_all, 0.25, causal_offset=N + S - T)  # [KVH, G, T, D]
+    torch.testing.assert_close(out[0].transpose(0, 1).reshape(KVH, G, T, D).double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_retrieval_attention_with_few_keys_differs_from_full():
+def test_document_layer_with_few_keys_differs_from_full():
     # the converse, so the test above cannot pass by ignoring the retrieved keys
     KVH, G, T, S, N, D = 1, 2, 1, 4, 50, 8
-    q = _rand(KVH, G, T, D, seed=1) * 3
-    k_loc, v_loc = _rand(KVH, S, D, seed=2), _rand(KVH, S, D, seed=3)
-    k_off, v_off = _rand(KVH, N, D, seed=4), _rand(KVH, N, D, seed=5)
-    k_sel = k_off[:, None, None, :2].expand(KVH, G, T, 2, D)
-    out = retrieval_attention(q, k_loc, v_loc, (q[..., None, :] * k_sel).sum(-1),
-                              v_off[:, None, None, :2].expand(KVH, G, T, 2, D), 0.35)
+    q = (_rand(KVH, G, T, D, seed=1) * 3).float()
+    k_loc, v_loc = _rand(KVH, S, D, seed=2).float(), _rand(KVH, S, D, seed=3).float()
+    k_off, v_off = _rand(KVH, N, D, seed=4).float(), _rand(KVH, N, D, seed=5).float()
+    layer, key, value = _exact_layer(k_loc, v_loc, k_off, v_off, top_k=2, n_new=T)
+    out = layer.attend(q.reshape(1, KVH * G, T, D), key, value, 0.35)[0].transpose(0, 1).reshape(KVH, G, T, D)
     ref = reference_attention(q, torch.cat([k_off, k_loc], 1)[:, None], torch.cat([v_off, v_loc], 1)[:, None], 0.35)
     assert (out - ref).abs().max() > 1e-3
+
+
+def test_merge_of_three_zones_equals_one_softmax():
+    """`merge` folds any number of partials: three disjoint key sets == one softmax over all."""
+    from core.attention import merge
+
+    q = _rand(2, 3, 6, seed=1)
+    ks = [_rand(2, n, 6, seed=10 + n) for n in (4, 9, 1)]
+    vs = [_rand(2, n, 6, seed=20 + n) for n in (4, 9, 1)]
+    o, lse = merge([partial_attention(q, k, v, 0.4) for k, v in zip(ks, vs)])
+    torch.testing.assert_close(o, reference_attention(q, torch.cat(ks, 1), torch.cat(vs, 1), 0.4))
+
+
+def test_static_kv_appends_in_place():
+    """StaticKV preallocates: appending writes into the same storage (no concatenation per step)."""
+    from core.layer import StaticKV
+
+    k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    static = StaticKV(k, v, capacity=8)
+    ptr = static.k.data_ptr()
+    for _ in range(3):
+        kk, vv = static.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert static.k.data_ptr() == ptr and kk.shape == (1, 2, 8, 4) and kk.data_ptr() == ptr
+    torch.testing.assert_close(kk[:, :, :5], k)
+    static.append(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))  # past the capacity: it grows
+    assert static.n == 10 and torch.equal(static.k[:, :, :5], k)

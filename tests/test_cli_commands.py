@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT
+from core.manifest import DocumentInfo, Manifest, ModelInfo
 from ra_cli.main import app
 
 runner = CliRunner()
@@ -29,12 +30,12 @@ def fake_entry(home, digest, name, size, age_s):
     d.mkdir(parents=True)
     (d / "keys.npy").write_bytes(b"\0" * size)
     (d / "indexes" / "flat-s128-r512").mkdir(parents=True)
+    Manifest(format=1, key={}, digest=digest,
+             document=DocumentInfo(name, "code" if name.endswith("/") else "text", 100,
+                                   files=["a.py", "b.py"] if name.endswith("/") else []),
+             model=ModelInfo("smollm2", "gguf:" + "0" * 64, 30, 9, 3, 64), n_tokens=1234, prefill_s=2.5,
+             chunk_size=1024, positions={"scheme": "exact", "keys": "post-rope"}, created=time.time() - age_s).write(d)
     m = d / "manifest.json"
-    m.write_text(json.dumps({
-        "document": {"name": name, "kind": "code" if name.endswith("/") else "text", "chars": 100,
-                     "files": ["a.py", "b.py"] if name.endswith("/") else []},
-        "model": {"spec": "smollm2", "identity": "gguf:" + "0" * 64}, "n_tokens": 1234, "prefill_s": 2.5,
-        "created": time.time() - age_s}))
     os.utime(m, (time.time() - age_s, time.time() - age_s))  # last used
 
 
@@ -86,6 +87,21 @@ def test_cache_rm_gc_clear(store):
     r = ra("cache", "clear")  # stdin is not a terminal: refuses without --yes
     assert r.returncode == 2 and "add --yes" in r.stderr
     assert "removed 2 entries" in ra("cache", "clear", "--yes").stdout and not any(entries.iterdir())
+
+
+def test_a_damaged_manifest_is_one_clear_error(store):
+    """A manifest missing a field (or with one ra does not know) is named, not a KeyError."""
+    m = store / "store" / "entries" / ("bbbb" + "0" * 28) / "manifest.json"
+    raw = json.loads(m.read_text())
+    del raw["model"]
+    m.write_text(json.dumps(raw))
+    r = ra("cache", "info", "bbbb")
+    assert r.returncode == 1 and r.stderr == "ra: error: cache entry bbbb00000000: manifest lacks field(s) 'model'\n"
+    raw["model"], raw["colour"] = {"spec": "x", "identity": "y", "layers": 1, "q_heads": 1, "kv_heads": 1,
+                                   "head_dim": 1}, "red"
+    m.write_text(json.dumps(raw))
+    r = ra("cache", "list")
+    assert r.returncode == 1 and "unknown field(s) 'colour'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_settings_precedence_option_env_config(store):

@@ -53,6 +53,10 @@ CASES = [
     ("no question at all", ["ask", "-"], "ra: error: no question: give one as an argument, with --question/-Q, "
                                           "--questions FILE, or on stdin", 2),
     ("unknown option", ["ask", "ok.txt", "q", "--bogus"], "ra: error: No such option: --bogus", 2),
+    ("unknown device", ["ask", "ok.txt", "q", "--device", "tpu"],
+     "ra: error: --device must be auto, cpu or cuda, not 'tpu'", 2),  # found before the model loads
+    ("unknown dtype", ["ask", "ok.txt", "q", "--dtype", "int3"],
+     "ra: error: --dtype must be auto, float32, fp32, bfloat16, bf16, float16 or fp16, not 'int3'", 2),
     ("unknown model", ["ask", "ok.txt", "q", "--model", "no/such/model"],
      "ra: loading model...\n"  # the model is resolved once the document has been read
      "ra: error: unknown model 'no/such/model': give a .gguf file, a model directory or a Hugging Face id", 1),

@@ -1,12 +1,14 @@
 """Retrieval attention with the flat index and k covering every offloaded key equals full
 attention: the logits of the whole pipeline (chunked prefill -> store on disk -> cache -> answer)
 are compared with one plain transformers forward pass over prompt + question + answer."""
-import numpy as np
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from conftest import book_text
+from core.attention import register
 from core.documents import Document
 from core.engine import AnswerStats, Engine, Settings
 from core.prompt import build_prefix, question_ids
@@ -15,6 +17,7 @@ QUESTION = "Where did the White Rabbit go?"
 
 
 def _tiny(config_cls, vocab):
+    register()
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -29,13 +32,22 @@ def _answer_logits(engine, prepared):
     return torch.stack(logits)
 
 
+def _sdpa_twin(model):
+    """The same weights in a model that uses transformers' own SDPA attention, not ra's hook: the
+    reference shares no attention code with what it checks."""
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    assert twin.config._attn_implementation == "sdpa"
+    return twin
+
+
 def _reference_logits(model, tok, doc, n_steps, answer_ids):
     """Plain transformers forward (SDPA, no cache) over the whole sequence."""
     prefix = build_prefix(tok, doc).ids.tolist()
     q = question_ids(tok, QUESTION)
     ids = torch.tensor([prefix + q + answer_ids])
     with torch.no_grad():
-        out = model(input_ids=ids).logits[0]
+        out = _sdpa_twin(model)(input_ids=ids).logits[0]
     first = len(prefix) + len(q) - 1
     return out[first:first + n_steps]
 
@@ -47,7 +59,7 @@ def _check(model, tok, identity, home, n_chars, atol):
     prepared = engine.prepare(doc)
     n = prepared.entry.n_tokens
     assert n % s.chunk_size != 0, "the prefix length must not be a multiple of the chunk size"
-    a, b = prepared.entry.split(s.sink, s.recent)
+    a, b = prepared.split
     assert b - a > 100  # most of the document is offloaded and reached only through the index
     got = _answer_logits(engine, prepared)
     answer = [int(x) for x in got.argmax(-1)]
@@ -55,8 +67,7 @@ def _check(model, tok, identity, home, n_chars, atol):
     print("max |diff|", (got - ref).abs().max().item(), "max |logit|", ref.abs().max().item())
     torch.testing.assert_close(got, ref, rtol=0, atol=atol)
     # and the converse: with k=4 the answer's logits move, so the index really is in the loop
-    engine.s.top_k = 4
-    few = _answer_logits(engine, prepared)
+    few = _answer_logits(engine, engine.prepare(doc, s.but(top_k=4)))
     assert (few[0] - ref[0]).abs().max() > 10 * atol
     return engine, prepared
 
@@ -79,11 +90,9 @@ def test_fp16_store_retrieval_equals_full_over_the_same_store(index, smol, tmp_p
     The graph search with k covering every key must reach all of them (positional links)."""
     model, tok, identity = smol
     doc = Document(text=book_text(3000), name="alice-part", kind="text")
-    engine = Engine(tmp_path, Settings(sink=16, recent=32, top_k=10**6, max_tokens=5, index=index),
-                    loaded=(model, tok, identity))
-    prepared = engine.prepare(doc)
-    ra = _answer_logits(engine, prepared)
-    engine.s.attention = "full"
-    full = _answer_logits(engine, prepared)
+    s = Settings(sink=16, recent=32, top_k=10**6, max_tokens=5, index=index)
+    engine = Engine(tmp_path, s, loaded=(model, tok, identity))
+    ra = _answer_logits(engine, engine.prepare(doc))
+    full = _answer_logits(engine, engine.prepare(doc, s.but(attention="full")))
     print("max |diff|", (ra - full).abs().max().item())
     torch.testing.assert_close(ra, full, rtol=0, atol=5e-4)

@@ -3,7 +3,12 @@ import pytest
 import numpy as np
 import torch
 
-from core.index import build_index_dir, open_layer_index
+from core.errors import UsageError
+from core.index import KINDS, kind
+
+
+def _build(name, keys, out, queries=None):
+    kind(name).build(lambda l: keys[l], (lambda l: queries[l]) if queries is not None else None, keys.shape[0], out, None)
 
 
 def _keys(L=2, KVH=2, N=300, D=16, seed=0):
@@ -15,8 +20,8 @@ def _keys(L=2, KVH=2, N=300, D=16, seed=0):
 def test_flat_is_exact_top_k_with_exact_logits(tmp_path):
     keys = _keys()
     q = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32))
-    build_index_dir("flat", lambda l: keys[l], 2, tmp_path)
-    idx = open_layer_index("flat", tmp_path, 1, torch.from_numpy(keys[1]), 300, 16, 2)
+    _build("flat", keys, tmp_path)
+    idx = kind("flat").open(tmp_path, 1, keys[1])
     ids, scores = idx.search(q, 10)
     full = torch.einsum("hmd,hnd->hmn", q, torch.from_numpy(keys[1]))
     want = full.topk(10, dim=-1).indices
@@ -28,8 +33,8 @@ def test_flat_is_exact_top_k_with_exact_logits(tmp_path):
 
 def test_hnsw_on_centred_keys_finds_the_exact_top_k_and_logits(tmp_path):
     keys = _keys()
-    build_index_dir("hnsw", lambda l: keys[l], 2, tmp_path)
-    idx = open_layer_index("hnsw", tmp_path, 0, None, 300, 16, 2, ef=300)
+    _build("hnsw", keys, tmp_path)
+    idx = kind("hnsw").open(tmp_path, 0, keys[0], ef=300)
     q = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 7, 16)).astype(np.float32))
     ids, scores = idx.search(q, 10)
     full = torch.einsum("hmd,hnd->hmn", q, torch.from_numpy(keys[0]))
@@ -41,19 +46,16 @@ def test_hnsw_on_centred_keys_finds_the_exact_top_k_and_logits(tmp_path):
     torch.testing.assert_close(scores, torch.gather(full, 2, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_centring_keeps_every_ranking():
-    keys = _keys()[0, 0]
-    mu = keys.mean(0)
-    q = np.random.default_rng(3).standard_normal((20, 16)).astype(np.float32)
-    a = np.argsort(-(q @ keys.T), axis=1)
-    b = np.argsort(-(q @ (keys - mu).T), axis=1)
-    assert (a[:, :50] == b[:, :50]).mean() > 0.99  # equal up to float ties
+def test_kinds_are_one_registry():
+    """Every kind validates in one place; an unknown one is a usage error naming the choices."""
+    assert set(KINDS) == {"flat", "hnsw", "graph"} and kind("graph").format == ".v2"
+    with pytest.raises(UsageError, match="flat, hnsw, graph"):
+        kind("ivf")
 
 
 def _graph(tmp_path, keys16, queries):
-    build_index_dir("graph", lambda l: keys16[l], keys16.shape[0], tmp_path, build_queries=lambda l: queries[l])
-    return [open_layer_index("graph", tmp_path, l, None, keys16.shape[2], keys16.shape[3], keys16.shape[1],
-                             keys_f16=keys16[l]) for l in range(keys16.shape[0])]
+    _build("graph", keys16, tmp_path, queries)
+    return [kind("graph").open(tmp_path, l, keys16[l]) for l in range(keys16.shape[0])]
 
 
 def test_graph_with_k_covering_every_key_is_exact(tmp_path):

@@ -5,6 +5,8 @@ prefill with block retrieval) are checked against naive computations that build 
 virtual position explicitly. A tiny randomly initialised Llama (transformers' own class, no
 download) stands in where only the shapes matter; the engine test runs the embedded SmolLM2.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,13 +14,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from core import longctx
-from core.attention import RetrievalCache, local_attention, partial_attention
+from core.attention import local_attention, reference_attention, register
 from core.index import FlatLayerIndex
-from core.longctx import RemappedRetrievalLayer, Rope, remapped_attention, remapped_reference
+from core.layer import DocumentLayer, RaCache, RemappedPositions, Retriever, StaticKV
+from core.longctx import Rope, remapped_reference
+from core.settings import RemapScheme
+
+SHIPPED = RemapScheme()
+# small schemes for small inputs, passed as values (nothing is patched)
+PREFILL_SMALL = RemapScheme(sink=4, local=16, distance=16, block=3, prefill_topk=10_000, span=4, spans=10_000)
+ENGINE_SMALL = RemapScheme(sink=4, local=32, distance=32, block=8, prefill_topk=10**6, span=8, spans=10**6)
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    register()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -40,57 +50,47 @@ def test_rope_rotations_are_exact_and_relative(tiny):
 
 
 def test_fused_local_attention_equals_naive():
+    """The fused CPU kernel path of local_attention against the naive reference softmax and an
+    explicit log-sum-exp (if this torch build lacked the kernel, local_attention would fall back
+    to the naive code and the test would compare a function with itself: it refuses to)."""
+    assert getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None) is not None
     q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 20, 16), torch.randn(2, 20, 16)
     for off in (None, 13):
-        o1, l1 = local_attention(q, k, v, 0.25, off)
-        o2, l2 = partial_attention(q, k[:, None], v[:, None], 0.25, off)
-        assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(l1, l2, atol=1e-5)
+        o, lse = local_attention(q, k, v, 0.25, off)
+        ref = reference_attention(q, k[:, None], v[:, None], 0.25, off)
+        scores = (q @ k[:, None].transpose(-1, -2)) * 0.25
+        if off is not None:
+            scores = scores.masked_fill(~torch.ones(7, 20, dtype=torch.bool).tril(off), float("-inf"))
+        assert torch.allclose(o, ref, atol=1e-5) and torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
 
 
-def test_remapped_attention_equals_one_softmax_at_virtual_positions(tiny):
-    rope = Rope(tiny)
-    KVH, G, T, D, S, Ns, K = 2, 2, 3, 16, 9, 4, 6
-    pos = torch.arange(5000, 5000 + T)
-    loc_pos = torch.arange(5000 + T - S, 5000 + T)
-    q_pre = torch.randn(KVH, G, T, D)
-    q = rope.rotate(q_pre, pos)
-    k_loc = rope.rotate(torch.randn(KVH, S, D), loc_pos)
-    v_loc = torch.randn(KVH, S, D)
-    k_sink, v_sink = torch.randn(KVH, Ns, D), torch.randn(KVH, Ns, D)
-    k_ret, v_ret = torch.randn(KVH, G, T, K, D), torch.randn(KVH, G, T, K, D)  # each query's own picks
-    q_glob = rope.rotate(q, longctx.DISTANCE - pos)
-    s_sel = (q_glob[..., None, :] @ k_ret.transpose(-1, -2))[..., 0, :]
-    fast = remapped_attention(q, q_glob, k_loc, v_loc, k_sink, v_sink, s_sel, v_ret, 0.25)
-    for h in range(KVH):
-        glob_k = torch.cat([k_sink[h][None, None].expand(G, T, Ns, D), k_ret[h]], dim=2)
-        glob_v = torch.cat([v_sink[h][None, None].expand(G, T, Ns, D), v_ret[h]], dim=2)
-        ref = remapped_reference(q[h], pos, k_loc[h][None].expand(G, S, D), v_loc[h][None].expand(G, S, D),
-                                 loc_pos, glob_k, glob_v, rope, 0.25)
-        assert torch.allclose(fast[h], ref, atol=1e-5)
-
-
+@pytest.mark.parametrize("ordered", [True, False])
 @pytest.mark.parametrize("top_k", [1000, 10])
-def test_decode_layer_equals_reference(tiny, top_k):
-    """RemappedRetrievalLayer (flat index over the offloaded middle) == one softmax over the sinks,
-    the local window and the exact top-k (all of the middle for k = 1000), at their distances."""
-    rope = Rope(tiny)
+def test_decode_layer_equals_reference(tiny, top_k, ordered):
+    """The composed DocumentLayer with RemappedPositions (flat index over the offloaded middle) ==
+    one softmax over the sinks, the local window and the exact top-k (all of the middle for
+    k = 1000), each key built at its distance: ordered, the retrieved keys in document order just
+    beyond the distance and the sinks beyond them; not ordered, all of them at the distance."""
+    rope, scheme = Rope(tiny), replace(SHIPPED, ordered=ordered)
+    d = scheme.distance
     KVH, G, D, n, a, b = 2, 2, 16, 40, 4, 30  # sinks [0, 4), offloaded [4, 30), local [30, 40)
     k_pre, v = torch.randn(KVH, n, D), torch.randn(KVH, n, D)
     k_loc = rope.rotate(k_pre[:, b:], torch.arange(b, n))
-    h3 = torch.arange(KVH)[:, None, None]
-    off = type("Off", (), {"gather_values": lambda self, ids: v[:, a:b][h3, ids],
-                           "gather_keys": lambda self, ids: k_pre[:, a:b][h3, ids]})()
-    layer = RemappedRetrievalLayer(k_loc[None], v[:, b:][None], k_pre[:, :a], v[:, :a], off,
-                                   FlatLayerIndex(k_pre[:, a:b].contiguous()), top_k, n, rope)
+    retriever = Retriever(k_pre[:, a:b].numpy(), v[:, a:b].numpy(), FlatLayerIndex(k_pre[:, a:b].contiguous()))
+    static = StaticKV(k_loc[None], v[:, b:][None], n - b + 1, k_pre[:, :a], v[:, :a])
+    layer = DocumentLayer(static, retriever, RemappedPositions(rope, scheme), top_k, n)
     q_pre, k_new, v_new = torch.randn(KVH * G, 1, D), torch.randn(KVH, 1, D), torch.randn(KVH, 1, D)
     k_new_post = rope.rotate(k_new, torch.tensor([n]))
     key, value = layer.update(k_new_post[None], v_new[None])
     q = rope.rotate(q_pre, torch.tensor([n]))
     out = layer.attend(q[None], key, value, 0.25)[0].transpose(0, 1)  # [Hq, 1, D]
     loc_pos = torch.arange(b, n + 1)
-    K = min(top_k, b - a)  # the retrieved keys in document order just beyond DISTANCE, the sinks beyond them
-    dist = torch.cat([torch.full((a,), longctx.DISTANCE + K), longctx.DISTANCE + K - 1 - torch.arange(K)])
-    q_glob = rope.rotate(q, torch.tensor([longctx.DISTANCE - n]))  # the frame the index ranks in
+    K = min(top_k, b - a)
+    if ordered:
+        dist = torch.cat([torch.full((a,), d + K), d + K - 1 - torch.arange(K)])
+    else:
+        dist = torch.full((a + K,), d)
+    q_glob = rope.rotate(q, torch.tensor([d - n]))  # the frame the index ranks in
     for h in range(KVH * G):
         kv = h // G
         picked = a + (k_pre[kv, a:b] @ q_glob[h, 0]).topk(K).indices.sort().values  # exact top-k, in order
@@ -126,13 +126,13 @@ class _Writer:
 
 class _DenseRemapLayer(DynamicLayer):
     """The naive reference of LongPrefillLayer: keeps every key; each query attends to its chunk's
-    local window at true positions and to every earlier key at DISTANCE (no retrieval cut). Past
-    the prefix (decoding), as RemappedRetrievalLayer with k covering every key: the offloaded keys
-    [decode_sink, decode_lo) in document order from DISTANCE on, the sinks just beyond them."""
+    local window at true positions and to every earlier key at the scheme's distance (no retrieval
+    cut). Past the prefix (decoding), as the decode with k covering every key: the offloaded keys
+    [decode_sink, decode_lo) in document order from the distance on, the sinks just beyond them."""
 
-    def __init__(self, rope, writer, layer, n_prefix=None, decode_lo=None, decode_sink=None):
+    def __init__(self, rope, scheme, writer, layer, n_prefix=None, decode_lo=None, decode_sink=None):
         super().__init__()
-        self.rope, self.writer, self.layer = rope, writer, layer
+        self.rope, self.scheme, self.writer, self.layer = rope, scheme, writer, layer
         self.n_prefix, self.decode_lo = n_prefix, decode_lo  # tokens past the prefix: local = [decode_lo, p]
         self.decode_sink = decode_sink
         self.all_k = self.all_v = None
@@ -158,12 +158,13 @@ class _DenseRemapLayer(DynamicLayer):
         KVH = key.shape[1]
         G, s = Hq // KVH, self.start
         n = s + T
-        lo = 0 if n <= longctx.SINK + longctx.LOCAL or s < longctx.SINK else max(longctx.SINK, s - longctx.LOCAL)
-        dist = None  # every global key at DISTANCE
+        SINK, LOCAL, DIST = self.scheme.sink, self.scheme.local, self.scheme.distance
+        lo = 0 if n <= SINK + LOCAL or s < SINK else max(SINK, s - LOCAL)
+        dist = DIST  # every global key at the distance
         if self.n_prefix is not None and s >= self.n_prefix:
             lo, a = self.decode_lo, self.decode_sink
             K = lo - a
-            dist = torch.cat([torch.full((a,), longctx.DISTANCE + K), longctx.DISTANCE + K - 1 - torch.arange(K)])
+            dist = torch.cat([torch.full((a,), DIST + K), DIST + K - 1 - torch.arange(K)])
         pos = torch.arange(s, n)
         k_pre = self.rope.rotate(key[0], -torch.arange(n))
         out = torch.empty(Hq, T, D)
@@ -176,18 +177,16 @@ class _DenseRemapLayer(DynamicLayer):
         return out.transpose(0, 1)[None]
 
 
-def test_long_prefill_equals_dense_reference(tiny, monkeypatch):
+def test_long_prefill_equals_dense_reference(tiny):
     """Chunked prefill (exact phase, then sinks + local window + block retrieval covering every far
     key) writes the same pre-RoPE K/V, in every layer, as the dense per-query reference."""
-    for name, value in (("SINK", 4), ("LOCAL", 16), ("DISTANCE", 16), ("BLOCK", 3), ("PREFILL_TOPK", 10_000),
-                        ("SPAN", 4), ("SPANS", 10_000)):
-        monkeypatch.setattr(longctx, name, value)
+    scheme = PREFILL_SMALL
     ids = np.random.default_rng(0).integers(0, 97, size=75)
     L, KVH, D = 2, 2, 16
     fast = _Writer(L, KVH, len(ids), D)
-    longctx.prefill_long(tiny, ids, 8, fast)
+    longctx.prefill_long(tiny, ids, 8, fast, scheme)
     ref = _Writer(L, KVH, len(ids), D)
-    cache = RetrievalCache([_DenseRemapLayer(Rope(tiny), ref, i) for i in range(L)])
+    cache = RaCache([_DenseRemapLayer(Rope(tiny), scheme, ref, i) for i in range(L)])
     with torch.inference_mode():
         for s in range(0, len(ids), 8):
             x = torch.from_numpy(ids[s:s + 8])[None]
@@ -197,14 +196,12 @@ def test_long_prefill_equals_dense_reference(tiny, monkeypatch):
     assert np.allclose(fast.keys, ref.keys, atol=1e-4)
     # and the block retrieval matters: with 2 far keys per block, from the 2 spans of highest
     # bound, the result differs
-    monkeypatch.setattr(longctx, "PREFILL_TOPK", 2)
-    monkeypatch.setattr(longctx, "SPANS", 2)
     cut = _Writer(L, KVH, len(ids), D)
-    longctx.prefill_long(tiny, ids, 8, cut)
+    longctx.prefill_long(tiny, ids, 8, cut, replace(scheme, prefill_topk=2, spans=2))
     assert not np.allclose(cut.values[1], ref.values[1], atol=1e-4)
 
 
-def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_model, monkeypatch, tmp_path):
+def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_model, tmp_path):
     """The whole pipeline for a document longer than the model's window (store on disk, pre-RoPE
     keys, index over the offloaded middle, local window rotated back): with every retrieval
     covering every key, the answer's logits equal the dense reference's."""
@@ -214,26 +211,24 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
     from core.prompt import build_prefix, question_ids
 
     model, tok = tiny_vocab_model
-    for name, value in (("SINK", 4), ("LOCAL", 32), ("DISTANCE", 32), ("BLOCK", 8), ("PREFILL_TOPK", 10**6),
-                        ("SPAN", 8), ("SPANS", 10**6)):
-        monkeypatch.setattr(longctx, name, value)
     notices = []
-    s = Settings(sink=4, recent=16, chunk_size=40, top_k=10**6, kv_dtype="float32", max_tokens=4)
+    s = Settings(sink=4, recent=16, chunk_size=40, top_k=10**6, kv_dtype="float32", max_tokens=4, remap=ENGINE_SMALL)
     engine = Engine(tmp_path, s, loaded=(model, tok, "tiny"), notice=notices.append)
     doc = Document(text=book_text(1200), name="alice-part", kind="text")
     prepared = engine.prepare(doc)
     n = prepared.entry.n_tokens
     assert n > model.config.max_position_embeddings and prepared.entry.remapped
     assert any("past the model's" in m for m in notices)
-    a, b = engine.split(prepared.entry)
-    assert (a, b) == (4, n - 32)  # the local window is at least LOCAL at decode too
+    a, b = prepared.split
+    assert (a, b) == (4, n - 32)  # the local window is at least the scheme's at decode too
+    assert prepared.entry.manifest.scheme == replace(ENGINE_SMALL)  # recorded in the entry
     logits, stats = [], AnswerStats()
     "".join(engine.ask(prepared, "Where did the White Rabbit go?", stats, on_logits=lambda l: logits.append(l.clone())))
     got = torch.stack(logits)
 
     prefix = build_prefix(tok, doc).ids
     q = question_ids(tok, "Where did the White Rabbit go?") + stats.answer_ids
-    cache = RetrievalCache([_DenseRemapLayer(Rope(model), None, i, n, b, a) for i in range(2)])
+    cache = RaCache([_DenseRemapLayer(Rope(model), ENGINE_SMALL, None, i, n, b, a) for i in range(2)])
     with torch.inference_mode():
         for st in range(0, n, 40):
             x = torch.from_numpy(prefix[st:st + 40].astype(np.int64))[None]
@@ -250,12 +245,11 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
     # same entry seen as fp16 with the key threshold at 1 is still flat; not remapped, it is graph
     import types
 
-    import core.engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "AUTO_GRAPH_MIN_KEYS", 1)
     e = prepared.entry
-    as16 = lambda remapped: types.SimpleNamespace(remapped=remapped, keys=np.zeros(1, np.float16), split=e.split)
-    assert engine.index_kind(as16(True)) == "flat" and engine.index_kind(as16(False)) == "graph"
+    as16 = lambda remapped: types.SimpleNamespace(remapped=remapped, keys=np.zeros(1, np.float16), split=e.split,
+                                                  manifest=e.manifest)
+    one = s.but(graph_min_keys=1)
+    assert engine.index_kind(as16(True), one) == "flat" and engine.index_kind(as16(False), one) == "graph"
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +257,7 @@ def tiny_vocab_model(smol):
     """A tiny random Llama with the embedded model's tokenizer and a 256-token window."""
     torch.manual_seed(0)
     tok = smol[1]
+    register()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       attn_implementation="ra")

@@ -23,6 +23,9 @@ def test_entry_layout_and_no_pickle(smol, tmp_path):
     p = engine.prepare(_doc())
     d = p.entry.path
     m = json.loads((d / "manifest.json").read_text())
+    from core.manifest import Manifest
+
+    assert Manifest.read(d) == p.entry.manifest and m["positions"] == {"scheme": "exact", "keys": "post-rope"}
     L, KVH, P, D = p.entry.keys.shape
     assert (L, KVH, D) == (30, 3, 64) and P == m["n_tokens"]
     for name in ("tokens", "sources", "keys", "values", "queries", "query_positions"):
@@ -120,21 +123,80 @@ def test_second_ask_does_no_prefill_and_answers_the_same(smol, tmp_path):
         hook.remove()
 
 
-def test_auto_index_is_flat_for_short_documents_and_graph_for_long(smol, tmp_path, monkeypatch):
+def test_auto_index_is_flat_for_short_documents_and_graph_for_long(smol, tmp_path):
     """`--index auto`: exact search under the key threshold, the query-aware graph at or above it
     (built from the entry's own prefill queries, memory-mapped files, answering works)."""
-    import core.engine as engine_mod
-
-    engine = Engine(tmp_path, Settings(sink=8, recent=16, max_tokens=4), loaded=smol)
-    assert engine.s.index == "auto"
+    s = Settings(sink=8, recent=16, max_tokens=4)
+    engine = Engine(tmp_path, s, loaded=smol)
+    assert engine.settings.index == "auto"
     p = engine.prepare(_doc())
     assert p.index_kind == "flat"
     n_off = p.entry.n_tokens - 24
-    monkeypatch.setattr(engine_mod, "AUTO_GRAPH_MIN_KEYS", n_off)
-    p = engine.prepare(_doc())
+    p = engine.prepare(_doc(), s.but(graph_min_keys=n_off))
     assert p.index_kind == "graph" and p.cache_hit
     idx = p.entry.index_dir("graph", 8, 16)
     assert np.load(idx / "graph.npy", mmap_mode="r").shape[:3] == (30, 3, n_off)
     answer = "".join(engine.ask(p, "Who is the story about?"))
     assert answer.strip()
-    assert p.layer_state[0][1].searched > 0  # the graph, not flat, answered
+    assert p.retrievers[0].index.searched > 0  # the graph, not flat, answered
+
+
+def test_settings_are_frozen_once_a_document_is_opened(smol, tmp_path):
+    """Changing sink/recent/attention after opening cannot mis-partition the keys: the settings
+    cannot be changed in place, and opening again with others gives a fresh, consistent open
+    (full -> retrieval included, which builds the index it needs)."""
+    import dataclasses
+
+    s = Settings(sink=8, recent=16, max_tokens=4, attention="full")
+    engine = Engine(tmp_path, s, loaded=smol)
+    p = engine.prepare(_doc())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        engine.settings.sink = 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.settings.attention = "retrieval"
+    assert p.index_kind is None and p.retrievers == ()  # full attention opened no index
+    full = "".join(engine.ask(p, "Who is late?"))
+    q = engine.prepare(_doc(), s.but(attention="retrieval", sink=32, recent=64, top_k=10**6))
+    assert q.cache_hit and q.settings.sink == 32 and q.split == (32, q.entry.n_tokens - 64)
+    assert q.retrievers[0].n == q.entry.n_tokens - 96
+    ra = "".join(engine.ask(q, "Who is late?"))
+    assert ra == full  # every offloaded key retrieved: the same answer as full attention
+    assert "".join(engine.ask(p, "Who is late?")) == full  # the first open is untouched by the second
+    from core.errors import UsageError
+
+    with pytest.raises(UsageError, match="other model"):
+        engine.prepare(_doc(), s.but(model="other.gguf"))
+
+
+def test_repeated_ask_on_a_cached_document_retrieves(smol, tmp_path):
+    """A cache hit with the flat index answers with retrieval attention (not full attention over
+    the reloaded KV): every layer asked its index for top-k keys at every step, and with k = 4 the
+    logits differ from full attention's over the same entry."""
+    s = Settings(max_tokens=3, top_k=4, index="flat", stop_at_eos=False)
+    Engine(tmp_path, s, loaded=smol).prepare(_doc())
+    engine = Engine(tmp_path, s, loaded=smol)  # as a new process would
+    p = engine.prepare(_doc())
+    assert p.cache_hit and p.index_kind == "flat"
+    searched = []
+
+    class Counting:
+        def __init__(self, r):
+            self.r, self.n = r, r.n
+
+        def search(self, q, k):
+            searched.append(k)
+            return self.r.search(q, k)
+
+        def gather_values(self, ids):
+            return self.r.gather_values(ids)
+
+    import dataclasses
+
+    counted = dataclasses.replace(p, retrievers=tuple(Counting(r) for r in p.retrievers))
+    logits = []
+    "".join(engine.ask(counted, "Who is late?", on_logits=lambda l: logits.append(l.clone())))
+    assert searched == [4] * (30 * 3)  # 30 layers x 3 steps, top-4 each
+    full = []
+    "".join(engine.ask(engine.prepare(_doc(), s.but(attention="full")), "Who is late?",
+                       on_logits=lambda l: full.append(l.clone())))
+    assert (logits[0] - full[0]).abs().max() > 1e-2

@@ -1,0 +1,210 @@
+"""One layer of attention over a cached document, composed of small parts.
+
+A decoding query [KVH, G, T, D] (its query heads grouped by the KV head they share) attends to:
+
+  StaticKV        the static zone on the compute device: keys at true positions (the document's
+                  first `sink` and last `recent` tokens, then every token after the document),
+                  preallocated for the whole answer so a new token is written in place; for a
+                  document past the model's window also its sinks, kept pre-RoPE (`glob_k/v`)
+  Retriever       the offloaded middle of the document (the store's memory maps, CPU) and the
+                  index that finds each query's top-k keys there (core/index.py: flat, hnsw,
+                  graph); returns a `Selection`: ids, logits, values
+  PositionPolicy  where the retrieved (and pre-RoPE static) keys sit relative to the query:
+                    ExactPositions     keys stored post-RoPE: the index's logits are the logits
+                    RemappedPositions  keys stored pre-RoPE (core/longctx.py): searched in the frame
+                                       of a fixed distance, attended at ordered distances beyond it
+
+`DocumentLayer.attend` asks each part for its partial softmax (output, log-sum-exp) and merges
+them once with core/attention.merge. A new way to retrieve keys is a Retriever, a new way to place
+them a PositionPolicy, a new zone one more partial in that list. With k covering every offloaded
+key the layer equals full attention (tests/test_exactness.py, tests/test_longctx.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import attention_from_scores, local_attention, merge, partial_attention
+from .longctx import Rope, ordered_scores
+from .settings import RemapScheme
+
+
+class StaticKV:
+    """The static zone of one layer, on the compute device, preallocated (as gpt-fast's KVCache).
+
+    k, v: [1, KVH, S0, D] keys at true positions (post-RoPE): sinks + recent window for a document
+    inside the window, the local window alone past it. `capacity` rows are allocated up front;
+    `append` writes the new tokens' K/V in place and returns views of the filled rows (it doubles
+    the buffer only if an answer outgrows what the caller asked for). glob_k/glob_v: [KVH, Ns, D]
+    pre-RoPE sinks of a remapped document (fp32; empty otherwise), scored by the PositionPolicy.
+    """
+
+    def __init__(self, k, v, capacity: int, glob_k=None, glob_v=None):
+        _, KVH, S0, D = k.shape
+        self.k = k.new_empty(1, KVH, max(capacity, S0), D)
+        self.v = v.new_empty(1, KVH, max(capacity, S0), v.shape[-1])
+        self.k[:, :, :S0], self.v[:, :, :S0] = k, v
+        self.n = S0
+        empty = torch.zeros(KVH, 0, D, device=k.device)
+        self.glob_k = empty if glob_k is None else glob_k
+        self.glob_v = empty if glob_v is None else glob_v
+
+    def append(self, k, v):
+        """k, v: [1, KVH, T, D] -> the filled rows [1, KVH, n, D] (views, no copy)."""
+        T = k.shape[-2]
+        if self.n + T > self.k.shape[-2]:
+            grow = max(self.k.shape[-2], T)
+            self.k = torch.cat([self.k, self.k.new_empty(*self.k.shape[:2], grow, self.k.shape[-1])], dim=-2)
+            self.v = torch.cat([self.v, self.v.new_empty(*self.v.shape[:2], grow, self.v.shape[-1])], dim=-2)
+        self.k[:, :, self.n:self.n + T] = k
+        self.v[:, :, self.n:self.n + T] = v
+        self.n += T
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+
+    def partial(self, q, k, v, scale: float):
+        """Exact partial of q [KVH, G, T, D] (the newest T rows are its own tokens: causal)."""
+        return local_attention(q, k[0].float(), v[0].float(), scale, causal_offset=k.shape[-2] - q.shape[2])
+
+
+@dataclass
+class Selection:
+    """What a layer retrieved for its queries: ids [KVH, G*T, K] into the offloaded range,
+    logits [KVH, G, T, K] (unscaled, at the positions the policy gives them), values [KVH, G, T, K, D]."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    values: torch.Tensor
+
+
+class Retriever:
+    """One layer's offloaded K/V ([KVH, N, D] memory maps, CPU, store dtype) and its index.
+
+    `search(q [KVH, M, D], k) -> (ids, scores)` [KVH, M, K] is the index's (K = k for the shipped
+    kinds; a retriever of another kind may return another count, the layer takes what it gets)."""
+
+    def __init__(self, keys, values, index):
+        self.k = torch.from_numpy(keys)
+        self.v = torch.from_numpy(values)
+        self.index = index
+        self.n = keys.shape[1]
+        self.heads = torch.arange(keys.shape[0])[:, None, None]
+
+    def search(self, q, k: int):
+        return self.index.search(q, k)
+
+    def gather_values(self, ids):
+        """ids: [KVH, M, K] -> [KVH, M, K, D] (store dtype, CPU)."""
+        return self.v[self.heads, ids]
+
+    def gather_keys(self, ids):
+        return self.k[self.heads, ids]
+
+
+class ExactPositions:
+    """Keys stored post-RoPE at their true positions: search with the query itself; the index's
+    logits are the attention logits; every static key is in StaticKV's true-position rows."""
+
+    def select(self, q, pos, retriever: Retriever, k: int) -> Selection:
+        KVH, G, T, D = q.shape
+        ids, scores = retriever.search(q.reshape(KVH, -1, D), k)  # [KVH, G*T, K], CPU
+        K = ids.shape[-1]
+        logits = scores.to(q.device).reshape(KVH, G, T, K)
+        values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
+        return Selection(ids, logits, values)
+
+    def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
+        return []
+
+
+class RemappedPositions:
+    """Keys stored pre-RoPE (a document past the model's window, core/longctx.py).
+
+    The index is searched with the query rotated to `scheme.distance` (every key that far back:
+    the frame the index was built in). With `scheme.ordered` the K retrieved keys are then attended
+    in document order just beyond it (the latest at `distance`, the earliest at distance + K - 1)
+    and the sinks at distance + K; without, every retrieved key and the sinks at `distance`."""
+
+    def __init__(self, rope: Rope, scheme: RemapScheme):
+        self.rope, self.scheme = rope, scheme
+
+    def select(self, q, pos, retriever: Retriever, k: int) -> Selection:
+        KVH, G, T, D = q.shape
+        d = self.scheme.distance
+        ids, scores = retriever.search(self.rope.rotate(q, d - pos).reshape(KVH, -1, D), k)  # [KVH, G*T, K]
+        K = ids.shape[-1]
+        if self.scheme.ordered:
+            ids = ids.sort(dim=-1).values  # document order
+            k_sel = retriever.gather_keys(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, D)
+            logits = ordered_scores(q, k_sel, pos, self.rope, d)
+        else:
+            logits = scores.to(q.device).reshape(KVH, G, T, K)
+        values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
+        return Selection(ids, logits, values)
+
+    def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
+        if static.glob_k.shape[1] == 0:
+            return []
+        beyond = k_retrieved if self.scheme.ordered else 0  # the sinks just beyond the farthest retrieved key
+        q_sink = self.rope.rotate(q, self.scheme.distance + beyond - pos)
+        return [partial_attention(q_sink, static.glob_k[:, None], static.glob_v[:, None], scale)]
+
+
+class DocumentLayer(CacheLayerMixin):
+    """A transformers cache layer answering over a cached document: StaticKV + Retriever +
+    PositionPolicy, merged once. `update` appends the new tokens to StaticKV; `attend` is called
+    by core/attention.ra_attention."""
+
+    def __init__(self, static: StaticKV, retriever: Retriever | None, policy, top_k: int, n_document: int):
+        super().__init__()
+        self.static, self.retriever, self.policy, self.top_k = static, retriever, policy, top_k
+        self.n_document = n_document  # logical length of the document (static + offloaded)
+        self.n_new = 0                # tokens after the document, so far
+        self.device = static.k.device
+        self.keys, self.values = static.k[:, :, :static.n], static.v[:, :, :static.n]
+        self.is_initialized = True
+        self.last: Selection | None = None  # the last step's selection (tests, citations)
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # built initialized
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.n_new += key_states.shape[-2]
+        self.keys, self.values = self.static.append(key_states, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n_document + self.n_new  # transformers derives positions from it
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.static.n + query_length, 0  # attend builds its own mask; keep the unused one small
+
+    def attend(self, query, key, value, scale: float):
+        """query: [1, Hq, T, D]; key/value: the StaticKV rows returned by update -> [1, T, Hq, D]."""
+        _, Hq, T, D = query.shape
+        KVH = key.shape[1]
+        # the attention math runs in fp32 whatever the model's dtype (cheap: few keys per query)
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
+        end = self.get_seq_length()
+        pos = torch.arange(end - T, end, device=q.device)
+        parts = [self.static.partial(q, key, value, scale)]
+        k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
+        sel = self.policy.select(q, pos, self.retriever, k) if k > 0 else None
+        self.last = sel
+        parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
+        if sel is not None:
+            parts.append(attention_from_scores(sel.logits, sel.values, scale))
+        o, _ = merge(parts)
+        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
+
+
+class RaCache(Cache):
+    """A transformers Cache of ra's layers (DocumentLayer, LongPrefillLayer) or of plain
+    DynamicLayers holding the whole document (the `--attention full` baseline)."""
+
+    def __init__(self, layers):
+        super().__init__(layers=layers)
