@@ -12,7 +12,6 @@ class FakeEngine:
 
     def __init__(self):
         self.calls = []
-        self.s = SimpleNamespace(attention="retrieval", index="flat", top_k=100)
         self.ref = SimpleNamespace(spec="fake")
         self.device, self.load_s = "cpu", 0.1
 
@@ -29,7 +28,8 @@ class FakeEngine:
 def make(lines):
     messages = []
     session = SimpleNamespace(engine=FakeEngine(), say=messages.append)
-    prepared = SimpleNamespace(entry=SimpleNamespace(n_tokens=10), cache_hit=True, prefill_s=0.0)
+    prepared = SimpleNamespace(entry=SimpleNamespace(n_tokens=10), cache_hit=True, prefill_s=0.0, index_kind="flat",
+                               settings=SimpleNamespace(attention="retrieval", top_k=100))
     repl = Repl(session, SimpleNamespace(name="doc.txt"), prepared, Path("/nonexistent"), stdin=io.StringIO(lines))
     return repl, session.engine, messages
 
