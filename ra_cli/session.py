@@ -124,6 +124,7 @@ def _silence_libraries() -> None:
     import os
     import warnings
 
+    os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: the GGUF conversion's own bar
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     warnings.filterwarnings("ignore")

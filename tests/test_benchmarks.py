@@ -24,7 +24,8 @@ def test_accuracy_harness_smoke(smol, ra_home, tmp_path):
 
 def test_index_recall_benchmark_json_smoke(smol, ra_home, tmp_path):
     """issue 5's benchmark on a tiny capture (2,000 real keys, one layer): one JSON object per
-    (index, setting) with the promised fields; flat is exact by definition of the truth."""
+    (index, setting) with the promised fields. (Flat's recall and scanned fraction are 1 by the
+    benchmark's own definition of the truth, so they are not asserted here.)"""
     r = subprocess.run([sys.executable, "benchmarks/index_recall.py", "--keys", "2000", "--work", str(tmp_path / "ir"),
                         "--layers", "3", "--ef", "100", "--hnsw-ef", "100", "--heldout", "16", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -35,8 +36,8 @@ def test_index_recall_benchmark_json_smoke(smol, ra_home, tmp_path):
     for x in rows:
         assert {"index", "setting", "keys_per_head", "recall_at_100", "scanned_fraction", "step_ms"} <= set(x)
         assert x["keys_per_head"] == 2000 and 0 < x["scanned_fraction"] <= 1 and 0 <= x["recall_at_100"] <= 1
-    assert rows[0]["recall_at_100"] == 1.0 and rows[0]["scanned_fraction"] == 1.0
     assert rows[1]["scanned_fraction"] < 1.0  # the graph did not score every key
+    assert rows[1]["recall_at_100"] > 0.5  # and still found most of the exact top-100
 
 
 def test_run_all_covers_every_benchmarks_md_command():
