@@ -1,4 +1,6 @@
-"""ra's engine: documents, model, prompt, store, index, attention, generation, engine.
+"""ra's engine: settings, errors, documents, model, prompt, store + manifest, index, attention,
+layer (the decode-time composition), long contexts, generation, engine. README "Architecture"
+walks a token's K/V through them in order.
 
 Nothing here imports the CLI; importing `core` itself imports neither torch nor transformers.
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .documents import Document
-from .errors import DocumentError, DocumentTooLong, UsageError
+from .errors import DocumentTooLong, UsageError
 from .manifest import DocumentInfo, Manifest, ModelInfo
 from .settings import RemapScheme, Settings
 from .store import Entry, EntryWriter, Store, StoreKey

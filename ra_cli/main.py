@@ -50,7 +50,7 @@ def _home():
 def _err_console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # notices are never wrapped mid-line
 
 
 # Options shared by ask, repl and index: their defaults are core.settings.Settings' (D).
