@@ -142,13 +142,13 @@ class Engine:
             scheme = decode_scheme or replace(entry.manifest.scheme, ordered=s.remap.ordered)
             self.notice(f"{doc.name}: {entry.n_tokens:,} tokens, past the model's {self.max_positions:,}-token "
                         f"window: remapped positions (local window + retrieved keys beyond a fixed distance)")
-        split = entry.split(*self.static_sizes(entry, s))
+        sizes = self.static_sizes(entry, s)
+        split = entry.split(*sizes)
         kind, index_s, retrievers, load_s = None, 0.0, (), 0.0
         if s.attention == "retrieval":  # full attention reads the whole KV, not an index
             kind = self.index_kind(entry, s)
             t = time.perf_counter()
-            index_dir = entry.ensure_index(self.store, kind, *self.static_sizes(entry, s),
-                                           lambda d, n: self.progress("index", d, n))
+            index_dir = entry.ensure_index(self.store, kind, *sizes, lambda d, n: self.progress("index", d, n))
             index_s = time.perf_counter() - t
             t = time.perf_counter()
             retrievers = self._open_retrievers(entry, split, index_dir, kind)

@@ -9,7 +9,7 @@ transformers, so the CLI takes its defaults from here without loading them.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import UsageError
 
@@ -103,10 +103,6 @@ class Settings:
     def but(self, **changes) -> "Settings":
         """A copy with some fields changed (Settings are frozen)."""
         return replace(self, **changes)
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 DEFAULTS = Settings()
