@@ -36,6 +36,7 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 
 from accuracy import make_engine  # noqa: E402
+from core.cluster import Zones  # noqa: E402
 from long_context import NEEDLE_QUESTION, book_text, cut, needle  # noqa: E402
 
 SPAN = 64
@@ -49,7 +50,7 @@ class SpanRetriever:
         self.base, self.n_spans, self.n = base, n_spans, base.n
         self.kf = self.span_means = None
 
-    def search(self, q, k: int):  # q: [KVH, M, D] in the global frame; k is ignored (whole spans)
+    def zones(self, q, k: int, scale: float):  # q: [KVH, M, D] in the global frame; k is ignored (whole spans)
         if self.kf is None:
             KVH, _, D = self.base.k.shape
             self.kf = self.base.k.float()                                          # [KVH, N, D]
@@ -58,7 +59,7 @@ class SpanRetriever:
         top = torch.einsum("hmd,hsd->hms", q, self.span_means).topk(self.n_spans, dim=-1).indices
         ids = (top[..., None] * SPAN + torch.arange(SPAN)).flatten(-2)               # [KVH, M, n_spans*SPAN]
         h = torch.arange(q.shape[0])[:, None, None]
-        return ids, torch.einsum("hmd,hmkd->hmk", q, self.kf[h, ids])
+        return Zones(ids, torch.einsum("hmd,hmkd->hmk", q, self.kf[h, ids]), None)
 
     def gather_values(self, ids):
         return self.base.gather_values(ids)
@@ -77,7 +78,7 @@ class RecallRetriever:
         self.base, self.efs, self.out, self.n = base, efs, out, base.n
         self.flat = FlatLayerIndex(base.k)
 
-    def search(self, q, k: int):
+    def zones(self, q, k: int, scale: float):
         index = self.base.index
         exact = self.flat.search(q, k)[0]                                            # [KVH, M, k]
         ef0, row = index.ef, []
@@ -87,7 +88,7 @@ class RecallRetriever:
             row.append((got[..., :, None] == exact[..., None, :]).any(-1).float().mean().item())
         index.ef = ef0
         self.out.append(row)
-        return index.search(q, k)
+        return self.base.zones(q, k, scale)
 
     def gather_values(self, ids):
         return self.base.gather_values(ids)

@@ -151,7 +151,7 @@ class Engine:
             index_dir = entry.ensure_index(self.store, kind, *sizes, lambda d, n: self.progress("index", d, n))
             index_s = time.perf_counter() - t
             t = time.perf_counter()
-            retrievers = self._open_retrievers(entry, split, index_dir, kind)
+            retrievers = self._open_retrievers(entry, split, index_dir, kind, s)
             load_s = time.perf_counter() - t
         return Prepared(doc=doc, entry=entry, settings=s, cache_hit=hit, split=split, index_kind=kind, scheme=scheme,
                         retrievers=retrievers, prefill_s=prefill_s, index_s=index_s, load_s=load_s)
@@ -217,7 +217,7 @@ class Engine:
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
             self.store.commit(tmp, self.store.path(key))
 
-    def _open_retrievers(self, entry: Entry, split: tuple[int, int], index_dir: Path, kind: str) -> tuple:
+    def _open_retrievers(self, entry: Entry, split: tuple[int, int], index_dir: Path, kind: str, s: Settings) -> tuple:
         """Per layer: the offloaded K/V (memory-map views) and its opened index. Reads no K/V."""
         from .index import kind as index_kind
         from .layer import Retriever
@@ -225,9 +225,10 @@ class Engine:
         a, b = split
         if b <= a:
             return ()
-        opener = index_kind(kind).open
+        k = index_kind(kind)
+        options = {name: getattr(s, name) for name in k.options}
         return tuple(Retriever(entry.keys[layer, :, a:b], entry.values[layer, :, a:b],
-                               opener(index_dir, layer, entry.keys[layer, :, a:b]))
+                               k.open(index_dir, layer, entry.keys[layer, :, a:b], **options))
                      for layer in range(entry.n_layers))
 
     # ------------------------------------------------------------------ answering

@@ -15,9 +15,14 @@ over the retrieved keys needs only their values.
         SmolLM2's real keys: 0.50 -> 0.89 at ef=100, 0.96 at ef=200).
   graph the query-aware graph of core/graph.py (built from the document's prefill queries).
 
-Index kinds are a registry (`KINDS`): each has one `build(keys, queries, n_layers, out, progress)`
-and one `open(index_dir, layer, keys)`, where keys(layer) / keys are the store's memory-mapped
-[KVH, N, D] views of the offloaded range and queries(layer) the entry's sampled prefill queries.
+  cluster segmented spherical k-means clusters (core/cluster.py): the best clusters are attended
+        exactly, the next ones estimated from their centroids and value sums (tripartite
+        attention); the choice is a dense score over N / 16 centroids.
+
+Index kinds are a registry (`KINDS`): each has one `build(keys, values, queries, n_layers, out,
+progress)` and one `open(index_dir, layer, keys, **options)`, where keys(layer) / values(layer) /
+keys are the store's memory-mapped [KVH, N, D] views of the offloaded range and queries(layer) the
+entry's sampled prefill queries; `options` names the Settings fields a kind searches with.
 A kind's `format` names its directory's layout version (core/store.py): a directory of another
 layout is rebuilt beside it, never misread. This module imports torch only when an index is used.
 
@@ -119,12 +124,12 @@ def _build_means(keys, n_layers: int, out: Path, progress, hnsw: bool) -> None:
     np.save(out / "means.npy", means, allow_pickle=False)
 
 
-def _build_flat(keys, queries, n_layers, out, progress):
+def _build_flat(keys, values, queries, n_layers, out, progress):
     _build_means(keys, n_layers, out, progress, hnsw=False)
     (out / "index.json").write_text(json.dumps({"kind": "flat"}))
 
 
-def _build_hnsw(keys, queries, n_layers, out, progress):
+def _build_hnsw(keys, values, queries, n_layers, out, progress):
     _build_means(keys, n_layers, out, progress, hnsw=True)
     (out / "index.json").write_text(json.dumps({"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}))
 
@@ -135,7 +140,7 @@ def _open_hnsw(index_dir: Path, layer: int, keys, ef: int = HNSW_EF_SEARCH):
     return HnswLayerIndex([load_hnsw(index_dir / f"l{layer:03d}h{h:02d}.hnsw", dim, n) for h in range(kvh)], means, ef)
 
 
-def _build_graph(keys, queries, n_layers, out, progress):
+def _build_graph(keys, values, queries, n_layers, out, progress):
     from .graph import build_graph_dir
 
     build_graph_dir(keys, queries, n_layers, out, progress)
@@ -147,13 +152,26 @@ def _open_graph(index_dir: Path, layer: int, keys, **kw):
     return open_graph_layer(index_dir, layer, keys, **kw)
 
 
+def _build_cluster(keys, values, queries, n_layers, out, progress):
+    from .cluster import build_cluster_dir
+
+    build_cluster_dir(keys, values, n_layers, out, progress)
+
+
+def _open_cluster(index_dir: Path, layer: int, keys, **kw):
+    from .cluster import open_cluster_layer
+
+    return open_cluster_layer(index_dir, layer, keys, **kw)
+
+
 @dataclass(frozen=True)
 class IndexKind:
     name: str
-    build: Callable        # (keys(layer), queries(layer), n_layers, out_dir, progress) -> None
+    build: Callable        # (keys(layer), values(layer), queries(layer), n_layers, out_dir, progress) -> None
     open: Callable         # (index_dir, layer, keys [KVH, N, D] memory map, **search options) -> index
     format: str = ""       # layout version in the directory name (bumped when the files change)
     needs_fp16: bool = False
+    options: tuple = ()    # Settings fields passed to `open` as search options
 
 
 KINDS: dict[str, IndexKind] = {k.name: k for k in (
@@ -161,6 +179,8 @@ KINDS: dict[str, IndexKind] = {k.name: k for k in (
     IndexKind("hnsw", _build_hnsw, _open_hnsw),
     # .v2: grouped directions, 24-bit ids (core/graph.py)
     IndexKind("graph", _build_graph, _open_graph, format=".v2", needs_fp16=True),
+    # tripartite: retrieved + estimated clusters (core/cluster.py)
+    IndexKind("cluster", _build_cluster, _open_cluster, options=("retrieve", "estimate")),
 )}
 
 

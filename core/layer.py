@@ -8,7 +8,8 @@ A decoding query [KVH, G, T, D] (its query heads grouped by the KV head they sha
                   document past the model's window also its sinks, kept pre-RoPE (`glob_k/v`)
   Retriever       the offloaded middle of the document (the store's memory maps, CPU) and the
                   index that finds each query's top-k keys there (core/index.py: flat, hnsw,
-                  graph); returns a `Selection`: ids, logits, values
+                  graph, cluster); returns a `Selection`: ids, logits, values, and for the
+                  clustered index the estimated clusters (core/cluster.py), a zone of its own
   PositionPolicy  where the retrieved (and pre-RoPE static) keys sit relative to the query:
                     ExactPositions     keys stored post-RoPE: the index's logits are the logits
                     RemappedPositions  keys stored pre-RoPE (core/longctx.py): searched in the frame
@@ -27,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import attention_from_scores, local_attention, merge, partial_attention
+from .cluster import Estimate, Zones, estimated_attention
 from .longctx import Rope, ordered_scores
 from .settings import RemapScheme
 
@@ -70,19 +72,23 @@ class StaticKV:
 
 @dataclass
 class Selection:
-    """What a layer retrieved for its queries: ids [KVH, G*T, K] into the offloaded range,
-    logits [KVH, G, T, K] (unscaled, at the positions the policy gives them), values [KVH, G, T, K, D]."""
+    """What a layer retrieved for its queries: ids [KVH, G*T, K] into the offloaded range (-1 pads
+    rows of unequal length), logits [KVH, G, T, K] (unscaled, at the positions the policy gives
+    them; -inf at a pad), values [KVH, G, T, K, D]; and, from a clustered index, the estimated
+    clusters (a core/cluster.Estimate over [KVH, G, T, E]) or None."""
 
     ids: torch.Tensor
     logits: torch.Tensor
     values: torch.Tensor
+    estimate: Estimate | None = None
 
 
 class Retriever:
     """One layer's offloaded K/V ([KVH, N, D] memory maps, CPU, store dtype) and its index.
 
-    `search(q [KVH, M, D], k) -> (ids, scores)` [KVH, M, K] is the index's (K = k for the shipped
-    kinds; a retriever of another kind may return another count, the layer takes what it gets)."""
+    `zones(q [KVH, M, D], k, scale) -> Zones`: the index's retrieved keys (ids, exact logits,
+    [KVH, M, K]: K = k for flat, hnsw and graph; for the clustered index every member of the best
+    clusters, -1 / -inf padded) and, where the index estimates (core/cluster.py), its estimate."""
 
     def __init__(self, keys, values, index):
         self.k = torch.from_numpy(keys)
@@ -91,28 +97,40 @@ class Retriever:
         self.n = keys.shape[1]
         self.heads = torch.arange(keys.shape[0])[:, None, None]
 
-    def search(self, q, k: int):
-        return self.index.search(q, k)
+    def zones(self, q, k: int, scale: float) -> Zones:
+        if hasattr(self.index, "zones"):
+            return self.index.zones(q, k, scale)
+        ids, scores = self.index.search(q, k)
+        return Zones(ids, scores, None)
 
     def gather_values(self, ids):
-        """ids: [KVH, M, K] -> [KVH, M, K, D] (store dtype, CPU)."""
-        return self.v[self.heads, ids]
+        """ids: [KVH, M, K] (-1: a pad, read as row 0) -> [KVH, M, K, D] (store dtype, CPU)."""
+        return self.v[self.heads, ids.clamp_min(0)]
 
     def gather_keys(self, ids):
-        return self.k[self.heads, ids]
+        return self.k[self.heads, ids.clamp_min(0)]
+
+
+def _grouped(est: Estimate | None, q) -> Estimate | None:
+    """An Estimate over [KVH, G*T, E] viewed as [KVH, G, T, E], on the device of q [KVH, G, T, D]."""
+    if est is None:
+        return None
+    shape = q.shape[:3]
+    return Estimate(est.logits.to(q.device).reshape(*shape, -1), est.counts.to(q.device).reshape(*shape, -1),
+                    est.vsums.to(q.device).reshape(*shape, *est.vsums.shape[-2:]))
 
 
 class ExactPositions:
     """Keys stored post-RoPE at their true positions: search with the query itself; the index's
     logits are the attention logits; every static key is in StaticKV's true-position rows."""
 
-    def select(self, q, pos, retriever: Retriever, k: int) -> Selection:
+    def select(self, q, pos, retriever: Retriever, k: int, scale: float) -> Selection:
         KVH, G, T, D = q.shape
-        ids, scores = retriever.search(q.reshape(KVH, -1, D), k)  # [KVH, G*T, K], CPU
-        K = ids.shape[-1]
-        logits = scores.to(q.device).reshape(KVH, G, T, K)
+        z = retriever.zones(q.reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K], CPU
+        ids, K = z.ids, z.ids.shape[-1]
+        logits = z.scores.to(q.device).reshape(KVH, G, T, K)
         values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
-        return Selection(ids, logits, values)
+        return Selection(ids, logits, values, _grouped(z.estimate, q))
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         return []
@@ -129,19 +147,21 @@ class RemappedPositions:
     def __init__(self, rope: Rope, scheme: RemapScheme):
         self.rope, self.scheme = rope, scheme
 
-    def select(self, q, pos, retriever: Retriever, k: int) -> Selection:
+    def select(self, q, pos, retriever: Retriever, k: int, scale: float) -> Selection:
         KVH, G, T, D = q.shape
         d = self.scheme.distance
-        ids, scores = retriever.search(self.rope.rotate(q, d - pos).reshape(KVH, -1, D), k)  # [KVH, G*T, K]
-        K = ids.shape[-1]
+        z = retriever.zones(self.rope.rotate(q, d - pos).reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K]
+        ids, K = z.ids, z.ids.shape[-1]
         if self.scheme.ordered:
-            ids = ids.sort(dim=-1).values  # document order
+            ids = ids.sort(dim=-1).values  # document order (pads, -1, first: the farthest slots)
             k_sel = retriever.gather_keys(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, D)
             logits = ordered_scores(q, k_sel, pos, self.rope, d)
+            logits = logits.masked_fill((ids < 0).to(q.device).reshape(KVH, G, T, K), float("-inf"))
         else:
-            logits = scores.to(q.device).reshape(KVH, G, T, K)
+            logits = z.scores.to(q.device).reshape(KVH, G, T, K)
         values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
-        return Selection(ids, logits, values)
+        # estimated clusters stay in the search frame (all at `distance`)
+        return Selection(ids, logits, values, _grouped(z.estimate, q))
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         if static.glob_k.shape[1] == 0:
@@ -193,11 +213,13 @@ class DocumentLayer(CacheLayerMixin):
         pos = torch.arange(end - T, end, device=q.device)
         parts = [self.static.partial(q, key, value, scale)]
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
-        sel = self.policy.select(q, pos, self.retriever, k) if k > 0 else None
+        sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None
         self.last = sel
         parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
         if sel is not None:
             parts.append(attention_from_scores(sel.logits, sel.values, scale))
+            if sel.estimate is not None:
+                parts.append(estimated_attention(sel.estimate, scale))
         o, _ = merge(parts)
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 

@@ -71,6 +71,8 @@ class Settings:
     index: str = "auto"            # auto | a kind of core/index.py KINDS (auto: see Engine.index_kind)
     graph_min_keys: int = 16_384   # `auto` picks the graph index from this many offloaded keys per head
     top_k: int = 100               # offloaded keys retrieved per query head and step
+    retrieve: float = 0.018        # cluster index: at least this fraction of clusters attended exactly
+    estimate: float = 0.232        # cluster index: this fraction of clusters next estimated (core/cluster.py)
     sink: int = 128                # first document tokens kept static
     recent: int = 512              # last document tokens kept static
     chunk_size: int = 1024         # prefill chunk, in tokens
@@ -98,6 +100,9 @@ class Settings:
         for name, low in (("top_k", 1), ("sink", 0), ("recent", 0), ("chunk_size", 16), ("max_tokens", 1)):
             if getattr(self, name) < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
+        for name in ("retrieve", "estimate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name} must be a fraction between 0 and 1, not {getattr(self, name)}")
         return self
 
     def but(self, **changes) -> "Settings":

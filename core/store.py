@@ -268,10 +268,6 @@ class Entry:
         b = max(a, self.n_tokens - recent)
         return a, b
 
-    def offloaded_keys(self, layer: int, sink: int, recent: int) -> np.ndarray:
-        a, b = self.split(sink, recent)
-        return self.keys[layer, :, a:b]  # [KVH, N_off, D], a view into the memory map
-
     def build_queries(self, layer: int) -> np.ndarray:
         """The sampled prefill queries of one layer grouped by KV head: [KVH, G * Q, D]."""
         q = self._load("queries.npy")[layer]  # [Hq, Q, D]
@@ -296,8 +292,9 @@ class Entry:
             if (final / "index.json").exists():
                 return final
             with store.staging() as tmp:
-                index_kind(kind).build(lambda layer: self.offloaded_keys(layer, sink, recent), self.build_queries,
-                                       self.n_layers, tmp, progress)
+                a, b = self.split(sink, recent)
+                index_kind(kind).build(lambda layer: self.keys[layer, :, a:b], lambda layer: self.values[layer, :, a:b],
+                                       self.build_queries, self.n_layers, tmp, progress)
                 store.commit(tmp, final)
         return final
 

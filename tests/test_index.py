@@ -7,8 +7,10 @@ from core.errors import UsageError
 from core.index import KINDS, kind
 
 
-def _build(name, keys, out, queries=None):
-    kind(name).build(lambda l: keys[l], (lambda l: queries[l]) if queries is not None else None, keys.shape[0], out, None)
+def _build(name, keys, out, queries=None, values=None):
+    values = keys if values is None else values
+    kind(name).build(lambda l: keys[l], lambda l: values[l], (lambda l: queries[l]) if queries is not None else None,
+                     keys.shape[0], out, None)
 
 
 def _keys(L=2, KVH=2, N=300, D=16, seed=0):

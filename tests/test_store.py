@@ -183,9 +183,9 @@ def test_repeated_ask_on_a_cached_document_retrieves(smol, tmp_path):
         def __init__(self, r):
             self.r, self.n = r, r.n
 
-        def search(self, q, k):
+        def zones(self, q, k, scale):
             searched.append(k)
-            return self.r.search(q, k)
+            return self.r.zones(q, k, scale)
 
         def gather_values(self, ids):
             return self.r.gather_values(ids)

@@ -1,0 +1,267 @@
+"""The clustered index and the estimation zone (tripartite attention, as RetroInfer's wave index).
+
+The offloaded keys of each (layer, KV head) are grouped into clusters of about `size` keys:
+segmented spherical k-means over mean-centred keys (segments of `segment` tokens, `iters` rounds,
+seeds evenly spaced). A decoding query scores every cluster by its estimated attention mass,
+scale * q.c + log |C| (c: the mean of the cluster's keys, |C| its size), and splits them:
+
+  retrieval   the best clusters: every member key attended exactly (ids + exact logits)
+  estimation  the next clusters: not read; each member is taken to be the cluster's mean key, so
+              the cluster adds |C| exp(scale q.c) to the softmax denominator and
+              exp(scale q.c) * (sum of its values) to the numerator (`estimated_attention`)
+  dropped     the rest
+
+Retrieving every cluster is exactly full attention; `estimated_reference` is the naive dense
+softmax the estimation zone is tested against. The choice is a dense matmul over a small table
+(N / size centroids), which runs as well on a GPU as on the CPU.
+
+Persisted per index directory (all .npy, memory-mapped, no pickle), L layers, KVH heads, C
+clusters per head (the same C for every head: it depends only on N), N offloaded keys:
+  index.json     {"kind": "cluster", "size", "segment", "iters", "clusters": C}, written last
+  centroids.npy  float32 [L, KVH, C, D]   mean of each cluster's keys (in the stored frame)
+  sizes.npy      int32   [L, KVH, C]      members per cluster (0: an empty cluster, never chosen)
+  vsums.npy      float32 [L, KVH, C, Dv]  sum of each cluster's values
+  order.npy      int32   [L, KVH, N]      offloaded positions grouped by cluster
+  offsets.npy    int64   [L, KVH, C + 1]  cluster j's members are order[offsets[j]:offsets[j+1]]
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 16        # keys per cluster, on average
+SEGMENT = 8192   # tokens clustered together (a tail under half a segment joins the one before it)
+ITERS = 9        # spherical k-means rounds
+
+
+# ----------------------------------------------------------------------------- building
+
+def segments(n: int, segment: int = SEGMENT) -> list[tuple[int, int]]:
+    """[start, end) ranges of about `segment` tokens covering n; a short tail joins the last one."""
+    bounds = list(range(0, n, segment)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < segment // 2:
+        del bounds[-2]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def n_clusters(n: int, size: int = SIZE, segment: int = SEGMENT) -> int:
+    return sum(max(1, round((b - a) / size)) for a, b in segments(n, segment))
+
+
+def cluster_keys(keys, size: int = SIZE, segment: int = SEGMENT, iters: int = ITERS):
+    """Spherical k-means labels of one head's keys. keys: [N, D] (any float) -> int64 [N] in [0, C).
+
+    Keys are centred on their mean (which shifts every logit of a query equally) and normalised;
+    each segment has its own clusters, seeded with evenly spaced keys. Deterministic."""
+    import torch
+
+    x = torch.as_tensor(np.asarray(keys, np.float32))
+    x = x - x.mean(0)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    labels = torch.empty(x.shape[0], dtype=torch.int64)
+    base = 0
+    for a, b in segments(x.shape[0], segment):
+        xs = x[a:b]
+        c = max(1, round((b - a) / size))
+        cent = xs[torch.linspace(0, b - a - 1, c).round().long()].clone()
+        for it in range(iters + 1):
+            lab = (xs @ cent.T).argmax(1)
+            if it == iters:
+                break
+            new = torch.zeros_like(cent).index_add_(0, lab, xs)
+            norm = new.norm(dim=1, keepdim=True)
+            cent = torch.where(norm > 0, new / norm.clamp_min(1e-12), cent)  # an empty cluster keeps its seed
+        labels[a:b] = lab + base
+        base += c
+    return labels
+
+
+def head_tables(keys, values, labels, c: int):
+    """centroids [C, D], sizes [C], vsums [C, Dv], order [N], offsets [C + 1] of one head."""
+    import torch
+
+    k = torch.as_tensor(np.asarray(keys, np.float32))
+    v = torch.as_tensor(np.asarray(values, np.float32))
+    sizes = torch.bincount(labels, minlength=c)
+    ksum = torch.zeros(c, k.shape[1]).index_add_(0, labels, k)
+    vsum = torch.zeros(c, v.shape[1]).index_add_(0, labels, v)
+    cent = ksum / sizes.clamp_min(1)[:, None]
+    order = torch.argsort(labels, stable=True)
+    offsets = torch.zeros(c + 1, dtype=torch.int64)
+    offsets[1:] = sizes.cumsum(0)
+    return cent.numpy(), sizes.numpy().astype(np.int32), vsum.numpy(), order.numpy().astype(np.int32), offsets.numpy()
+
+
+def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
+                      size: int = SIZE, segment: int = SEGMENT, iters: int = ITERS) -> None:
+    """Cluster every (layer, head) of keys(layer) / values(layer) ([KVH, N, D] views) into `out`."""
+    first = keys(0)
+    KVH, N, D = first.shape
+    Dv = values(0).shape[-1]
+    C = n_clusters(N, size, segment)
+    arrays = {
+        "centroids": np.lib.format.open_memmap(out / "centroids.npy", "w+", np.float32, (n_layers, KVH, C, D)),
+        "sizes": np.lib.format.open_memmap(out / "sizes.npy", "w+", np.int32, (n_layers, KVH, C)),
+        "vsums": np.lib.format.open_memmap(out / "vsums.npy", "w+", np.float32, (n_layers, KVH, C, Dv)),
+        "order": np.lib.format.open_memmap(out / "order.npy", "w+", np.int32, (n_layers, KVH, N)),
+        "offsets": np.lib.format.open_memmap(out / "offsets.npy", "w+", np.int64, (n_layers, KVH, C + 1)),
+    }
+    for layer in range(n_layers):
+        k, v = keys(layer), values(layer)
+        for h in range(KVH):
+            tables = head_tables(k[h], v[h], cluster_keys(k[h], size, segment, iters), C)
+            for name, t in zip(("centroids", "sizes", "vsums", "order", "offsets"), tables):
+                arrays[name][layer, h] = t
+        if progress:
+            progress(layer + 1, n_layers)
+    for a in arrays.values():
+        a.flush()
+    del arrays
+    (out / "index.json").write_text(json.dumps({"kind": "cluster", "size": size, "segment": segment,
+                                                "iters": iters, "clusters": C}))
+
+
+# ----------------------------------------------------------------------------- the estimation zone
+
+@dataclass
+class Estimate:
+    """The estimated clusters of each query: logits [..., E] (unscaled q.c; -inf for none),
+    counts [..., E] (members), vsums [..., E, Dv] (sum of their values)."""
+
+    logits: object
+    counts: object
+    vsums: object
+
+
+def estimated_attention(est: Estimate, scale: float):
+    """Partial softmax (o [..., Dv], lse [...]) of the estimated clusters, every member taken to be
+    its cluster's mean key: lse = log sum_j |C_j| exp(s_j), o = sum_j exp(s_j - lse) Vsum_j with
+    s_j = scale * q.c_j. A query with no estimated cluster gets o = 0, lse = -inf."""
+    import torch
+
+    s = est.logits * scale
+    lse = torch.logsumexp(s + torch.log(est.counts.to(s.dtype)), dim=-1)  # log 0 = -inf: empty adds nothing
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w = torch.exp(s - safe[..., None]) * (est.counts > 0)
+    return torch.matmul(w[..., None, :], est.vsums.to(s.dtype))[..., 0, :], lse
+
+
+def estimated_reference(q, keys, values, labels, retrieved, estimated, scale: float):
+    """Naive reference of the retrieval + estimation zones for one query: a dense softmax over the
+    retrieved clusters' keys, plus every member of an estimated cluster replaced by the mean of its
+    cluster's keys with the mean of its values; every other key removed.
+
+    q [D]; keys [N, D], values [N, Dv]; labels [N]; retrieved, estimated: cluster ids.
+    Returns (o [Dv], lse) as a float64 computation written out key by key."""
+    ks, vs = [], []
+    for j in list(retrieved) + list(estimated):
+        members = [i for i in range(len(labels)) if labels[i] == j]
+        if not members:
+            continue
+        if j in retrieved:
+            ks += [keys[i] for i in members]
+            vs += [values[i] for i in members]
+        else:
+            km = np.mean([keys[i] for i in members], axis=0, dtype=np.float64)
+            vm = np.mean([values[i] for i in members], axis=0, dtype=np.float64)
+            ks += [km] * len(members)
+            vs += [vm] * len(members)
+    if not ks:
+        return np.zeros(values.shape[1]), -math.inf
+    logits = np.array([float(np.dot(np.asarray(q, np.float64), np.asarray(k, np.float64))) * scale for k in ks])
+    m = logits.max()
+    w = np.exp(logits - m)
+    return (w[:, None] * np.asarray(vs, np.float64)).sum(0) / w.sum(), m + math.log(w.sum())
+
+
+# ----------------------------------------------------------------------------- searching
+
+@dataclass
+class Zones:
+    """What the cluster index found for each query row: the retrieved keys (ids [KVH, M, K] into
+    the offloaded range, -1 for padding; scores [KVH, M, K] exact unscaled logits, -inf for
+    padding) and the estimated clusters (an Estimate over [KVH, M, E], or None)."""
+
+    ids: object
+    scores: object
+    estimate: Estimate | None
+
+
+class ClusterLayerIndex:
+    """One layer's clusters (memory-mapped tables) over its offloaded keys [KVH, N, D].
+
+    `zones(q [KVH, M, D], k, scale)`: every member of the best clusters, at least k keys' worth
+    and at least the fraction `retrieve` of the clusters, attended exactly; the next fraction
+    `estimate` of the clusters estimated."""
+
+    def __init__(self, tables: dict, keys, retrieve: float = 0.0, estimate: float = 0.0):
+        self.retrieve, self.estimate = retrieve, estimate
+        import torch
+
+        self.cent = torch.from_numpy(np.ascontiguousarray(tables["centroids"]))    # [KVH, C, D]
+        self.sizes = torch.from_numpy(np.ascontiguousarray(tables["sizes"])).long()  # [KVH, C]
+        self.log_sizes = torch.log(self.sizes.float())                              # -inf: empty
+        self.vsums = torch.from_numpy(np.asarray(tables["vsums"]))                  # [KVH, C, Dv]
+        self.order = torch.from_numpy(np.ascontiguousarray(tables["order"])).long()  # [KVH, N]
+        self.offsets = torch.from_numpy(np.ascontiguousarray(tables["offsets"]))   # [KVH, C + 1]
+        self.keys = torch.from_numpy(np.asarray(keys))                              # [KVH, N, D]
+        self.c = self.cent.shape[1]
+        self.size = max(1.0, self.keys.shape[1] / max(1, self.c))
+
+    def budgets(self, k: int) -> tuple[int, int]:
+        """(clusters retrieved, clusters estimated) for a budget of k keys and the two fractions."""
+        r = min(self.c, max(1, math.ceil(k / self.size), math.ceil(self.retrieve * self.c)))
+        e = min(self.c - r, math.ceil(self.estimate * self.c))
+        return r, e
+
+    def zones(self, q, k: int, scale: float) -> Zones:
+        import torch
+
+        q = q.to("cpu", torch.float32)                                  # [KVH, M, D]
+        KVH, M, D = q.shape
+        r, e = self.budgets(k)
+        logits = torch.bmm(q, self.cent.transpose(1, 2))                # [KVH, M, C] unscaled q.c
+        mass = logits * scale + self.log_sizes[:, None, :]              # log of the estimated mass
+        best = mass.topk(r + e, dim=-1).indices                         # [KVH, M, r + e], best first
+        heads = torch.arange(KVH)[:, None, None]
+        ids, scores = self._members(q, best[..., :r], heads)
+        est = None
+        if e > 0:
+            ce = best[..., r:]
+            est = Estimate(logits.gather(2, ce), self.sizes[heads, ce], self.vsums[heads, ce].float())
+        return Zones(ids, scores, est)
+
+    def search(self, q, k: int):
+        """The plain index contract: every member of the best clusters (at least k keys' worth) with
+        exact logits; -1 / -inf pad rows of different lengths."""
+        z = self.zones(q, k, 1.0 / math.sqrt(q.shape[-1]))  # (ranking only: the default scale)
+        return z.ids, z.scores
+
+    def _members(self, q, chosen, heads):
+        """ids [KVH, M, K] (-1 padded) and exact logits of every member of the chosen clusters."""
+        import torch
+
+        sz = self.sizes[heads, chosen]                                  # [KVH, M, r]
+        ends = sz.cumsum(-1)
+        total = ends[..., -1]                                           # [KVH, M]
+        K = int(total.max())
+        j = torch.arange(K).expand(*total.shape, K).contiguous()        # slot j of each row
+        p = torch.searchsorted(ends, j, right=True).clamp_max(chosen.shape[-1] - 1)  # its cluster
+        start = (ends - sz).gather(2, p)
+        pos = self.offsets[heads, chosen.gather(2, p)] + (j - start)    # into `order`
+        valid = j < total[..., None]
+        ids = torch.where(valid, self.order[heads, pos.clamp_max(self.order.shape[1] - 1)], -1)
+        k_sel = self.keys[heads, ids.clamp_min(0)].float()              # [KVH, M, K, D]
+        scores = torch.matmul(k_sel, q[..., None])[..., 0]              # [KVH, M, K]
+        return ids, scores.masked_fill(~valid, float("-inf"))
+
+
+def open_cluster_layer(index_dir: Path, layer: int, keys, retrieve: float = 0.0,
+                       estimate: float = 0.0) -> ClusterLayerIndex:
+    tables = {name: np.load(index_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)[layer]
+              for name in ("centroids", "sizes", "vsums", "order", "offsets")}
+    return ClusterLayerIndex(tables, keys, retrieve, estimate)
