@@ -56,6 +56,21 @@ class Config:
     sink: int = DEFAULTS.sink
     recent: int = DEFAULTS.recent
     index: str = "flat"
+    retrieve: float = DEFAULTS.retrieve   # the cluster index's budgets (core/cluster.py)
+    estimate: float = DEFAULTS.estimate
+
+
+def index_config(spec: str, top_k: int) -> Config:
+    """`--indexes` entry -> Config: a kind (flat, graph, cluster, auto: what `ra` picks), optionally
+    with budgets, e.g. `cluster:r=0.05:e=0` (r: --retrieve, e: --estimate fractions, k: --top-k)."""
+    kind, *opts = spec.split(":")
+    kw = {"top_k": top_k}
+    for o in opts:
+        name, value = o.split("=")
+        field_name = {"k": "top_k", "r": "retrieve", "e": "estimate"}[name]
+        kw[field_name] = int(value) if name == "k" else float(value)
+    name = f"ra k={kw['top_k']}" + ("" if kind == "flat" else f" {kind}") + "".join(f" {o}" for o in opts if not o.startswith("k="))
+    return Config(name, index=kind, **kw)
 
 
 FULL = Config("full", attention="full")
@@ -220,7 +235,8 @@ def run(cases: list[Case], configs: list[Config], engine, max_tokens: int, out=N
         answers = {}
         for cfg in configs:
             settings = engine.settings.but(attention=cfg.attention, top_k=cfg.top_k, sink=cfg.sink, recent=cfg.recent,
-                                           max_tokens=max_tokens, index=cfg.index)
+                                           max_tokens=max_tokens, index=cfg.index, retrieve=cfg.retrieve,
+                                           estimate=cfg.estimate)
             p = engine.prepare(doc, settings)  # a cache hit after the first config
             answers[cfg.name] = "".join(engine.ask(p, case.question)).strip()
         full = answers.get(FULL.name)
@@ -285,7 +301,8 @@ def main(argv=None) -> None:
     ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=100)
-    ap.add_argument("--indexes", default="flat", help="retrieval indexes to compare with full attention (needle)")
+    ap.add_argument("--indexes", default="flat", help="retrieval configs to compare with full attention: index kinds "
+                    "(flat, graph, cluster, auto), each optionally with budgets: cluster:r=0.05:e=0.2")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="a few cells only (CI smoke test)")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per (case, config) here")
@@ -308,9 +325,7 @@ def main(argv=None) -> None:
         return
     depths = [int(d) for d in args.depths.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else None
-    ras = [Config(f"ra k={args.top_k}" + ("" if ix == "flat" else f" {ix}"), top_k=args.top_k, index=ix)
-           for ix in args.indexes.split(",")]
-    ra = ras[0]
+    ras = [index_config(spec, args.top_k) for spec in args.indexes.split(",")]
     out = open(args.jsonl, "a") if args.jsonl else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,13 +345,13 @@ def main(argv=None) -> None:
             ls = lengths or ([1000] if args.quick else [2000, 4000, 7500])
             cases = ruler_cases(hay, ls, 1 if args.quick else args.seeds)
             cases = cases[:1] if args.quick else cases
-            rows = run(cases, [ra, FULL], engine, args.max_tokens, out, log)
-            sections.append(("RULER-style tasks: pass rate by task", table(rows, "task", [ra, FULL])))
-            sections.append(("RULER-style tasks: pass rate by length", table(rows, "length", [ra, FULL])))
+            rows = run(cases, ras + [FULL], engine, args.max_tokens, out, log)
+            sections.append(("RULER-style tasks: pass rate by task", table(rows, "task", ras + [FULL])))
+            sections.append(("RULER-style tasks: pass rate by length", table(rows, "length", ras + [FULL])))
         if args.task in ("qa", "all"):
             cases = [c for c in qa_cases() if c.name.startswith("R-intro")][:1] if args.quick else qa_cases()
-            rows = run(cases, [ra, FULL], engine, args.max_tokens, out, log)
-            sections.append(("Questions over real documents", table(rows, "case", [ra, FULL])))
+            rows = run(cases, ras + [FULL], engine, args.max_tokens, out, log)
+            sections.append(("Questions over real documents", table(rows, "case", ras + [FULL])))
         if args.task in ("sweep",):
             ls = lengths or [7500]
             configs = [FULL] + [Config(f"k={k}", top_k=k) for k in (25, 50, 100, 200, 400, 1000)] + [

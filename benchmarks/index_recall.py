@@ -60,7 +60,8 @@ class Grab:
 
 
 def capture(n_keys: int, out: Path, log) -> Path:
-    """keys.npy fp16 [L, KVH, N, D]; queries.npy fp16 [L, Hq, N/4, D]; decode_queries.npy fp32 [L, Hq, T, D]."""
+    """keys.npy, values.npy fp16 [L, KVH, N, D]; queries.npy fp16 [L, Hq, N/4, D]; decode_queries.npy fp32
+    [L, Hq, T, D]. A capture of at least n_keys tokens with values is reused."""
     import torch
     from transformers import DynamicCache
 
@@ -68,8 +69,10 @@ def capture(n_keys: int, out: Path, log) -> Path:
     from core import model as models
     from core.prompt import question_ids
 
-    if (out / "done.json").exists() and json.loads((out / "done.json").read_text())["keys"] >= n_keys:
-        return out
+    if (out / "done.json").exists():
+        done = json.loads((out / "done.json").read_text())
+        if done["keys"] >= n_keys and done.get("values"):
+            return out
     out.mkdir(parents=True, exist_ok=True)
     model, tok = models.load(models.resolve(None), data_home() / "models", notice=log)
     cfg = model.config
@@ -77,6 +80,7 @@ def capture(n_keys: int, out: Path, log) -> Path:
     D = cfg.hidden_size // Hq
     ids = book_ids(tok, n_keys)
     keys = np.lib.format.open_memmap(out / "keys.npy", mode="w+", dtype=np.float16, shape=(L, KVH, n_keys, D))
+    values = np.lib.format.open_memmap(out / "values.npy", mode="w+", dtype=np.float16, shape=(L, KVH, n_keys, D))
     queries = np.lib.format.open_memmap(out / "queries.npy", mode="w+", dtype=np.float16,
                                         shape=(L, Hq, n_keys // QUERY_STRIDE, D))
     t0 = time.perf_counter()
@@ -98,6 +102,7 @@ def capture(n_keys: int, out: Path, log) -> Path:
                      ra_capture=grab)
             for layer, cl in enumerate(cache.layers):
                 keys[layer, :, base:base + len(piece)] = cl.keys[0].numpy()
+                values[layer, :, base:base + len(piece)] = cl.values[0].numpy()
             done = base + len(piece)
             el = time.perf_counter() - t0
             log(f"captured {done:,}/{n_keys:,} tokens ({done / el:.0f} tok/s, ~{(n_keys - done) * el / done / 60:.1f} min left)")
@@ -116,8 +121,9 @@ def capture(n_keys: int, out: Path, log) -> Path:
     per_layer = [np.concatenate([q for l_, q in dec if l_ == layer], axis=1) for layer in range(L)]
     np.save(out / "decode_queries.npy", np.stack(per_layer).astype(np.float32), allow_pickle=False)
     keys.flush()
+    values.flush()
     queries.flush()
-    info = {"keys": n_keys, "capture_s": round(time.perf_counter() - t0, 1), "question": QUESTION,
+    info = {"keys": n_keys, "values": True, "capture_s": round(time.perf_counter() - t0, 1), "question": QUESTION,
             "answer": tok.decode(answer), "layers": L, "q_heads": Hq, "kv_heads": KVH, "head_dim": D}
     (out / "done.json").write_text(json.dumps(info))
     log(f"capture done in {info['capture_s']:.0f} s; answer: {info['answer']!r}")
@@ -126,6 +132,11 @@ def capture(n_keys: int, out: Path, log) -> Path:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def out_error(o, ref) -> float:
+    """Mean relative L2 error of attention outputs o against ref, both [..., D]."""
+    return float(((o - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).mean())
+
+
 def recall(ids: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each query's true top-k found. ids/truth: [Q, k]."""
     return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(ids, truth)]))
@@ -133,15 +144,18 @@ def recall(ids: np.ndarray, truth: np.ndarray) -> float:
 
 def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, heldout: int, efs: list[int],
              hnsw_efs: list[int], log, graph_kw: dict, indexes=("graph", "hnsw-raw", "hnsw-centred"), n_probe: int = 3,
-             coarse_probe: int = 4) -> list[dict]:
+             coarse_probe: int = 4, cluster_budgets=((0.018, 0.0), (0.018, 0.232))) -> list[dict]:
     import hnswlib
     import torch
 
+    from core.attention import attention_from_scores, merge
+    from core.cluster import ClusterLayerIndex, cluster_keys, estimated_attention, head_tables, n_clusters
     from core.graph import GraphLayerIndex, build_head, exact_topk, hnsw_level0
     from core.index import FlatLayerIndex
 
     # the first n_keys captured keys, and the queries of those positions (a bigger capture is reused)
     K = np.load(work / "keys.npy", mmap_mode="r")[:, :, :n_keys]
+    V = np.load(work / "values.npy", mmap_mode="r")[:, :, :n_keys]
     Q = np.load(work / "queries.npy", mmap_mode="r")[:, :, :n_keys // QUERY_STRIDE]
     DQ = np.load(work / "decode_queries.npy")
     L, KVH, N, D = K.shape
@@ -200,6 +214,52 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
         flat = FlatLayerIndex(keys32)
         run("flat", "exact", lambda q: flat.search(q, 100)[0].numpy())
         add("flat", "exact", layer, "", scanned=1, searched=1)
+        # the attention output over all N keys, and flat top-100's error against it (decode queries)
+        values32 = torch.from_numpy(np.asarray(V[layer], np.float32))
+        o_full = torch.bmm(probs, values32)                                   # [KVH, G*T, D]
+        qd = qsets["decode"].reshape(KVH, -1, D)
+        ids, sc = flat.search(qd, 100)
+        heads = torch.arange(KVH)[:, None, None]
+        add("flat", "exact", layer, "out_err", recall=out_error(attention_from_scores(sc, values32[heads, ids], D ** -0.5)[0], o_full))
+
+        # the clustered index (core/cluster.py): each budget's retrieved members, and the output
+        # with and without the estimated zone
+        if "cluster" in indexes:
+            t = time.perf_counter()
+            tabs = [head_tables(keys16[h], V[layer, h], cluster_keys(keys16[h]), n_clusters(N)) for h in range(KVH)]
+            build_s = time.perf_counter() - t
+            tables = {name: np.stack([tb[i] for tb in tabs])
+                      for i, name in enumerate(("centroids", "sizes", "vsums", "order", "offsets"))}
+            size = sum(a.nbytes for a in tables.values()) / (KVH * N)
+            for r_frac, e_frac in cluster_budgets:
+                ix = ClusterLayerIndex(tables, keys16, retrieve=r_frac, estimate=e_frac)
+                setting = f"r={r_frac} e={e_frac}"
+                T = qsets["decode"].shape[2]
+                zs, el = [], 0.0
+                for i in range(T):  # one decode step: retrieval + gathering values + the two partials
+                    q1 = qsets["decode"][:, :, i]
+                    t = time.perf_counter()
+                    z = ix.zones(q1, 100, D ** -0.5)  # timed: the search (as for the other indexes)
+                    el += time.perf_counter() - t
+                    parts = [attention_from_scores(z.scores, values32[heads, z.ids.clamp_min(0)], D ** -0.5)]
+                    if z.estimate is not None:
+                        parts.append(estimated_attention(z.estimate, D ** -0.5))
+                    o = merge(parts)[0]
+                    zs.append((z, o, parts[0][0]))
+                ids = [z.ids for z, _, _ in zs]  # per step [KVH, G, K_i]
+                rec = np.mean([len(np.intersect1d(ids[i][h, g].numpy(), truth["decode"][h, g * T + i])) / 100
+                               for i in range(T) for h in range(KVH) for g in range(G)])
+                mass = np.mean([float(probs[h, g * T + i, ids[i][h, g][ids[i][h, g] >= 0]].sum() / truth_mass[h, g * T + i])
+                                for i in range(T) for h in range(KVH) for g in range(G)])
+                o_all = torch.stack([o for _, o, _ in zs], 2).reshape(KVH, -1, D)    # [KVH, G*T, D]
+                o_ret = torch.stack([o for _, _, o in zs], 2).reshape(KVH, -1, D)
+                scanned = np.mean([(ix.c + float((z.ids >= 0).sum()) / (KVH * G)) / N for z, _, _ in zs])
+                add("cluster", setting, layer, "decode", recall=rec, step_s=el / T, layers=1)
+                add("cluster", setting, layer, "heldout", recall=float("nan"))
+                add("cluster", setting, layer, "mass", recall=mass)
+                add("cluster", setting, layer, "out_err", recall=out_error(o_all, o_full))
+                add("cluster", setting, layer, "out_err_retrieved", recall=out_error(o_ret, o_full))
+                add("cluster", setting, layer, "", scanned=scanned, searched=1, build_s=build_s, bytes_per_key=size)
 
         # the query-aware graph
         qb = np.asarray(Q[layer][:, build_slots], np.float32).reshape(KVH, G * len(build_slots), D)
@@ -260,6 +320,9 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
             "index": r["index"], "setting": r["setting"], "keys_per_head": N,
             "recall_at_100": round(float(np.mean(r["recall"]["decode"])), 4),
             "recall_heldout": round(float(np.mean(r["recall"]["heldout"])), 4),
+            # relative L2 error of the attention output against attention over all N keys (decode)
+            "out_err": round(float(np.mean(r["recall"].get("out_err", [float("nan")]))), 4),
+            "out_err_retrieved_only": round(float(np.mean(r["recall"].get("out_err_retrieved", [float("nan")]))), 4),
             # softmax mass of the retrieved keys / mass of the exact top-100 (decode queries)
             "mass_recall": round(float(np.mean(r["recall"]["mass"])), 4),
             "scanned_fraction": round(r["scanned"] / max(r["searched"], 1), 5),
@@ -296,7 +359,9 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=gr.N_PROBE, help="clusters whose entry keys seed a search")
     ap.add_argument("--coarse-probe", type=int, default=gr.COARSE_PROBE, help="groups whose directions a query scores")
     ap.add_argument("--key-degree", type=int, default=gr.KEY_DEGREE, help="graph slots given to key-key neighbours")
-    ap.add_argument("--indexes", default="graph,hnsw-raw,hnsw-centred", help="besides flat, always measured")
+    ap.add_argument("--indexes", default="graph,hnsw-raw,hnsw-centred,cluster", help="besides flat, always measured")
+    ap.add_argument("--cluster-budgets", default="0.018:0,0.018:0.232",
+                    help="cluster index budgets, retrieve:estimate fractions, comma-separated")
     ap.add_argument("--json", action="store_true", help="one JSON object per (index, setting) on stdout")
     ap.add_argument("--save", default=None, help="also write the JSON rows to this file")
     ap.add_argument("--plot", default=None, help="write a recall-vs-scanned PNG here")
@@ -315,7 +380,8 @@ def main() -> None:
                     [int(x) for x in args.hnsw_ef.split(",")], log,
                     dict(degree=args.degree, fan=args.fan, n_clusters=args.clusters, n_entry=args.entries,
                          key_degree=args.key_degree, tmp=work, hub_norm=args.hub_norm, n_coarse=args.coarse),
-                    args.indexes.split(","), args.probe, args.coarse_probe)
+                    args.indexes.split(","), args.probe, args.coarse_probe,
+                    [tuple(float(x) for x in b.split(":")) for b in args.cluster_budgets.split(",")])
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if args.json:
@@ -331,13 +397,13 @@ def main() -> None:
           f"directions in {args.coarse} groups x {args.entries} entries, probe {args.probe} of {args.coarse_probe} groups); decode queries: {info['question']!r} + answer")
     print(f"prefill of the same {info['keys']:,} tokens (the capture): {info['capture_s']:.0f} s; fp16 K+V: "
           f"{4 * info['head_dim']} bytes/key/head\n")
-    print("| index | setting | recall@100 decode | recall@100 held-out prefill | attention mass vs exact top-100 | keys scored | step ms (all layers) | vs flat | build s (all heads) | index bytes/key/head |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| index | setting | recall@100 decode | recall@100 held-out prefill | attention mass vs exact top-100 | output error vs all keys | keys scored | step ms (all layers) | vs flat | build s (all heads) | build / prefill | index bytes/key/head |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     flat_ms = next(r["step_ms"] for r in rows if r["index"] == "flat")
     for r in rows:
         print(f"| {r['index']} | {r['setting']} | {r['recall_at_100']:.3f} | {r['recall_heldout']:.3f} | {r['mass_recall']:.4f} | "
-              f"{100 * r['scanned_fraction']:.2f}% | {r['step_ms']:.1f} | {flat_ms / r['step_ms']:.1f}x | "
-              f"{r['build_s_all_heads']:.0f} | {r['index_bytes_per_key_head']:.0f} |")
+              f"{r['out_err']:.4f} | {100 * r['scanned_fraction']:.2f}% | {r['step_ms']:.1f} | {flat_ms / r['step_ms']:.1f}x | "
+              f"{r['build_s_all_heads']:.0f} | {r['build_s_all_heads'] / info['capture_s']:.2f} | {r['index_bytes_per_key_head']:.0f} |")
     if args.plot:
         import matplotlib
 

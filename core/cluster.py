@@ -129,12 +129,19 @@ def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
 
 @dataclass
 class Estimate:
-    """The estimated clusters of each query: logits [..., E] (unscaled q.c; -inf for none),
-    counts [..., E] (members), vsums [..., E, Dv] (sum of their values)."""
+    """The estimated clusters of each query, dense over a layer's C clusters (a matmul over a small
+    table, no gather): logits [..., M, C] unscaled q.c, -inf outside the query's estimated set;
+    log_counts [..., 1, C] log of the cluster sizes; vsums [..., C, Dv] sums of their values."""
 
     logits: object
-    counts: object
+    log_counts: object
     vsums: object
+
+    def grouped(self, G: int, T: int, device) -> "Estimate":
+        """Rows M = G*T (query head g, token t) as [KVH, G, T, C], on `device`."""
+        KVH, _, C = self.logits.shape
+        return Estimate(self.logits.to(device).reshape(KVH, G, T, C), self.log_counts.to(device)[:, None],
+                        self.vsums.to(device)[:, None])
 
 
 def estimated_attention(est: Estimate, scale: float):
@@ -143,11 +150,11 @@ def estimated_attention(est: Estimate, scale: float):
     s_j = scale * q.c_j. A query with no estimated cluster gets o = 0, lse = -inf."""
     import torch
 
-    s = est.logits * scale
-    lse = torch.logsumexp(s + torch.log(est.counts.to(s.dtype)), dim=-1)  # log 0 = -inf: empty adds nothing
+    s = est.logits * scale                                             # -inf: not estimated
+    lse = torch.logsumexp(s + est.log_counts, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    w = torch.exp(s - safe[..., None]) * (est.counts > 0)
-    return torch.matmul(w[..., None, :], est.vsums.to(s.dtype))[..., 0, :], lse
+    w = torch.exp(s - safe[..., None])                                 # 0 outside the set
+    return torch.matmul(w, est.vsums), lse
 
 
 def estimated_reference(q, keys, values, labels, retrieved, estimated, scale: float):
@@ -199,16 +206,17 @@ class ClusterLayerIndex:
     `estimate` of the clusters estimated."""
 
     def __init__(self, tables: dict, keys, retrieve: float = 0.0, estimate: float = 0.0):
-        self.retrieve, self.estimate = retrieve, estimate
         import torch
 
-        self.cent = torch.from_numpy(np.ascontiguousarray(tables["centroids"]))    # [KVH, C, D]
-        self.sizes = torch.from_numpy(np.ascontiguousarray(tables["sizes"])).long()  # [KVH, C]
-        self.log_sizes = torch.log(self.sizes.float())                              # -inf: empty
-        self.vsums = torch.from_numpy(np.asarray(tables["vsums"]))                  # [KVH, C, Dv]
-        self.order = torch.from_numpy(np.ascontiguousarray(tables["order"])).long()  # [KVH, N]
-        self.offsets = torch.from_numpy(np.ascontiguousarray(tables["offsets"]))   # [KVH, C + 1]
-        self.keys = torch.from_numpy(np.asarray(keys))                              # [KVH, N, D]
+        self.retrieve, self.estimate = retrieve, estimate
+        small = lambda a, dtype: torch.from_numpy(np.array(a, dtype))  # read into memory: N / 16 rows
+        self.cent = small(tables["centroids"], np.float32)              # [KVH, C, D]
+        self.sizes = small(tables["sizes"], np.int64)                   # [KVH, C]
+        self.log_sizes = torch.log(self.sizes.float())                  # -inf: an empty cluster
+        self.offsets = small(tables["offsets"], np.int64)               # [KVH, C + 1]
+        self.order = small(tables["order"], np.int64)                   # [KVH, N]
+        self.vsums = _mapped(tables["vsums"])                           # [KVH, C, Dv]
+        self.keys = _mapped(keys)                                       # [KVH, N, D] the store's keys
         self.c = self.cent.shape[1]
         self.size = max(1.0, self.keys.shape[1] / max(1, self.c))
 
@@ -231,8 +239,8 @@ class ClusterLayerIndex:
         ids, scores = self._members(q, best[..., :r], heads)
         est = None
         if e > 0:
-            ce = best[..., r:]
-            est = Estimate(logits.gather(2, ce), self.sizes[heads, ce], self.vsums[heads, ce].float())
+            chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(2, best[..., r:], True)
+            est = Estimate(logits.masked_fill(~chosen, float("-inf")), self.log_sizes[:, None, :], self.vsums)
         return Zones(ids, scores, est)
 
     def search(self, q, k: int):
@@ -258,6 +266,17 @@ class ClusterLayerIndex:
         k_sel = self.keys[heads, ids.clamp_min(0)].float()              # [KVH, M, K, D]
         scores = torch.matmul(k_sel, q[..., None])[..., 0]              # [KVH, M, K]
         return ids, scores.masked_fill(~valid, float("-inf"))
+
+
+def _mapped(array):
+    """A tensor over a read-only memory map, without copying it (ra never writes through it)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(array))
 
 
 def open_cluster_layer(index_dir: Path, layer: int, keys, retrieve: float = 0.0,

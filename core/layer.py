@@ -75,7 +75,7 @@ class Selection:
     """What a layer retrieved for its queries: ids [KVH, G*T, K] into the offloaded range (-1 pads
     rows of unequal length), logits [KVH, G, T, K] (unscaled, at the positions the policy gives
     them; -inf at a pad), values [KVH, G, T, K, D]; and, from a clustered index, the estimated
-    clusters (a core/cluster.Estimate over [KVH, G, T, E]) or None."""
+    clusters (a core/cluster.Estimate, dense over the layer's clusters: [KVH, G, T, C]) or None."""
 
     ids: torch.Tensor
     logits: torch.Tensor
@@ -111,15 +111,6 @@ class Retriever:
         return self.k[self.heads, ids.clamp_min(0)]
 
 
-def _grouped(est: Estimate | None, q) -> Estimate | None:
-    """An Estimate over [KVH, G*T, E] viewed as [KVH, G, T, E], on the device of q [KVH, G, T, D]."""
-    if est is None:
-        return None
-    shape = q.shape[:3]
-    return Estimate(est.logits.to(q.device).reshape(*shape, -1), est.counts.to(q.device).reshape(*shape, -1),
-                    est.vsums.to(q.device).reshape(*shape, *est.vsums.shape[-2:]))
-
-
 class ExactPositions:
     """Keys stored post-RoPE at their true positions: search with the query itself; the index's
     logits are the attention logits; every static key is in StaticKV's true-position rows."""
@@ -130,7 +121,7 @@ class ExactPositions:
         ids, K = z.ids, z.ids.shape[-1]
         logits = z.scores.to(q.device).reshape(KVH, G, T, K)
         values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
-        return Selection(ids, logits, values, _grouped(z.estimate, q))
+        return Selection(ids, logits, values, z.estimate and z.estimate.grouped(G, T, q.device))
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         return []
@@ -161,7 +152,7 @@ class RemappedPositions:
             logits = z.scores.to(q.device).reshape(KVH, G, T, K)
         values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
         # estimated clusters stay in the search frame (all at `distance`)
-        return Selection(ids, logits, values, _grouped(z.estimate, q))
+        return Selection(ids, logits, values, z.estimate and z.estimate.grouped(G, T, q.device))
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         if static.glob_k.shape[1] == 0:

@@ -32,12 +32,16 @@ def test_index_recall_benchmark_json_smoke(smol, ra_home, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [(x["index"], x["setting"]) for x in rows] == [
-        ("flat", "exact"), ("graph", "ef=100"), ("hnsw-raw", "ef=100"), ("hnsw-centred", "ef=100")]
+        ("flat", "exact"), ("cluster", "r=0.018 e=0.0"), ("cluster", "r=0.018 e=0.232"), ("graph", "ef=100"),
+        ("hnsw-raw", "ef=100"), ("hnsw-centred", "ef=100")]
     for x in rows:
         assert {"index", "setting", "keys_per_head", "recall_at_100", "scanned_fraction", "step_ms"} <= set(x)
         assert x["keys_per_head"] == 2000 and 0 < x["scanned_fraction"] <= 1 and 0 <= x["recall_at_100"] <= 1
-    assert rows[1]["scanned_fraction"] < 1.0  # the graph did not score every key
-    assert rows[1]["recall_at_100"] > 0.5  # and still found most of the exact top-100
+    graph = rows[3]
+    assert graph["scanned_fraction"] < 1.0  # the graph did not score every key
+    assert graph["recall_at_100"] > 0.5  # and still found most of the exact top-100
+    retrieved, estimated = rows[1], rows[2]
+    assert retrieved["scanned_fraction"] < 1.0 and retrieved["out_err"] > estimated["out_err"] > 0
 
 
 def test_run_all_covers_every_benchmarks_md_command():

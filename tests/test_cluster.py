@@ -127,7 +127,7 @@ def test_zones_equal_naive_reference(tmp_path, k, retrieve, estimate):
 def test_estimate_with_no_cluster_is_an_empty_zone():
     from core.cluster import Estimate
 
-    est = Estimate(torch.full((2, 3), -math.inf), torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4))
+    est = Estimate(torch.full((2, 5, 3), -math.inf), torch.zeros(2, 1, 3), torch.randn(2, 3, 4))
     o, lse = estimated_attention(est, SCALE)
     assert (o == 0).all() and torch.isinf(lse).all()
 
