@@ -151,7 +151,7 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
     from core.attention import attention_from_scores, merge
     from core.cluster import ClusterLayerIndex, cluster_keys, estimated_attention, head_tables, n_clusters
     from core.graph import GraphLayerIndex, build_head, exact_topk, hnsw_level0
-    from core.index import FlatLayerIndex
+    from core.index import HNSW_EF_CONSTRUCTION, HNSW_M, FlatLayerIndex
 
     # the first n_keys captured keys, and the queries of those positions (a bigger capture is reused)
     K = np.load(work / "keys.npy", mmap_mode="r")[:, :, :n_keys]
@@ -284,7 +284,7 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
             t = time.perf_counter()
             for h in range(KVH):
                 hx = hnswlib.Index(space="ip", dim=D)
-                hx.init_index(max_elements=N, M=16, ef_construction=100, random_seed=0)
+                hx.init_index(max_elements=N, M=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, random_seed=0)  # as shipped
                 hx.set_num_threads(os.cpu_count() or 1)
                 hx.add_items((keys32[h] - mu[h]).numpy(), np.arange(N))
                 graphs.append(hx)

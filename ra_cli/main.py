@@ -63,6 +63,10 @@ ATTENTION = typer.Option(D.attention, envvar="RA_ATTENTION",
 INDEX = typer.Option(D.index, envvar="RA_INDEX",
                      help="Offloaded-key index: auto (flat under 16K keys or past the window, else graph), flat (exact), hnsw, graph.")
 TOP_K = typer.Option(D.top_k, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
+RETRIEVE = typer.Option(D.retrieve, envvar="RA_RETRIEVE", min=0.0, max=1.0,
+                        help="Cluster index: least fraction of the clusters attended exactly (and at least --top-k keys).")
+ESTIMATE = typer.Option(D.estimate, envvar="RA_ESTIMATE", min=0.0, max=1.0,
+                        help="Cluster index: fraction of the clusters next estimated from their centroids (0: none).")
 SINK = typer.Option(D.sink, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")
 RECENT = typer.Option(D.recent, envvar="RA_RECENT", min=0, help="Last tokens of the document kept static.")
 MAX_TOKENS = typer.Option(D.max_tokens, "--max-tokens", "-n", envvar="RA_MAX_TOKENS", min=1, help="Longest answer, in tokens.")
@@ -75,11 +79,11 @@ MAX_FILE = typer.Option("256K", envvar="RA_MAX_FILE_SIZE", help="Directories: sk
 
 
 def _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-              trust_remote_code) -> Settings:
+              trust_remote_code, retrieve=D.retrieve, estimate=D.estimate) -> Settings:
     """The options as Settings, checked (a bad value is a usage error before anything loads)."""
     return Settings(model=model, device=device, dtype=dtype, attention=attention, index=index, top_k=top_k,
-                    sink=sink, recent=recent, max_tokens=max_tokens, chunk_size=chunk_size,
-                    trust_remote_code=trust_remote_code).check()
+                    retrieve=retrieve, estimate=estimate, sink=sink, recent=recent, max_tokens=max_tokens,
+                    chunk_size=chunk_size, trust_remote_code=trust_remote_code).check()
 
 
 def _questions(target: str, question: Optional[str], extra: List[str], questions_file: Optional[str]) -> list[str]:
@@ -115,15 +119,16 @@ def ask(
     questions_file: Optional[str] = typer.Option(None, "--questions", help="A file with one question per line (- for stdin)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout (JSON Lines)."),
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
-    index: str = INDEX, top_k: int = TOP_K, sink: int = SINK, recent: int = RECENT, max_tokens: int = MAX_TOKENS,
-    chunk_size: int = CHUNK, trust_remote_code: bool = TRUST, quiet: bool = QUIET,
+    index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
+    recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Answer questions about a document (prefilled once, then answered from the cache)."""
     from .session import Session, answer_record, read_document, write_answer
 
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code)
+                         trust_remote_code, retrieve, estimate)
     questions = _questions(target, question, more, questions_file)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))  # before torch loads
     session = Session(_home(), settings, _err_console(), quiet)
@@ -184,8 +189,9 @@ def index_cmd(
 def repl(
     target: str = typer.Argument(..., help="A text or PDF file, or a directory (a codebase)."),
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
-    index: str = INDEX, top_k: int = TOP_K, sink: int = SINK, recent: int = RECENT, max_tokens: int = MAX_TOKENS,
-    chunk_size: int = CHUNK, trust_remote_code: bool = TRUST, quiet: bool = QUIET,
+    index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
+    recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Chat about a document: load once, then ask question after question (/help for commands)."""
@@ -195,7 +201,7 @@ def repl(
     if target == "-":
         raise UsageError("ra repl reads questions from stdin; give the document as a file")
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code)
+                         trust_remote_code, retrieve, estimate)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))
     session = Session(_home(), settings, _err_console(), quiet)
     prepared = session.open(doc)

@@ -84,10 +84,11 @@ def test_smollm2_retrieval_equals_full(smol, tmp_path):
     _check(model, tok, identity, tmp_path, 4000, atol=5e-4)
 
 
-@pytest.mark.parametrize("index", ["flat", "graph"])
+@pytest.mark.parametrize("index", ["flat", "graph", "cluster"])
 def test_fp16_store_retrieval_equals_full_over_the_same_store(index, smol, tmp_path):
     """With the default fp16 KV store, `--attention full` over the same cached KV is the reference.
-    The graph search with k covering every key must reach all of them (positional links)."""
+    The graph search with k covering every key must reach all of them (positional links); the
+    cluster index with k covering every key retrieves every cluster (nothing left to estimate)."""
     model, tok, identity = smol
     doc = Document(text=book_text(3000), name="alice-part", kind="text")
     s = Settings(sink=16, recent=32, top_k=10**6, max_tokens=5, index=index)
