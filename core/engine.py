@@ -180,7 +180,7 @@ class Engine:
 
     def _build_entry(self, doc: Document, key: StoreKey, s: Settings) -> None:
         from . import longctx
-        from .generation import QueryCapture, prefill
+        from .generation import QueryCapture, layerwise_supported, prefill, prefill_layerwise
         from .prompt import build_prefix
 
         prefix = build_prefix(self.tokenizer, doc)
@@ -204,7 +204,8 @@ class Engine:
             if remap:  # keys stored pre-RoPE, queries in the global frame (core/longctx.py)
                 longctx.prefill_long(self.model, prefix.ids, min(s.chunk_size, 512), w, scheme, capture, report)
             else:
-                prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
+                run = prefill_layerwise if layerwise_supported(self.model) else prefill
+                run(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
             manifest = Manifest(
                 format=key.format, key=key.__dict__, digest=key.digest,
                 document=DocumentInfo(doc.name, doc.kind, len(doc.text), doc.page_starts, doc.files),

@@ -61,6 +61,51 @@ def prefill(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCap
             progress(end, n)
 
 
+# decoder bodies whose forward is exactly: embed, rotary, the layers in order, a final norm (the
+# layer-by-layer prefill runs the same modules in the same way; other models take `prefill`)
+LAYERWISE = ("llama", "mistral", "qwen2")
+
+
+def layerwise_supported(model) -> bool:
+    """Whether `prefill_layerwise` runs this model as its own forward would (no sliding window)."""
+    cfg, body = model.config, model.base_model
+    sliding = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return cfg.model_type in LAYERWISE and hasattr(body, "embed_tokens") and hasattr(body, "rotary_emb") and not sliding
+
+
+@torch.inference_mode()
+def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
+                      progress=None) -> None:
+    """`prefill` with memory that does not grow with the layers: one layer at a time over the whole
+    prefix. The hidden states of every token [1, N, H] stay on the device; layer i runs over them
+    chunk by chunk (each chunk attends to the chunks before it through a cache holding this layer's
+    K/V only), overwriting each chunk's hidden states with its output, and writes the layer's K/V
+    as it goes; the cache is dropped before the next layer. Same modules, masks and chunks as
+    `prefill`: the K/V are the same. Peak: N x H hidden states + one layer's K/V + one chunk's
+    activations (against all L layers' K/V for `prefill`)."""
+    from .layer import PrefillKV, RaCache
+
+    device = next(model.parameters()).device
+    body = model.base_model
+    n, L = len(ids), model.config.num_hidden_layers
+    hidden = body.embed_tokens(torch.from_numpy(ids.astype(np.int64))[None].to(device))  # [1, N, H]
+    chunks = [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
+    for i, layer in enumerate(body.layers[:L]):
+        kv = PrefillKV(i, capture)
+        cache = RaCache([kv] * L)  # whichever index layer i asks for, it reaches this layer's K/V
+        for start, end in chunks:
+            x = hidden[:, start:end]
+            pos = torch.arange(start, end, device=device)[None]
+            if capture is not None:
+                capture.set_chunk(start, end)
+            hidden[:, start:end] = layer(x, attention_mask=None, position_ids=pos, cache=cache, use_cache=True,
+                                         position_embeddings=body.rotary_emb(x, position_ids=pos), ra_cache=cache)
+            write_kv(i, start, kv.k_chunks[-1][0].float().cpu().numpy(), kv.v_chunks[-1][0].float().cpu().numpy())
+        del kv, cache
+        if progress:
+            progress(int(n * (i + 1) / L), n)
+
+
 @torch.inference_mode()
 def forward(model, cache, ids: list[int], pos: int) -> torch.Tensor:
     """Run new tokens at absolute positions pos.. on top of `cache`; -> logits of the last one [V]."""

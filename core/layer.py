@@ -215,6 +215,53 @@ class DocumentLayer(CacheLayerMixin):
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 
+class PrefillKV(CacheLayerMixin):
+    """One layer's K/V while the layer-by-layer prefill (core/generation.prefill_layerwise) runs it
+    over the whole document, kept as the list of its chunks' K/V ([1, KVH, T, D] each, contiguous).
+    `attend` is a chunk's exact causal attention: one partial over its own keys (causal) and one
+    per earlier chunk, merged, through the fused kernel: no [T, S] score or mask tensor and no copy
+    of the earlier K/V is made."""
+
+    def __init__(self, layer: int = 0, capture=None):
+        super().__init__()
+        self.layer, self.capture = layer, capture  # capture: a core/generation.QueryCapture, or None
+        self.k_chunks, self.v_chunks = [], []
+        self.n = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Keeps the chunk's K/V; returns them (attend finds the earlier chunks itself)."""
+        self.k_chunks.append(key_states.contiguous())
+        self.v_chunks.append(value_states.contiguous())
+        self.n += key_states.shape[-2]
+        return self.k_chunks[-1], self.v_chunks[-1]
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0  # attend builds no mask from it
+
+    def attend(self, query, key, value, scale: float):
+        """query: [1, Hq, T, D]; key/value: this chunk's [1, KVH, T, D] -> [1, T, Hq, D]."""
+        _, Hq, T, D = query.shape
+        KVH = key.shape[1]
+        if self.capture is not None:
+            self.capture.record(self.layer, query)
+        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
+        parts = [local_attention(q, key[0].float(), value[0].float(), scale, causal_offset=0)]
+        for k, v in zip(self.k_chunks[:-1], self.v_chunks[:-1]):
+            parts.append(local_attention(q, k[0].float(), v[0].float(), scale))
+        o, _ = merge(parts)
+        return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
+
+
 class RaCache(Cache):
     """A transformers Cache of ra's layers (DocumentLayer, LongPrefillLayer) or of plain
     DynamicLayers holding the whole document (the `--attention full` baseline)."""

@@ -197,6 +197,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class _RowFile:
+    """A preallocated .npy file [L, KVH, N, D] written with pwrite: the rows go to the page cache
+    and the disk, not into this process's resident memory (a memory map's written pages would
+    count there until the file is closed). `array` is a shared memory map of the same file, for
+    readers during the prefill (core/longctx.py reads the far keys back); Linux keeps the two
+    coherent."""
+
+    def __init__(self, path: Path, dtype, shape):
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, layer: int, start: int, rows: np.ndarray) -> None:
+        """rows: [KVH, T, D] for tokens start..start+T of `layer`."""
+        a = self.array
+        _, KVH, N, D = a.shape
+        rows = np.ascontiguousarray(rows, a.dtype)
+        for h in range(KVH):
+            buf = rows[h].data.cast("B")
+            at = a.offset + ((layer * KVH + h) * N + start) * D * a.itemsize
+            while buf:  # pwrite may write less than asked
+                done = os.pwrite(self.fd, buf, at)
+                buf, at = buf[done:], at + done
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
 class EntryWriter:
     """Fills a staging directory while the prefill runs, chunk by chunk (bounded memory)."""
 
@@ -204,25 +232,27 @@ class EntryWriter:
                  kv_dtype: str, query_positions: np.ndarray):
         self.dir = d
         shape = (n_layers, kv_heads, n_tokens, head_dim)
-        self.keys = np.lib.format.open_memmap(d / "keys.npy", mode="w+", dtype=kv_dtype, shape=shape)
-        self.values = np.lib.format.open_memmap(d / "values.npy", mode="w+", dtype=kv_dtype, shape=shape)
+        self._k = _RowFile(d / "keys.npy", kv_dtype, shape)
+        self._v = _RowFile(d / "values.npy", kv_dtype, shape)
+        self.keys, self.values = self._k.array, self._v.array  # read-only use while prefilling
         self.query_positions = query_positions.astype(np.int32)
         self.queries = np.lib.format.open_memmap(
             d / "queries.npy", mode="w+", dtype=kv_dtype, shape=(n_layers, q_heads, len(query_positions), head_dim))
 
     def write_kv(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v: [KVH, T, D] for tokens start..start+T"""
-        self.keys[layer, :, start:start + k.shape[1]] = k
-        self.values[layer, :, start:start + v.shape[1]] = v
+        self._k.write(layer, start, k)
+        self._v.write(layer, start, v)
 
     def write_queries(self, layer: int, slot: slice, q: np.ndarray) -> None:
         """q: [Hq, n, D] for query_positions[slot]"""
         self.queries[layer, :, slot] = q
 
     def finish(self, manifest: Manifest, tokens: np.ndarray, sources: np.ndarray, text: str) -> None:
-        for m in (self.keys, self.values, self.queries):
-            m.flush()
-        del self.keys, self.values, self.queries
+        self._k.close()
+        self._v.close()
+        self.queries.flush()
+        del self.keys, self.values, self.queries, self._k, self._v
         np.save(self.dir / "tokens.npy", tokens.astype(np.int32), allow_pickle=False)
         np.save(self.dir / "sources.npy", sources.astype(np.int32), allow_pickle=False)
         np.save(self.dir / "query_positions.npy", self.query_positions, allow_pickle=False)
