@@ -209,6 +209,31 @@ def repl(
 
 
 app.command("chat", hidden=True, help="Same as repl.")(repl)
+@app.command()
+def plan(
+    model: Optional[str] = typer.Argument(None, help="config.json, model directory, .gguf, or a Hugging Face id in the "
+                                          "local cache (default: the embedded model). No weights are read."),
+    tokens: int = typer.Option(..., "--tokens", "-t", min=1, help="Document length in tokens."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, e.g. 24GiB."),
+    dtype: str = typer.Option("bfloat16", help="Weights and device K/V: bfloat16, float16 or float32."),
+    index: str = typer.Option("cluster", help="Index the host holds while answering: cluster or flat."),
+    as_json: bool = typer.Option(False, "--json", help="The plan as one JSON object."),
+):
+    """Say what a document of N tokens needs with a model (GPU, host, disk), for retrieval and full attention."""
+    from core.plan import DTYPE_BYTES, PlanInput, explain, parse_size, read_shape
+    from core.plan import plan as make_plan
+
+    if dtype not in DTYPE_BYTES:
+        raise UsageError(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
+    if index not in ("cluster", "flat"):
+        raise UsageError(f"--index must be cluster or flat, not {index!r}")
+    source, shape = read_shape(model)
+    cap = parse_size(gpu_memory) if gpu_memory else None
+    p = make_plan(shape, PlanInput(tokens, dtype_bytes=DTYPE_BYTES[dtype], index=index), cap)
+    p["source"] = source
+    typer.echo(json.dumps(p) if as_json else explain(p))
+
+
 app.add_typer(cache_app, name="cache")
 app.command()(models)
 

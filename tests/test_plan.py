@@ -1,0 +1,92 @@
+"""`ra plan`'s arithmetic (core/plan.py) against tensors actually allocated for small models, and
+the command itself on the Llama-3.1-8B config (no weights, no torch import)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from core.attention import register
+from core.generation import prefill_layerwise
+from core.plan import PlanInput, Shape, parse_size, plan, read_shape
+from ra_cli.main import app
+
+LLAMA_8B = ROOT.parent / "shared" / "data" / "configs" / "llama-3.1-8b" / "config.json"
+
+
+def _tiny(cls, cfg_cls, tied):
+    register()
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=211, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=1024, attn_implementation="ra")
+    return cls(cfg).eval(), cfg
+
+
+@pytest.mark.parametrize("cls, cfg_cls, tied", [(LlamaForCausalLM, LlamaConfig, False),
+                                                (Qwen2ForCausalLM, Qwen2Config, True)])
+def test_plan_counts_what_the_model_allocates(cls, cfg_cls, tied):
+    model, cfg = _tiny(cls, cfg_cls, tied)
+    shape = Shape.from_config(cfg.to_dict())
+    assert shape.params() == sum(p.numel() for p in model.parameters())  # biases and tied heads included
+    n = 97
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 211, (1, n)), cache=cache, use_cache=True)
+    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+    assert shape.kv_per_token(4) * n == held
+    # the layer-by-layer prefill holds every token's hidden state and one layer's K/V
+    p = plan(shape, PlanInput(n, dtype_bytes=4, chunk=32))["retrieval"]
+    hidden = model.base_model.embed_tokens(torch.zeros(1, n, dtype=torch.long))
+    assert p["prefill_hidden_bytes"] == hidden.nbytes
+    seen = []
+    prefill_layerwise(model, np.zeros(n, np.int64), 32, lambda layer, start, k, v: seen.append(k.nbytes + v.nbytes))
+    assert p["prefill_layer_kv_bytes"] == sum(seen) // cfg.num_hidden_layers
+
+
+def test_plan_of_the_embedded_model_reads_the_gguf(smol):
+    model, _, _ = smol
+    _, shape = read_shape(None)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert (shape.layers, shape.kv_heads, shape.head_dim) == (30, 3, 64)
+
+
+def test_llama_8b_at_128k_fits_24gib_only_with_retrieval():
+    r = CliRunner().invoke(app, ["plan", str(LLAMA_8B), "--tokens", "131072", "--gpu-memory", "24GiB", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)
+    assert p["retrieval"]["fits"] and not p["full"]["fits"]
+    assert p["retrieval"]["peak_bytes"] < 24 * 2**30 < p["full"]["peak_bytes"]
+    assert p["full"]["kv_bytes"] > 16 * 2**30 and p["retrieval"]["weights_bytes"] > 14 * 2**30  # bf16, 8.03B
+    human = CliRunner().invoke(app, ["plan", str(LLAMA_8B), "--tokens", "131072", "--gpu-memory", "24GiB"])
+    assert "DOES NOT FIT" in human.output and "fits" in human.output
+
+
+def test_plan_does_not_import_torch():
+    code = (f"import sys, runpy; sys.argv=['ra','plan',{str(LLAMA_8B)!r},'--tokens','1000','--json']\n"
+            "try:\n    runpy.run_module('ra_cli.main', run_name='__main__')\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 1000
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["plan", "--tokens", "10", "/nonexistent/config.json"], "no such file"),
+    (["plan", "--tokens", "10", "--gpu-memory", "lots"], "not a size"),
+    (["plan", "--tokens", "10", "--dtype", "int3"], "--dtype"),
+])
+def test_plan_bad_input_is_one_line(args, msg, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ra_cli.main", *args], capture_output=True, text=True, cwd=ROOT,
+                       env={"RA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_sizes_parse():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("80GB") == 80 * 10**9 and parse_size("512M") == 512 * 10**6
+    assert parse_size("1000") == 1000 and parse_size("1.5 TiB") == int(1.5 * 2**40)
