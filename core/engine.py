@@ -195,6 +195,8 @@ class Engine:
             self.notice(f"{doc.name} is {n:,} tokens, past the model's {self.max_positions:,}-token window: "
                         f"prefilling in chunks with remapped positions ({scheme.local:,}-token local window, "
                         f"top-{scheme.prefill_topk} far keys per {scheme.block} tokens)")
+        if self.device == "cuda":
+            self._refuse_if_too_big(n, s)
         q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n, s), n)).astype(np.int64))
         with self.store.staging() as tmp:
             t = time.perf_counter()
@@ -217,6 +219,21 @@ class Engine:
                 created=time.time())
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
             self.store.commit(tmp, self.store.path(key))
+
+    def _refuse_if_too_big(self, n: int, s: Settings) -> None:
+        """Before a prefill on CUDA: refuse, with the plan's numbers, a job that would run out of GPU
+        memory halfway (core/plan.py; what is already allocated, the weights, counts as available)."""
+        import torch
+
+        from .plan import PlanInput, Shape, plan, refusal
+
+        free, _ = torch.cuda.mem_get_info()
+        p = plan(Shape.from_config(self.model.config.to_dict()),
+                 PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(self.dtype).bits // 8,
+                           chunk=s.chunk_size, sink=s.sink, recent=s.recent, top_k=s.top_k))
+        why = refusal(p, s.attention, free + torch.cuda.memory_allocated())
+        if why:
+            raise DocumentTooLong(why)
 
     def _open_retrievers(self, entry: Entry, split: tuple[int, int], index_dir: Path, kind: str, s: Settings) -> tuple:
         """Per layer: the offloaded K/V (memory-map views) and its opened index. Reads no K/V."""

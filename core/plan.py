@@ -224,3 +224,17 @@ def explain(p: dict) -> str:
         f"  weights {g(f['weights_bytes'])} + K/V {g(f['kv_bytes'])} + chunk {g(f['activation_bytes'])}",
     ]
     return "\n".join(lines)
+
+
+def refusal(p: dict, mode: str, available: int) -> str | None:
+    """Why a job of plan `p` in `mode` (retrieval | full) would run out of `available` device
+    bytes, as one line, or None if it fits. The engine asks this before a prefill on CUDA."""
+    need = p[mode]["peak_bytes"]
+    if need <= available:
+        return None
+    other = "full" if mode == "retrieval" else "retrieval"
+    hint = (f"; {other} attention would need {need_other / GiB:.1f} GiB" if (need_other := p[other]["peak_bytes"]) <= available
+            else "")
+    return (f"{p['tokens']:,} tokens need about {need / GiB:.1f} GiB of GPU memory with {mode} attention "
+            f"(weights {p[mode]['weights_bytes'] / GiB:.1f} GiB) and {available / GiB:.1f} GiB is free{hint} "
+            f"(`ra plan` shows the parts)")

@@ -90,3 +90,14 @@ def test_plan_bad_input_is_one_line(args, msg, tmp_path):
 def test_sizes_parse():
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("80GB") == 80 * 10**9 and parse_size("512M") == 512 * 10**6
     assert parse_size("1000") == 1000 and parse_size("1.5 TiB") == int(1.5 * 2**40)
+
+
+def test_refusal_names_the_numbers_and_the_way_out():
+    from core.plan import refusal
+
+    _, shape = read_shape(str(LLAMA_8B))
+    p = plan(shape, PlanInput(131072))
+    assert refusal(p, "retrieval", 24 * 2**30) is None
+    why = refusal(p, "full", 24 * 2**30)
+    assert "131,072 tokens need about 31.2 GiB" in why and "retrieval attention would need 16.6 GiB" in why
+    assert "retrieval attention would" not in (refusal(p, "full", 10 * 2**30) or "")
