@@ -3,7 +3,6 @@ the command itself on the Llama-3.1-8B config (no weights, no torch import)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
