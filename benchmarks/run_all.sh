@@ -44,6 +44,13 @@ step ruler python benchmarks/accuracy.py ruler --home "$OUT/acc_home" --jsonl "$
 step qa python benchmarks/accuracy.py qa --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
+# the clustered index (issue 16): the grid at RetroInfer's budgets, a budget sweep at 7.5K, the grid at R=0.1 E=0.4
+step needle_cluster python benchmarks/accuracy.py needle --seeds 3 --indexes flat,cluster \
+    --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster.jsonl"
+step needle_cluster_sweep python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 \
+    --indexes cluster:e=0,cluster:r=0.05,cluster:r=0.1:e=0.4 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_sweep.jsonl"
+step needle_cluster_r01 python benchmarks/accuracy.py needle --seeds 3 --indexes cluster:r=0.1:e=0.4 \
+    --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_r01.jsonl"
 
 # the query-aware index and decode latency vs length (KV captured from real text past 8K)
 step index_recall python benchmarks/index_recall.py --work "$OUT/index_recall" --plot benchmarks/index_recall.png
