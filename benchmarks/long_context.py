@@ -128,7 +128,7 @@ def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out,
                "question": question, "expected": expected, "answer": answer,
                "passed": passed_any(answer, expected), "answer_s": round(time.perf_counter() - t, 2),
                "prefill_s": p.entry.manifest.prefill_s, "cache_hit": hit,
-               "prefill_profile": profile, "index": p.index_kind}
+               "prefill_profile": profile, "index": p.index_kind, "index_s": round(p.index_s, 2)}
         profile = None  # kept once per case
         rows.append(row)
         if out:
