@@ -97,16 +97,17 @@ def test_killed_writer_leftovers_are_cleaned(tmp_path):
 
 def test_second_ask_does_no_prefill_and_answers_the_same(smol, tmp_path):
     """A new Engine (as in a new process) on the same data directory: the document never goes
-    through the model again; only the question and answer tokens do."""
+    through the model again; only the question and answer tokens do. (Counted at the token
+    embedding, which every path through the model starts with: the chunked prefill, the
+    layer-by-layer prefill, which embeds the whole document once, and each decode step.)"""
     model, tok, identity = smol
     seen = []
-    hook = model.base_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    hook = model.base_model.embed_tokens.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     try:
         s = Settings(max_tokens=12)
         first = Engine(tmp_path, s, loaded=smol)
         p1 = first.prepare(_doc())
-        assert not p1.cache_hit and sum(seen) == p1.entry.n_tokens  # the prefill, chunk by chunk
+        assert not p1.cache_hit and sum(seen) == p1.entry.n_tokens  # the prefill: every token once
         st1 = AnswerStats()
         a1 = "".join(first.ask(p1, "Who is late?", st1))
         seen.clear()
