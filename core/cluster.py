@@ -113,7 +113,8 @@ def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
     for layer in range(n_layers):
         k, v = keys(layer), values(layer)
         for h in range(KVH):
-            tables = head_tables(k[h], v[h], cluster_keys(k[h], size, segment, iters), C)
+            kh = np.asarray(k[h], np.float32)  # read the head's keys from the store once
+            tables = head_tables(kh, v[h], cluster_keys(kh, size, segment, iters), C)
             for name, t in zip(("centroids", "sizes", "vsums", "order", "offsets"), tables):
                 arrays[name][layer, h] = t
         if progress:

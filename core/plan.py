@@ -233,8 +233,8 @@ def refusal(p: dict, mode: str, available: int) -> str | None:
     if need <= available:
         return None
     other = "full" if mode == "retrieval" else "retrieval"
-    hint = (f"; {other} attention would need {need_other / GiB:.1f} GiB" if (need_other := p[other]["peak_bytes"]) <= available
-            else "")
+    need_other = p[other]["peak_bytes"]
+    hint = f"; {other} attention would need {need_other / GiB:.1f} GiB" if need_other <= available else ""
     return (f"{p['tokens']:,} tokens need about {need / GiB:.1f} GiB of GPU memory with {mode} attention "
             f"(weights {p[mode]['weights_bytes'] / GiB:.1f} GiB) and {available / GiB:.1f} GiB is free{hint} "
             f"(`ra plan` shows the parts)")
