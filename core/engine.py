@@ -18,17 +18,41 @@ No CLI imports here: progress and notices go through the callbacks given to Engi
 """
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from .documents import Document
-from .errors import DocumentTooLong, UsageError
+from .errors import DocumentTooLong, RaError, StoreError, UsageError
 from .manifest import DocumentInfo, Manifest, ModelInfo
 from .settings import RemapScheme, Settings
-from .store import Entry, EntryWriter, Store, StoreKey
+from .store import DamagedEntry, Entry, EntryWriter, Store, StoreKey
+from .units import human_size
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _to_numpy(t) -> np.ndarray:
+    """A tensor's bytes as numpy (bfloat16 as its int16 bit pattern: numpy has no bfloat16)."""
+    import torch
+
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).cpu().numpy()
+
+
+def _from_numpy(a: np.ndarray, device):
+    """The inverse of `_to_numpy`."""
+    import torch
+
+    t = torch.from_numpy(a).to(device)
+    return t.view(torch.bfloat16) if a.dtype == np.int16 else t
 
 # settings fixed when the engine loads its model: a document cannot be opened with others
 MODEL_FIELDS = ("model", "device", "dtype", "trust_remote_code")
@@ -50,6 +74,7 @@ class Prepared:
     prefill_s: float = 0.0
     index_s: float = 0.0
     load_s: float = 0.0
+    lease: object = None           # core/store.Lease: the entry is not removed while this is open
 
 
 @dataclass
@@ -64,9 +89,11 @@ class AnswerStats:
 class Engine:
     """One loaded model and the store; opens documents (`prepare`) and answers about them (`ask`)."""
 
-    def __init__(self, home: Path, settings: Settings | None = None, progress=None, notice=None, loaded=None):
+    def __init__(self, home: Path, settings: Settings | None = None, progress=None, notice=None, loaded=None,
+                 confirm=None):
         """settings: the engine's model-level settings and the defaults for documents it opens.
         progress(stage, done, total) and notice(message) report long work; both optional.
+        confirm(question) -> bool is asked before a prefill past `Settings.confirm_tokens` (default: yes).
         loaded=(model, tokenizer, identity) uses an already loaded model (tests, benchmarks)."""
         from . import attention
         from . import model as models
@@ -76,7 +103,9 @@ class Engine:
         self.settings = (settings or Settings()).check()
         self.progress = progress or (lambda *a: None)
         self.notice = notice or (lambda *a: None)
+        self.confirm = confirm or (lambda question: True)
         self.store = Store(self.home / "store")
+        self.store.check_writable()  # before the model loads, not after a long prefill
         s = self.settings
         t = time.perf_counter()
         if loaded is None:
@@ -125,12 +154,14 @@ class Engine:
         if changed:
             raise UsageError(f"this engine was loaded with other {', '.join(changed)}; make another Engine")
         key = self.key(doc, s)
-        entry = self.store.open(key)
+        lease = self.store.lease(key.digest)  # held while answering: `ra cache rm/gc` leave the entry alone
+        entry = self._open(key, s)
         hit = entry is not None
         prefill_s = 0.0
         if not hit:
-            with self.store.lock(key.digest):  # another process may be building the same entry
-                entry = self.store.open(key)
+            wait = lambda: self.notice(f"{doc.name}: another ra process is preparing this document; waiting for it")
+            with self.store.locked(key.digest, wait):  # one prefill per document, whoever asks first
+                entry = self._open(key, s, locked=True)
                 hit = entry is not None
                 if not hit:
                     t = time.perf_counter()
@@ -148,13 +179,37 @@ class Engine:
         if s.attention == "retrieval":  # full attention reads the whole KV, not an index
             kind = self.index_kind(entry, s)
             t = time.perf_counter()
-            index_dir = entry.ensure_index(self.store, kind, *sizes, lambda d, n: self.progress("index", d, n))
+            index_dir = self._checked(key, s, lambda: entry.ensure_index(
+                self.store, kind, *sizes, lambda d, n: self.progress("index", d, n), s.rebuild, self.notice))
             index_s = time.perf_counter() - t
             t = time.perf_counter()
             retrievers = self._open_retrievers(entry, split, index_dir, kind, s)
             load_s = time.perf_counter() - t
         return Prepared(doc=doc, entry=entry, settings=s, cache_hit=hit, split=split, index_kind=kind, scheme=scheme,
-                        retrievers=retrievers, prefill_s=prefill_s, index_s=index_s, load_s=load_s)
+                        retrievers=retrievers, prefill_s=prefill_s, index_s=index_s, load_s=load_s, lease=lease)
+
+    def _open(self, key: StoreKey, s: Settings, locked: bool = False) -> Entry | None:
+        """The checked entry of `key`, or None; a damaged one is removed (to be rebuilt), or with
+        `rebuild` off an error."""
+        try:
+            return self._checked(key, s, lambda: self.store.open(key))
+        except DamagedEntry as e:
+            self.notice(f"{e}; rebuilding it")
+            if locked:
+                self.store.discard(key.digest, force=True)
+            else:
+                self.store.remove(key.digest, force=True)
+            return None
+
+    def _checked(self, key: StoreKey, s: Settings, step):
+        """Run `step`; a DamagedEntry is re-raised for rebuilding, or as the final error without `rebuild`."""
+        try:
+            return step()
+        except DamagedEntry as e:
+            if s.rebuild:
+                raise
+            raise StoreError(f"{e}; not answering from it (--no-rebuild): `ra cache rm {key.digest[:12]}`, "
+                             f"or ask without --no-rebuild") from None
 
     def query_count(self, n_tokens: int, s: Settings) -> int:
         """Prefill positions whose queries an entry keeps to build a graph index from: 4% of a long
@@ -197,17 +252,35 @@ class Engine:
                         f"top-{scheme.prefill_topk} far keys per {scheme.block} tokens)")
         if self.device == "cuda":
             self._refuse_if_too_big(n, s)
+        self._announce(doc, n, s)
         q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n, s), n)).astype(np.int64))
-        with self.store.staging() as tmp:
+        layerwise = not remap and layerwise_supported(self.model)
+        partial = self.store.partial(key)  # kept across an interruption (we hold the entry's lock)
+        meta = {"n_tokens": n, "chunk_size": s.chunk_size, "layers": self.n_layers,
+                "query_positions": xxhash.xxh3_64(q_pos.astype(np.int32).tobytes()).hexdigest()}
+        kept, hidden = EntryWriter.resumable(partial, meta) if layerwise else (0, None)
+        if not kept:
+            shutil.rmtree(partial, ignore_errors=True)
+        self._check_space(doc, partial, n, len(q_pos), s)
+        partial.mkdir(exist_ok=True)
+        w = None
+        try:
             t = time.perf_counter()
-            w = EntryWriter(tmp, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, s.kv_dtype, q_pos)
+            w = EntryWriter(partial, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, s.kv_dtype, q_pos,
+                            resume=kept > 0)
             capture = QueryCapture(q_pos, w.write_queries)
             report = lambda d, total: self.progress("prefill", d, total)
             if remap:  # keys stored pre-RoPE, queries in the global frame (core/longctx.py)
                 longctx.prefill_long(self.model, prefix.ids, min(s.chunk_size, 512), w, scheme, capture, report)
+            elif layerwise:
+                if kept:
+                    self.notice(f"{doc.name}: resuming an interrupted prefill from layer {kept} of {self.n_layers} "
+                                f"(the work of {n * kept // self.n_layers:,} of {n:,} tokens is kept)")
+                prefill_layerwise(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report,
+                                  start_layer=kept, hidden=None if hidden is None else _from_numpy(hidden, self.device),
+                                  on_layer=self._checkpointer(w, meta, s))
             else:
-                run = prefill_layerwise if layerwise_supported(self.model) else prefill
-                run(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
+                prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
             manifest = Manifest(
                 format=key.format, key=key.__dict__, digest=key.digest,
                 document=DocumentInfo(doc.name, doc.kind, len(doc.text), doc.page_starts, doc.files),
@@ -218,7 +291,58 @@ class Engine:
                 else {"scheme": "exact", "keys": "post-rope"},
                 created=time.time())
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
-            self.store.commit(tmp, self.store.path(key))
+            self.store.commit(partial, self.store.path(key))
+        except BaseException as e:
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            kept_now = w.layers_kept if w is not None else 0
+            if kept_now and not full:
+                self.notice(f"stopped: {kept_now} of {self.n_layers} layers of {doc.name}'s prefill are kept in "
+                            f"{partial}; the same command resumes from there (`ra cache clear` drops it)")
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+            if full:
+                raise StoreError(f"the disk holding {self.store.root} is full: {doc.name}'s cache entry was not "
+                                 f"written (nothing partial is left); free space or set RA_HOME elsewhere") from None
+            if isinstance(e, OSError) and not isinstance(e, RaError):
+                raise StoreError(f"cannot write {doc.name}'s cache entry in {self.store.root}: "
+                                 f"{e.strerror or e}") from None
+            raise
+
+    def _checkpointer(self, w: EntryWriter, meta: dict, s: Settings):
+        """on_layer for the layer-by-layer prefill: a checkpoint at most every `checkpoint_s` seconds."""
+        last = [time.perf_counter()]
+
+        def on_layer(done: int, hidden) -> None:
+            if time.perf_counter() - last[0] >= s.checkpoint_s:
+                w.checkpoint(done, _to_numpy(hidden), meta)
+                last[0] = time.perf_counter()
+        return on_layer
+
+    def _announce(self, doc: Document, n: int, s: Settings) -> None:
+        """Say how many tokens are about to be prefilled and about how long that takes here (the
+        rate of this model's earlier prefills in the store); ask before a very long one."""
+        done = [(i.manifest.n_tokens, i.manifest.prefill_s) for i in self.store.infos()
+                if i.manifest and i.manifest.model.identity == self.ref.identity and i.manifest.prefill_s > 0]
+        if done:
+            rate = sum(t for t, _ in done) / sum(x for _, x in done)
+            self.notice(f"{doc.name}: prefilling {n:,} tokens, about {_duration(n / rate)} here "
+                        f"(at the {rate:,.0f} tokens/s of {len(done)} earlier prefill(s) with this model)")
+        else:
+            self.notice(f"{doc.name}: prefilling {n:,} tokens (the first with this model here: no rate to estimate from)")
+        if n > s.confirm_tokens and not self.confirm(f"prefill {n:,} tokens of {doc.name}?"):
+            raise UsageError(f"{doc.name}: not prefilled ({n:,} tokens is past the {s.confirm_tokens:,} that need a yes)")
+
+    def _check_space(self, doc: Document, partial: Path, n: int, n_queries: int, s: Settings) -> None:
+        """Refuse, with the sizes, an entry that will not fit in the free disk space."""
+        item = np.dtype(s.kv_dtype).itemsize
+        need = (2 * self.n_layers * self.kv_heads * n * self.head_dim + self.n_layers * self.q_heads * n_queries
+                * self.head_dim) * item + n * 12 + 4 * len(doc.text) + 2 * n * self.model.config.hidden_size * 4
+        have = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file()) if partial.exists() else 0
+        free = shutil.disk_usage(self.store.tmp).free
+        if need - have > free:
+            raise StoreError(f"{doc.name}: its cache entry needs about {human_size(need - have)} and the disk holding "
+                             f"{self.store.root} has {human_size(free)} free; free space (`ra cache gc --max-size`) "
+                             f"or set RA_HOME elsewhere")
 
     def _refuse_if_too_big(self, n: int, s: Settings) -> None:
         """Before a prefill on CUDA: refuse, with the plan's numbers, a job that would run out of GPU

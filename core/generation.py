@@ -75,22 +75,29 @@ def layerwise_supported(model) -> bool:
 
 @torch.inference_mode()
 def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
-                      progress=None) -> None:
+                      progress=None, start_layer: int = 0, hidden: torch.Tensor | None = None,
+                      on_layer=None) -> None:
     """`prefill` with memory that does not grow with the layers: one layer at a time over the whole
     prefix. The hidden states of every token [1, N, H] stay on the device; layer i runs over them
     chunk by chunk (each chunk attends to the chunks before it through a cache holding this layer's
     K/V only), overwriting each chunk's hidden states with its output, and writes the layer's K/V
     as it goes; the cache is dropped before the next layer. Same modules, masks and chunks as
     `prefill`: the K/V are the same. Peak: N x H hidden states + one layer's K/V + one chunk's
-    activations (against all L layers' K/V for `prefill`)."""
+    activations (against all L layers' K/V for `prefill`).
+
+    Resuming: `hidden` [1, N, H] is every token's state after layers [0, start_layer) (a
+    checkpoint); on_layer(layers_done, hidden) is called after each layer (to checkpoint it)."""
     from .layer import PrefillKV, RaCache
 
     device = next(model.parameters()).device
     body = model.base_model
     n, L = len(ids), model.config.num_hidden_layers
-    hidden = body.embed_tokens(torch.from_numpy(ids.astype(np.int64))[None].to(device))  # [1, N, H]
+    if hidden is None:
+        hidden = body.embed_tokens(torch.from_numpy(ids.astype(np.int64))[None].to(device))  # [1, N, H]
     chunks = [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
     for i, layer in enumerate(body.layers[:L]):
+        if i < start_layer:
+            continue
         kv = PrefillKV(i, capture)
         cache = RaCache([kv] * L)  # whichever index layer i asks for, it reaches this layer's K/V
         for start, end in chunks:
@@ -104,6 +111,8 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
         del kv, cache
         if progress:
             progress(int(n * (i + 1) / L), n)
+        if on_layer is not None and i + 1 < L:
+            on_layer(i + 1, hidden)
 
 
 @torch.inference_mode()

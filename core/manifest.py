@@ -1,15 +1,17 @@
 """The manifest of a store entry (manifest.json): the one owner of its fields. Torch-free.
 
-    {"format": 1, "key": {...StoreKey fields...}, "digest": "<32 hex>",
+    {"format": 2, "key": {...StoreKey fields...}, "digest": "<32 hex>",
      "document": {"name", "kind", "chars", "page_starts", "files"},
      "model": {"spec", "identity", "layers", "q_heads", "kv_heads", "head_dim"},
      "n_tokens": P, "prefill_s": s, "chunk_size": c,
      "positions": {"scheme": "exact", "keys": "post-rope"}          # inside the model's window
                or {"scheme": "remap-...", "keys": "pre-rope", ...}   # past it (RemapScheme fields)
-     "created": unix time}
+     "created": unix time,
+     "files": {"keys.npy": {"bytes", "chunks"}, ...},   # every other file's size and checksums (core/checksum.py)
+     "checksum": "<16 hex>"}                            # xxh3 of this JSON without "checksum" (format >= 2)
 
-`Manifest.read` checks that every field is there with the right type and no unknown one, and
-raises StoreError naming the entry otherwise; the engine, `ra cache` and the benchmarks all write
+`Manifest.read` checks the manifest's own checksum, that every field is there with the right type
+and no unknown one, and raises StoreError naming the entry otherwise; the engine, `ra cache` and the benchmarks all write
 manifests through `Manifest.write`, so every entry reads back the same way.
 """
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Manifest:
     chunk_size: int
     positions: dict
     created: float
+    files: dict | None = None   # None only in format 1 (before checksums): such entries are rebuilt
+    checksum: str = ""
 
     FILE = "manifest.json"
 
@@ -72,8 +76,13 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         """Write manifest.json into `directory` (a staging directory: the manifest is its last file)."""
+        raw = self.to_json()
+        raw["checksum"] = _self_checksum(raw)
         tmp = Path(directory) / f".{self.FILE}.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(raw, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, Path(directory) / self.FILE)
 
     @classmethod
@@ -83,7 +92,9 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"{where}: cannot read its manifest ({e}); remove it with `ra cache rm`") from None
+            raise StoreError(f"{where}: manifest.json is damaged ({type(e).__name__})") from None
+        if isinstance(raw, dict) and raw.get("checksum", "") and raw["checksum"] != _self_checksum(raw):
+            raise StoreError(f"{where}: manifest.json is damaged (its checksum does not match)")
         return cls.from_json(raw, where)
 
     @classmethod
@@ -115,4 +126,13 @@ class Manifest:
                 RemapScheme.parse(pos["scheme"])
             except ValueError as e:
                 raise StoreError(f"{where}: {e}") from None
+        if top["format"] >= 2 and not (top.get("checksum") and isinstance(top.get("files"), dict)):
+            raise StoreError(f"{where}: manifest.json lacks its checksums")
         return cls(**top)
+
+
+def _self_checksum(raw: dict) -> str:
+    import xxhash
+
+    body = {k: v for k, v in raw.items() if k != "checksum"}
+    return xxhash.xxh3_64(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -81,6 +81,9 @@ class Settings:
     stop_at_eos: bool = True       # False: always generate max_tokens (benchmarks)
     query_samples: int = 512       # prefill positions whose queries are kept (more for long documents)
     trust_remote_code: bool = False
+    rebuild: bool = True           # a damaged cache entry is rebuilt (False: an error)
+    checkpoint_s: float = 30.0     # a layer-by-layer prefill checkpoints (for resume) at most this often
+    confirm_tokens: int = 1_000_000  # prefills longer than this need a yes (a prompt, or --yes)
     remap: RemapScheme = field(default_factory=RemapScheme)  # documents past the model's window
 
     def check(self) -> "Settings":

@@ -14,8 +14,20 @@ Layout under the data directory ($RA_HOME, default the platform's user cache dir
                                          rotated to the global distance for a long document)
     query_positions.npy int32 [Q]
     indexes/<kind>[.vN]-s<sink>-r<recent>/  index over the offloaded range (see core/index.py)
+      checksums.json               sizes and xxh3 checksums of the index's files (core/checksum.py)
   store/tmp/       entries and indexes being written; renamed into place only when complete
-  store/locks/     one file lock per key, so two processes never build the same entry twice
+    <key>.partial/                 an interrupted prefill kept for resume: the files above as far as
+                                   they got, progress.json (layers done, their checksums) and
+                                   hidden-<layer>.npy (every token's hidden state after that layer)
+  store/locks/     <key>.lock: one builder per entry (two processes never prefill the same document
+                   twice); <key>.lease: a shared lock held by every process answering from the
+                   entry, so `ra cache rm/gc/clear` skip an entry in use instead of pulling it away
+
+Integrity: the manifest records every file's size and checksums (per layer for keys, values and
+queries) and its own checksum. Opening an entry checks every size and the small files always, and
+everything when the entry is at most `Store.verify_bytes` (1 GiB: ~70 ms at xxh3's rate);
+`ra cache verify` checks everything. A damaged entry is never answered from: it is rebuilt (or
+refused with --no-rebuild).
 
 Why .npy: a documented header plus raw little-endian data, so `np.load(mmap_mode=...)` maps it
 without reading it (a 128K-token Llama-8B entry is 16 GiB) and nothing is ever unpickled
@@ -27,6 +39,8 @@ last `recent` rows of each head, read at load time, and indexes are kept per spl
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -39,9 +53,21 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from . import checksum
+from .errors import StoreError
 from .manifest import Manifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: checksums in the manifest (format 1 entries have another key: rebuilt)
+LAYERED = ("keys.npy", "values.npy", "queries.npy")  # [L, ...] arrays, checksummed per layer
+
+
+class DamagedEntry(StoreError):
+    """An entry (or one of its indexes) whose files do not match their recorded sizes or checksums."""
+
+    def __init__(self, where: str, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__(f"{where} is damaged: " + "; ".join(f"{f}: {why}" for f, why in problems[:3])
+                         + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
 
 
 @dataclass(frozen=True)
@@ -73,21 +99,58 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+class Lease:
+    """A shared lock on an entry's lease file, held while a process answers from the entry.
+    Released by `close` or when the process ends (the kernel drops flock locks with the file)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
+
+
 class Store:
     """The data directory's document cache."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, verify_bytes: int = 1 << 30):
+        """verify_bytes: entries up to this size are checked byte for byte each time they are opened."""
         self.root = Path(root)
+        self.verify_bytes = verify_bytes
         self.entries = self.root / "entries"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
-        for d in (self.entries, self.tmp, self.locks):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self.root.parent, self.root, self.entries, self.tmp, self.locks):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)  # private to the user
+        except OSError as e:
+            raise StoreError(f"cannot create the data directory {self.root.parent}: {e.strerror}; "
+                             f"set RA_HOME to a writable directory") from None
         self._clean_stale_tmp()
+
+    def check_writable(self) -> None:
+        """A clear error now, rather than a failed write after a long prefill."""
+        probe = self.tmp / f".probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"the data directory {self.root.parent} is not writable ({e.strerror}); "
+                             f"set RA_HOME to a writable directory") from None
 
     def _clean_stale_tmp(self) -> None:
         # a temp dir is named <pid>-<uuid>; a dead pid means a crashed writer left it behind
-        for d in self.tmp.iterdir():
+        # (<key>.partial directories are kept: the next prefill of that document resumes from them)
+        try:
+            leftovers = list(self.tmp.iterdir())
+        except OSError:
+            return
+        for d in leftovers:
             pid = d.name.split("-", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
@@ -97,12 +160,43 @@ class Store:
         while it is built or removed, `<digest>.index` while one of its indexes is built)."""
         return FileLock(str(self.locks / f"{name}.lock"))
 
+    @contextmanager
+    def locked(self, name: str, on_wait=None):
+        """Hold lock `name`; if another process holds it, call on_wait() once, then wait for it."""
+        from filelock import Timeout
+
+        lock = self.lock(name)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait:
+                on_wait()
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def lease(self, digest: str) -> Lease:
+        """Hold the entry `digest` against removal while answering from it (see `remove`)."""
+        return Lease(self.locks / f"{digest}.lease")
+
     def path(self, key: StoreKey) -> Path:
         return self.entries / key.digest
 
+    def partial(self, key: StoreKey) -> Path:
+        """Where an interrupted prefill of `key` is kept for resume (the caller holds the entry lock)."""
+        return self.tmp / f"{key.digest}.partial"
+
+    def partials(self) -> list[Path]:
+        return sorted(self.tmp.glob("*.partial"))
+
     def open(self, key: StoreKey) -> "Entry | None":
+        """The complete entry of `key`, checked (DamagedEntry if it does not match its manifest), or None."""
         p = self.path(key)
-        return Entry(p) if (p / "manifest.json").exists() else None
+        if not (p / "manifest.json").exists():
+            return None
+        return Entry(p, verify_bytes=self.verify_bytes)
 
     @contextmanager
     def staging(self):
@@ -129,7 +223,7 @@ class Store:
 
     def infos(self) -> list["EntryInfo"]:
         """Every complete entry, least recently used first, read from manifests only (opening an
-        Entry would count as a use)."""
+        Entry would count as a use). An entry whose manifest cannot be read is listed as damaged."""
         out = [EntryInfo.read(p) for p in self.entries.iterdir() if (p / "manifest.json").exists()]
         return sorted(out, key=lambda e: (e.last_used, e.digest))
 
@@ -141,46 +235,77 @@ class Store:
                            + ("; see `ra cache list`" if not hits else "; give more characters"))
         return hits[0]
 
-    def remove(self, digest: str) -> None:
+    def remove(self, digest: str, force: bool = False) -> bool:
         """Delete an entry: renamed out of `entries/` first, so no reader ever sees half of one.
-        A process that has it open keeps its memory maps until it exits."""
-        src = self.entries / digest
+        An entry a process is answering from (its lease is held) is left alone and False returned,
+        unless `force` (a damaged entry being rebuilt)."""
         with self.lock(digest):
-            if not src.exists():
-                return
+            return self.discard(digest, force)
+
+    def discard(self, digest: str, force: bool = False) -> bool:
+        """`remove` for a caller that holds the entry's lock."""
+        src = self.entries / digest
+        if not src.exists():
+            return True
+        fd = os.open(self.locks / f"{digest}.lease", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if not force:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
             trash = self.tmp / f"{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
             os.rename(src, trash)
+        finally:
+            os.close(fd)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def remove_index(self, index_dir: Path) -> None:
+        """Move a damaged index directory out of its entry (it is then rebuilt)."""
+        trash = self.tmp / f"{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(index_dir, trash)
+        except FileNotFoundError:
+            return
         shutil.rmtree(trash, ignore_errors=True)
 
-    def gc(self, max_bytes: int, dry_run: bool = False) -> list["EntryInfo"]:
-        """Evict least recently used entries until the store holds at most `max_bytes`."""
+    def gc(self, max_bytes: int, dry_run: bool = False) -> tuple[list["EntryInfo"], list["EntryInfo"]]:
+        """Evict least recently used entries until the store holds at most `max_bytes`.
+        -> (evicted, skipped because a process is answering from them)."""
         infos = self.infos()
         total = sum(e.size_bytes for e in infos)
-        evicted = []
+        evicted, skipped = [], []
         for e in infos:
             if total <= max_bytes:
                 break
-            if not dry_run:
-                self.remove(e.digest)
+            if not dry_run and not self.remove(e.digest):
+                skipped.append(e)
+                continue
             evicted.append(e)
             total -= e.size_bytes
-        return evicted
+        return evicted, skipped
 
 
 @dataclass
 class EntryInfo:
-    """What `ra cache` shows about an entry, without opening its arrays."""
+    """What `ra cache` shows about an entry, without opening its arrays. `manifest` is None (and
+    `problem` says why) when the manifest itself cannot be read."""
 
     path: Path
-    manifest: Manifest
+    manifest: Manifest | None
     size_bytes: int
     last_used: float  # manifest.json's mtime, touched each time the entry is opened
+    problem: str = ""
 
     @classmethod
     def read(cls, path: Path) -> "EntryInfo":
         m = path / Manifest.FILE
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return cls(path, Manifest.read(path), size, m.stat().st_mtime)
+        try:
+            return cls(path, Manifest.read(path), size, m.stat().st_mtime)
+        except StoreError as e:
+            return cls(path, None, size, m.stat().st_mtime, str(e))
 
     @property
     def digest(self) -> str:
@@ -197,6 +322,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def preallocate(path: Path) -> None:
+    """Reserve a freshly created file's blocks now (a sparse file would fail later: a memory map's
+    write to a full disk is a SIGBUS, not an error). ENOSPC here, before the prefill starts."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: sparse
+            raise
+    finally:
+        os.close(fd)
+
+
+def open_rows(path: Path, dtype, shape, reuse: bool = False) -> np.memmap:
+    """A writable .npy memory map: the existing file when `reuse` (a resumed prefill), else a new
+    one with its blocks reserved."""
+    if reuse and path.exists():
+        a = np.lib.format.open_memmap(path, mode="r+")
+        if a.shape == tuple(shape) and a.dtype == np.dtype(dtype):
+            return a
+        del a
+    a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    preallocate(path)
+    return a
+
+
 class _RowFile:
     """A preallocated .npy file [L, KVH, N, D] written with pwrite: the rows go to the page cache
     and the disk, not into this process's resident memory (a memory map's written pages would
@@ -204,8 +355,8 @@ class _RowFile:
     readers during the prefill (core/longctx.py reads the far keys back); Linux keeps the two
     coherent."""
 
-    def __init__(self, path: Path, dtype, shape):
-        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    def __init__(self, path: Path, dtype, shape, reuse: bool = False):
+        self.array = open_rows(path, dtype, shape, reuse)
         self.fd = os.open(path, os.O_WRONLY)
 
     def write(self, layer: int, start: int, rows: np.ndarray) -> None:
@@ -220,24 +371,36 @@ class _RowFile:
                 done = os.pwrite(self.fd, buf, at)
                 buf, at = buf[done:], at + done
 
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
     def close(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
 
 
+PROGRESS = "progress.json"
+
+
 class EntryWriter:
-    """Fills a staging directory while the prefill runs, chunk by chunk (bounded memory)."""
+    """Fills a staging directory while the prefill runs, chunk by chunk (bounded memory).
+
+    A layer-by-layer prefill can `checkpoint` after a layer: the layers done are made durable and
+    checksummed, and every token's hidden state is saved, so `resumable` can pick the work up after
+    a crash or an interrupt (core/engine.py)."""
 
     def __init__(self, d: Path, n_tokens: int, n_layers: int, kv_heads: int, q_heads: int, head_dim: int,
-                 kv_dtype: str, query_positions: np.ndarray):
+                 kv_dtype: str, query_positions: np.ndarray, resume: bool = False):
         self.dir = d
         shape = (n_layers, kv_heads, n_tokens, head_dim)
-        self._k = _RowFile(d / "keys.npy", kv_dtype, shape)
-        self._v = _RowFile(d / "values.npy", kv_dtype, shape)
+        self._k = _RowFile(d / "keys.npy", kv_dtype, shape, resume)
+        self._v = _RowFile(d / "values.npy", kv_dtype, shape, resume)
         self.keys, self.values = self._k.array, self._v.array  # read-only use while prefilling
         self.query_positions = query_positions.astype(np.int32)
-        self.queries = np.lib.format.open_memmap(
-            d / "queries.npy", mode="w+", dtype=kv_dtype, shape=(n_layers, q_heads, len(query_positions), head_dim))
+        self.queries = open_rows(d / "queries.npy", kv_dtype, (n_layers, q_heads, len(query_positions), head_dim),
+                                 resume)
+        self.layers_kept = 0   # layers a checkpoint holds (0: nothing to resume from yet)
+        self._chunks = {name: [] for name in LAYERED}
 
     def write_kv(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v: [KVH, T, D] for tokens start..start+T"""
@@ -248,7 +411,60 @@ class EntryWriter:
         """q: [Hq, n, D] for query_positions[slot]"""
         self.queries[layer, :, slot] = q
 
+    def checkpoint(self, layers: int, hidden: np.ndarray, meta: dict) -> None:
+        """Layers [0, layers) are complete and `hidden` is every token's state after them: make
+        both durable, so a later run resumes at layer `layers`. meta: what must match to resume."""
+        self._k.sync()
+        self._v.sync()
+        self.queries.flush()
+        for name, chunks in self._chunks.items():  # checksums of the new layers only
+            bounds = checksum.layer_bounds(self.dir / name)[:layers + 2]
+            for a, b in list(zip(bounds, bounds[1:]))[len(chunks):]:
+                chunks.append([a, b, checksum.digest(self.dir / name, a, b)])
+        name = f"hidden-{layers:04d}.npy"
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, hidden, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+        progress = {"layers": layers, "meta": meta, "hidden": name,
+                    "hidden_record": checksum.record(self.dir / name),
+                    "files": {n: c[:layers + 1] for n, c in self._chunks.items()}}
+        tmp = self.dir / f".{PROGRESS}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(progress))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / PROGRESS)
+        for old in self.dir.glob("hidden-*.npy"):
+            if old.name != name:
+                old.unlink()
+        self.layers_kept = layers
+
+    @staticmethod
+    def resumable(d: Path, meta: dict) -> tuple[int, np.ndarray | None]:
+        """(layers kept, hidden states after them) of an interrupted prefill in `d`, trusting only
+        what its checksums confirm; (0, None) when there is nothing to resume from."""
+        try:
+            p = json.loads((d / PROGRESS).read_text())
+            if p["meta"] != meta or not isinstance(p["layers"], int):
+                return 0, None
+            hidden = d / p["hidden"]
+            if checksum.check(hidden, p["hidden_record"]):
+                return 0, None
+            for name, chunks in p["files"].items():
+                if name not in LAYERED or checksum.good_chunks(d / name, {"chunks": chunks}) < len(chunks):
+                    return 0, None
+            return p["layers"], np.load(hidden, allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, None
+
     def finish(self, manifest: Manifest, tokens: np.ndarray, sources: np.ndarray, text: str) -> None:
+        """Write the small files, drop the checkpoint, record every file's checksums in the
+        manifest, and write it last: an entry without a manifest is never opened."""
+        from dataclasses import replace
+
         self._k.close()
         self._v.close()
         self.queries.flush()
@@ -257,16 +473,35 @@ class EntryWriter:
         np.save(self.dir / "sources.npy", sources.astype(np.int32), allow_pickle=False)
         np.save(self.dir / "query_positions.npy", self.query_positions, allow_pickle=False)
         (self.dir / "text.txt").write_text(text, encoding="utf-8")
-        manifest.write(self.dir)  # last: an entry without a manifest is never opened
+        for p in [self.dir / PROGRESS, *self.dir.glob("hidden-*.npy")]:
+            p.unlink(missing_ok=True)
+        files = checksum.record_dir(self.dir, LAYERED)
+        files.pop(Manifest.FILE, None)
+        replace(manifest, files=files).write(self.dir)
 
 
 class Entry:
     """An opened cache entry. Arrays are memory-mapped copy-on-write: nothing is read until used,
-    and torch can wrap them without copying (writes, if any, never reach the file)."""
+    and torch can wrap them without copying (writes, if any, never reach the file).
 
-    def __init__(self, path: Path):
+    Opening checks every file's size and the small files' checksums, and all checksums when the
+    entry is at most `verify_bytes` (None: sizes and small files only); DamagedEntry otherwise."""
+
+    def __init__(self, path: Path, verify_bytes: int | None = None):
         self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
+        where = f"cache entry {self.path.name[:12]}"
+        try:
+            self.manifest = Manifest.read(self.path)
+        except StoreError as e:
+            raise DamagedEntry(where, [(Manifest.FILE, str(e).split(": ", 1)[-1])]) from None
+        files = self.manifest.files
+        if files is None:
+            raise StoreError(f"{where} has an older format (no checksums); remove it with `ra cache rm`")
+        full = verify_bytes is not None and sum(r["bytes"] for r in files.values()) <= verify_bytes
+        problems = [(name, why) for name, rec in files.items()
+                    if (why := checksum.check(self.path / name, rec, full or name not in LAYERED))]
+        if problems:
+            raise DamagedEntry(where, problems)
         self.tokens = self._load("tokens.npy")
         self.keys = self._load("keys.npy")      # [L, KVH, P, D]
         self.values = self._load("values.npy")
@@ -275,6 +510,13 @@ class Entry:
             os.utime(self.path / "manifest.json")  # "last used", for LRU eviction
         except OSError:
             pass
+
+    def verify(self) -> list[tuple[str, str]]:
+        """(file, problem) for every file of the entry and its indexes that does not match (reads all)."""
+        out = checksum.check_dir(self.path, self.manifest.files, full=True)
+        for d in sorted((self.path / "indexes").glob("*")):
+            out += [(f"indexes/{d.name}/{f}", why) for f, why in checksum.check_index(d, full=True)]
+        return out
 
     @property
     def remapped(self) -> bool:
@@ -311,20 +553,32 @@ class Entry:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
-    def ensure_index(self, store: Store, kind: str, sink: int, recent: int, progress=None) -> Path:
-        """Build the index for this split if it is missing (atomically, under the entry's index lock)."""
+    def ensure_index(self, store: Store, kind: str, sink: int, recent: int, progress=None, rebuild: bool = True,
+                     notice=None) -> Path:
+        """The index for this split, checked (sizes always, checksums when the entry is small enough
+        to be verified at open); built if it is missing, rebuilt if it is damaged (DamagedEntry
+        instead when not `rebuild`). Built atomically, under the entry's index lock."""
         from .index import kind as index_kind
 
         final = self.index_dir(kind, sink, recent)
-        if (final / "index.json").exists():
-            return final
-        with store.lock(f"{self.path.name}.index"):
+        full = self.manifest.files is not None and \
+            sum(r["bytes"] for r in self.manifest.files.values()) <= store.verify_bytes
+        wait = (lambda: notice("another ra process is building this index; waiting for it")) if notice else None
+        with store.locked(f"{self.path.name}.index", wait):
             if (final / "index.json").exists():
-                return final
+                problems = checksum.check_index(final, full)
+                if not problems:
+                    return final
+                damaged = DamagedEntry(f"the {kind} index of cache entry {self.path.name[:12]}", problems)
+                if not rebuild:
+                    raise damaged
+                if notice:
+                    notice(f"{damaged}; rebuilding it")
+                store.remove_index(final)
             with store.staging() as tmp:
                 a, b = self.split(sink, recent)
                 index_kind(kind).build(lambda layer: self.keys[layer, :, a:b], lambda layer: self.values[layer, :, a:b],
                                        self.build_queries, self.n_layers, tmp, progress)
+                checksum.seal_index(tmp)
                 store.commit(tmp, final)
         return final
-

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import List
@@ -11,7 +12,9 @@ import typer
 
 from core.errors import StoreError, UsageError
 
-from .session import human_size, parse_size
+from core.units import human_size
+
+from .session import parse_size
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the document cache.")
 
@@ -45,27 +48,46 @@ def _find(store, prefix: str):
 
 def _row(e) -> dict:
     m = e.manifest
+    if m is None:  # its manifest cannot be read
+        return {"entry": e.digest, "document": None, "size_bytes": e.size_bytes, "last_used": e.last_used,
+                "damaged": e.problem}
     return {"entry": e.digest, "document": m.document.name, "kind": m.document.kind,
             "model": m.model.spec, "tokens": m.n_tokens, "size_bytes": e.size_bytes,
             "last_used": e.last_used, "created": m.created, "positions": m.positions["scheme"]}
 
 
+def _name(e) -> str:
+    return e.manifest.document.name if e.manifest else "(damaged manifest)"
+
+
 @cache_app.command("list")
 def cache_list(as_json: bool = typer.Option(False, "--json", help="One JSON object per entry.")):
-    """List cached documents, least recently used first."""
-    for e in _store().infos():
+    """List cached documents, least recently used first (and interrupted prefills kept for resume)."""
+    store = _store()
+    for e in store.infos():
+        r = _row(e)
         if as_json:
-            typer.echo(json.dumps(_row(e)))
+            typer.echo(json.dumps(r))
+        elif e.manifest is None:
+            typer.echo(f"{e.digest[:12]}  damaged: {e.problem}")
         else:
-            r = _row(e)
             typer.echo(f"{e.digest[:12]}  {r['tokens']:>7,} tokens  {human_size(e.size_bytes):>10}  "
                        f"{_ago(e.last_used):>12}  {r['model']}  {r['document']}")
+    for p in store.partials():
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        if as_json:
+            typer.echo(json.dumps({"entry": p.name.split(".")[0], "partial": True, "size_bytes": size}))
+        else:
+            typer.echo(f"{p.name.split('.')[0][:12]}  interrupted prefill, {human_size(size)} kept: "
+                       f"rerun the same command to resume")
 
 
 @cache_app.command("info")
 def cache_info(entry: str = typer.Argument(..., help="An entry key, or its first characters.")):
     """Show one cached document: source, model, tokens, files, indexes, timings."""
     e = _find(_store(), entry)
+    if e.manifest is None:
+        raise StoreError(f"{e.problem}; remove it with `ra cache rm {e.digest[:12]}`")
     m, doc = e.manifest, e.manifest.document
     lines = [("entry", e.digest), ("document", f"{doc.name} ({doc.kind}, {doc.chars:,} chars)"),
              ("model", f"{m.model.spec} ({m.model.identity[:24]}...)"),
@@ -87,9 +109,15 @@ def cache_rm(entries: List[str] = typer.Argument(..., help="Entry keys, or their
     """Remove cached documents."""
     store = _store()
     found = [_find(store, p) for p in entries]  # all or nothing: check every key first
+    busy = []
     for e in found:
-        store.remove(e.digest)
-        typer.echo(f"removed {e.digest[:12]}  {e.manifest.document.name}  ({human_size(e.size_bytes)})")
+        if store.remove(e.digest):
+            typer.echo(f"removed {e.digest[:12]}  {_name(e)}  ({human_size(e.size_bytes)})")
+        else:
+            busy.append(e)
+            typer.echo(f"skipped {e.digest[:12]}  {_name(e)}: a process is answering from it", err=True)
+    if busy:
+        raise typer.Exit(1)
 
 
 @cache_app.command("clear")
@@ -105,9 +133,13 @@ def cache_clear(yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask 
             raise UsageError("ra cache clear removes every entry: add --yes")
         if not typer.confirm(f"remove {len(infos)} entries ({human_size(total)})?"):
             raise typer.Exit(1)
-    for e in infos:
-        store.remove(e.digest)
-    typer.echo(f"removed {len(infos)} entries ({human_size(total)})")
+    removed = [e for e in infos if store.remove(e.digest)]
+    for p in store.partials():  # interrupted prefills kept for resume
+        with store.lock(p.name.split(".")[0]):  # not one that is being resumed right now
+            shutil.rmtree(p, ignore_errors=True)
+    typer.echo(f"removed {len(removed)} entries ({human_size(sum(e.size_bytes for e in removed))})")
+    if len(removed) < len(infos):
+        typer.echo(f"skipped {len(infos) - len(removed)} entries a process is answering from", err=True)
 
 
 @cache_app.command("gc")
@@ -117,13 +149,40 @@ def cache_gc(
 ):
     """Evict least recently used documents until the store fits in --max-size."""
     store = _store()
-    evicted = store.gc(parse_size(max_size), dry_run=dry_run)
+    evicted, skipped = store.gc(parse_size(max_size), dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for e in evicted:
-        typer.echo(f"{verb} {e.digest[:12]}  {_ago(e.last_used):>12}  {human_size(e.size_bytes):>10}  "
-                   f"{e.manifest.document.name}")
+        typer.echo(f"{verb} {e.digest[:12]}  {_ago(e.last_used):>12}  {human_size(e.size_bytes):>10}  {_name(e)}")
+    for e in skipped:
+        typer.echo(f"skipped {e.digest[:12]}  {_name(e)}: a process is answering from it", err=True)
     left = sum(e.size_bytes for e in store.infos()) - (sum(e.size_bytes for e in evicted) if dry_run else 0)
     typer.echo(f"{verb} {len(evicted)} entries; the store holds {human_size(left)}")
+
+
+@cache_app.command("verify")
+def cache_verify(entries: List[str] = typer.Argument(None, help="Entry keys or their first characters (default: all).")):
+    """Check every file of cached documents against its recorded size and checksums (exit 1 if any is damaged)."""
+    from core.store import DamagedEntry, Entry
+
+    store = _store()
+    infos = [_find(store, p) for p in entries] if entries else store.infos()
+    bad = 0
+    for info in infos:
+        try:
+            problems = Entry(info.path).verify()
+        except DamagedEntry as e:
+            problems = e.problems
+        except StoreError as e:
+            problems = [("manifest.json", str(e))]
+        if problems:
+            bad += 1
+            for f, why in problems:
+                typer.echo(f"damaged {info.digest[:12]}  {f}: {why}")
+        else:
+            typer.echo(f"ok      {info.digest[:12]}  {_name(info)}")
+    if bad:
+        typer.echo(f"{bad} of {len(infos)} entries damaged: the next ask rebuilds them (or `ra cache rm`)", err=True)
+        raise typer.Exit(1)
 
 
 @cache_app.command("path")

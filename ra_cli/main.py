@@ -77,14 +77,21 @@ QUIET = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors 
 INCLUDE = typer.Option([], "--include", help="Directories: index only files matching this glob (repeatable).")
 EXCLUDE = typer.Option([], "--exclude", help="Directories: skip files matching this glob (repeatable).")
 MAX_FILE = typer.Option("256K", envvar="RA_MAX_FILE_SIZE", help="Directories: skip files larger than this.")
+REBUILD = typer.Option(D.rebuild, "--rebuild/--no-rebuild",
+                       help="Rebuild a damaged cache entry (--no-rebuild: exit 1 instead).")
+YES = typer.Option(False, "--yes", "-y", help="Prefill a very long document without asking (needed when stdin is not a terminal).")
+CHECKPOINT = typer.Option(D.checkpoint_s, envvar="RA_CHECKPOINT_S", min=0.0,
+                          help="Seconds between prefill checkpoints (an interrupted prefill resumes from the last one).")
 
 
 def _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-              trust_remote_code, retrieve=D.retrieve, estimate=D.estimate) -> Settings:
+              trust_remote_code, retrieve=D.retrieve, estimate=D.estimate, rebuild=D.rebuild,
+              checkpoint_s=D.checkpoint_s) -> Settings:
     """The options as Settings, checked (a bad value is a usage error before anything loads)."""
     return Settings(model=model, device=device, dtype=dtype, attention=attention, index=index, top_k=top_k,
                     retrieve=retrieve, estimate=estimate, sink=sink, recent=recent, max_tokens=max_tokens,
-                    chunk_size=chunk_size, trust_remote_code=trust_remote_code).check()
+                    chunk_size=chunk_size, trust_remote_code=trust_remote_code, rebuild=rebuild,
+                    checkpoint_s=checkpoint_s).check()
 
 
 def _questions(target: str, question: Optional[str], extra: List[str], questions_file: Optional[str]) -> list[str]:
@@ -122,17 +129,17 @@ def ask(
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
-    quiet: bool = QUIET,
+    quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Answer questions about a document (prefilled once, then answered from the cache)."""
     from .session import Session, answer_record, read_document, write_answer
 
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code, retrieve, estimate)
+                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
     questions = _questions(target, question, more, questions_file)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))  # before torch loads
-    session = Session(_home(), settings, _err_console(), quiet)
+    session = Session(_home(), settings, _err_console(), quiet, yes)
 
     from core.engine import AnswerStats
 
@@ -161,18 +168,21 @@ def index_cmd(
     paths: List[str] = typer.Argument(..., help="Files and directories; each becomes one cached document."),
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, index: str = INDEX,
     sink: int = SINK, recent: int = RECENT, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
-    quiet: bool = QUIET, include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
+    quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
+    include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Prefill and cache documents or codebases now, so later questions start at once."""
     import time
 
-    from .session import Session, human_size, read_document
+    from core.units import human_size
+
+    from .session import Session, read_document
 
     settings = _settings(model, device, dtype, D.attention, index, D.top_k, sink, recent, D.max_tokens, chunk_size,
-                         trust_remote_code)
+                         trust_remote_code, rebuild=rebuild, checkpoint_s=checkpoint_s)
     walk = WalkOptions(include, exclude, max_file_size)
     docs = [read_document(p, walk) for p in paths]  # every input is checked before the model loads
-    session = Session(_home(), settings, _err_console(), quiet)
+    session = Session(_home(), settings, _err_console(), quiet, yes)
     for doc in docs:
         t = time.perf_counter()
         prepared = session.open(doc)
@@ -192,7 +202,7 @@ def repl(
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
-    quiet: bool = QUIET,
+    quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Chat about a document: load once, then ask question after question (/help for commands)."""
@@ -202,9 +212,9 @@ def repl(
     if target == "-":
         raise UsageError("ra repl reads questions from stdin; give the document as a file")
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code, retrieve, estimate)
+                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))
-    session = Session(_home(), settings, _err_console(), quiet)
+    session = Session(_home(), settings, _err_console(), quiet, yes)
     prepared = session.open(doc)
     Repl(session, doc, prepared, _home()).run()
 
@@ -245,6 +255,13 @@ def main() -> None:
     _debug = "--debug" in sys.argv
     if _debug:
         sys.argv.remove("--debug")
+    import signal
+
+    def _terminated(signum, frame):  # SIGTERM stops like Ctrl-C: cleanup runs, a prefill keeps its checkpoint
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         from .config import default_map, read_config
 

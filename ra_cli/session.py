@@ -29,13 +29,6 @@ def parse_size(text: str) -> int:
         raise UsageError(f"not a size: {text!r} (examples: 500M, 2G)") from None
 
 
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
 class Progress:
     """rich progress bars on stderr for the engine's progress(stage, done, total) callback."""
 
@@ -79,16 +72,27 @@ def read_document(target: str, walk: WalkOptions):
 class Session:
     """Loads the model (once) and opens documents with it."""
 
-    def __init__(self, home, settings, console, quiet: bool):
-        """settings: a checked core.settings.Settings (the CLI's options)."""
-        self.console, self.quiet = console, quiet
+    def __init__(self, home, settings, console, quiet: bool, yes: bool = False):
+        """settings: a checked core.settings.Settings (the CLI's options); yes: no confirmation prompts."""
+        self.console, self.quiet, self.yes = console, quiet, yes
         self.progress = Progress(console, enabled=not quiet)
         if quiet:
             _silence_libraries()
         self.say("loading model...")
         from core.engine import Engine
 
-        self.engine = Engine(home, settings, progress=self.progress, notice=self.say)
+        self.engine = Engine(home, settings, progress=self.progress, notice=self.say, confirm=self.confirm)
+
+    def confirm(self, question: str) -> bool:
+        """Ask on a terminal; piped input needs --yes."""
+        if self.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise UsageError(f"{question[:1].upper()}{question[1:-1]} needs a yes: add --yes (stdin is not a terminal)")
+        import typer
+
+        self.progress.stop()
+        return typer.confirm(f"ra: {question}", err=True)
 
     def say(self, msg: str) -> None:
         if not self.quiet:

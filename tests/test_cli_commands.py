@@ -90,18 +90,25 @@ def test_cache_rm_gc_clear(store):
 
 
 def test_a_damaged_manifest_is_one_clear_error(store):
-    """A manifest missing a field (or with one ra does not know) is named, not a KeyError."""
+    """An edited manifest fails its own checksum; one missing a field (or with one ra does not know)
+    is named, not a KeyError; `cache list` lists it as damaged instead of failing."""
     m = store / "store" / "entries" / ("bbbb" + "0" * 28) / "manifest.json"
     raw = json.loads(m.read_text())
-    del raw["model"]
+    raw["n_tokens"] += 1
     m.write_text(json.dumps(raw))
     r = ra("cache", "info", "bbbb")
-    assert r.returncode == 1 and r.stderr == "ra: error: cache entry bbbb00000000: manifest lacks field(s) 'model'\n"
+    assert r.returncode == 1 and "manifest.json is damaged (its checksum does not match)" in r.stderr
+    assert r.stderr.count("\n") == 1
+    del raw["model"], raw["checksum"]  # format 1 manifests have no checksum: their fields are checked
+    m.write_text(json.dumps(raw))
+    r = ra("cache", "info", "bbbb")
+    assert r.returncode == 1 and r.stderr.startswith("ra: error: cache entry bbbb00000000: manifest lacks field(s) 'model'")
     raw["model"], raw["colour"] = {"spec": "x", "identity": "y", "layers": 1, "q_heads": 1, "kv_heads": 1,
                                    "head_dim": 1}, "red"
     m.write_text(json.dumps(raw))
     r = ra("cache", "list")
-    assert r.returncode == 1 and "unknown field(s) 'colour'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 0 and "bbbb00000000  damaged:" in r.stdout and "unknown field(s) 'colour'" in r.stdout
+    assert "old.txt" in r.stdout and "Traceback" not in r.stderr
 
 
 def test_settings_precedence_option_env_config(store):
