@@ -99,16 +99,18 @@ def head_tables(keys, values, labels, c: int):
 def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
                       size: int = SIZE, segment: int = SEGMENT, iters: int = ITERS) -> None:
     """Cluster every (layer, head) of keys(layer) / values(layer) ([KVH, N, D] views) into `out`."""
+    from .store import open_rows  # preallocated: a full disk is an error here, not a SIGBUS later
+
     first = keys(0)
     KVH, N, D = first.shape
     Dv = values(0).shape[-1]
     C = n_clusters(N, size, segment)
     arrays = {
-        "centroids": np.lib.format.open_memmap(out / "centroids.npy", "w+", np.float32, (n_layers, KVH, C, D)),
-        "sizes": np.lib.format.open_memmap(out / "sizes.npy", "w+", np.int32, (n_layers, KVH, C)),
-        "vsums": np.lib.format.open_memmap(out / "vsums.npy", "w+", np.float32, (n_layers, KVH, C, Dv)),
-        "order": np.lib.format.open_memmap(out / "order.npy", "w+", np.int32, (n_layers, KVH, N)),
-        "offsets": np.lib.format.open_memmap(out / "offsets.npy", "w+", np.int64, (n_layers, KVH, C + 1)),
+        "centroids": open_rows(out / "centroids.npy", np.float32, (n_layers, KVH, C, D)),
+        "sizes": open_rows(out / "sizes.npy", np.int32, (n_layers, KVH, C)),
+        "vsums": open_rows(out / "vsums.npy", np.float32, (n_layers, KVH, C, Dv)),
+        "order": open_rows(out / "order.npy", np.int32, (n_layers, KVH, N)),
+        "offsets": open_rows(out / "offsets.npy", np.int64, (n_layers, KVH, C + 1)),
     }
     for layer in range(n_layers):
         k, v = keys(layer), values(layer)

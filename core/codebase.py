@@ -80,6 +80,15 @@ def _literal_prefix(glob: str) -> str:
     return glob[:cut].lstrip("/")
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether a link's target lies under `root` (links to outside are never read)."""
+    try:
+        path.resolve(strict=True).relative_to(root.resolve())
+        return True
+    except (OSError, RuntimeError, ValueError):  # broken, a loop, or elsewhere
+        return False
+
+
 def walk(root: Path, include=(), exclude=(), max_file_bytes: int = MAX_FILE_BYTES) -> Walk:
     """The files of a codebase to index, and how many were skipped for each reason."""
     root = Path(root)
@@ -110,6 +119,10 @@ def walk(root: Path, include=(), exclude=(), max_file_bytes: int = MAX_FILE_BYTE
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}" if rel_dir else name
             path = Path(dirpath) / name
+            if path.is_symlink() and not _inside(path, root):
+                skip("link out of the directory")
+                continue
+            rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a non-UTF-8 name, shown
             if exc is not None and exc.match_file(rel):
                 skip("excluded")
                 continue

@@ -129,6 +129,10 @@ def _pdf(data: bytes, name: str) -> Document:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError) as e:
         raise DocumentError(f"{name} is not a readable PDF ({e})") from None
+    except RecursionError:
+        raise DocumentError(f"{name} is not a readable PDF (nested too deeply)") from None
+    except Exception as e:  # noqa: BLE001 - pypdf raises many kinds on damaged files; each is one line
+        raise DocumentError(f"{name} is not a readable PDF ({type(e).__name__}: {e})") from None
     starts, parts, offset = [], [], 0
     for i, page in enumerate(pages):
         page = page.strip()

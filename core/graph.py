@@ -528,6 +528,8 @@ def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, pro
 
     offloaded_keys(layer) -> fp16 [KVH, N, D]; build_queries(layer) -> [KVH, m, D] (the prefill
     queries of each KV head's query heads, stacked)."""
+    from .store import open_rows
+
     first = offloaded_keys(0)
     KVH, N, D = first.shape
     arrays = {}
@@ -538,8 +540,7 @@ def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, pro
     for name, dtype, shape in [("graph", np.uint8, (N, degree, 3)), ("centroids", np.float32, (n_clusters, D)),
                                ("entries", np.uint8, (n_clusters, n_entry, 3)), ("coarse", np.float32, (n_coarse, D)),
                                ("bounds", np.int32, (n_coarse + 1,))]:
-        arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=dtype,
-                                                 shape=(n_layers, KVH) + shape)
+        arrays[name] = open_rows(out / f"{name}.npy", dtype, (n_layers, KVH) + shape)  # preallocated
     names = ("graph", "centroids", "entries", "coarse", "bounds")  # build_head's order
     for layer in range(n_layers):
         keys = first if layer == 0 else offloaded_keys(layer)

@@ -575,10 +575,16 @@ class Entry:
                 if notice:
                     notice(f"{damaged}; rebuilding it")
                 store.remove_index(final)
-            with store.staging() as tmp:
-                a, b = self.split(sink, recent)
-                index_kind(kind).build(lambda layer: self.keys[layer, :, a:b], lambda layer: self.values[layer, :, a:b],
-                                       self.build_queries, self.n_layers, tmp, progress)
-                checksum.seal_index(tmp)
-                store.commit(tmp, final)
+            try:
+                with store.staging() as tmp:
+                    a, b = self.split(sink, recent)
+                    index_kind(kind).build(lambda layer: self.keys[layer, :, a:b],
+                                           lambda layer: self.values[layer, :, a:b],
+                                           self.build_queries, self.n_layers, tmp, progress)
+                    checksum.seal_index(tmp)
+                    store.commit(tmp, final)
+            except OSError as e:  # removed by staging(): nothing partial is left
+                why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+                raise StoreError(f"cannot write the {kind} index of cache entry {self.path.name[:12]} in "
+                                 f"{store.root}: {why}") from None
         return final

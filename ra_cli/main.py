@@ -267,7 +267,11 @@ def main() -> None:
 
         config, path = read_config(_home())
         dm = default_map(typer.main.get_command(app), config, path) if config else None
-        app(standalone_mode=False, default_map=dm)
+        rc = app(standalone_mode=False, default_map=dm)  # typer returns an Exit's code (Ctrl-C: 130)
+        if rc == 130:
+            print("\nra: interrupted", file=sys.stderr)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except SystemExit:
         raise
     except KeyboardInterrupt:
