@@ -29,8 +29,8 @@ everything when the entry is at most `Store.verify_bytes` (1 GiB: ~70 ms at xxh3
 `ra cache verify` checks everything. A damaged entry is never answered from: it is rebuilt (or
 refused with --no-rebuild).
 
-Why .npy: a documented header plus raw little-endian data, so `np.load(mmap_mode=...)` maps it
-without reading it (a 128K-token Llama-8B entry is 16 GiB) and nothing is ever unpickled
+Why .npy: a documented header plus raw little-endian data, so
+`np.load(path, mmap_mode="c", allow_pickle=False)` maps it without reading it (a 128K-token Llama-8B entry is 16 GiB) and nothing is ever unpickled
 (`allow_pickle=False` everywhere). [L, KVH, P, D] keeps each head's keys contiguous, so the rows
 a query retrieves are small reads from one region.
 
