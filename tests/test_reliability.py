@@ -5,6 +5,7 @@ The full-disk and read-only cases mount a small tmpfs (root only; skipped elsewh
 import filecmp
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,6 +160,8 @@ def test_two_processes_prefill_once_and_gc_spares_an_entry_in_use(ra_home, smol)
     assert all(p.returncode == 0 for p in procs), outs
     recs = [json.loads(o) for o, _ in outs]
     assert sorted(r["cache_hit"] for r in recs) == [False, True]  # one prefill
+    waited = [e for (_, e), r in zip(outs, recs) if r["cache_hit"]][0]
+    assert "another ra process is preparing this document; waiting for it" in waited
     assert recs[0]["answer"] == recs[1]["answer"] and "Rabbit" in recs[0]["answer"]
     # `ra cache gc --max-size 0` while an ask is answering (4 questions; gc runs after the first answer)
     questions = ["Who did Alice follow?", "What was written on the bottle?", "What did Alice find on the table?",
@@ -227,3 +230,12 @@ def test_data_directory_is_private(tmp_path):
 
     Store(tmp_path / "home" / "store")
     assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_prefill_past_a_million_tokens_needs_a_yes(ra_home, smol):
+    big = ra_home / "big.txt"
+    big.write_text("x y " * 600_000, encoding="utf-8")  # 1.2M tokens; refused before any prefill
+    r = ra(ra_home, "index", str(big))
+    assert r.returncode == 2 and re.fullmatch(rf"ra: error: Prefill 1,2\d\d,\d\d\d tokens of {re.escape(str(big))} needs "
+                                             r"a yes: add --yes \(stdin is not a terminal\)", r.stderr.splitlines()[-1])
+    assert "prefilling 1,200,0" in r.stderr and not any((ra_home / "store" / "tmp").iterdir())
