@@ -37,6 +37,14 @@ def digest(path: Path, start: int, end: int) -> str:
     return h.hexdigest()
 
 
+def rows_digest(array: np.ndarray, a: int, b: int) -> str:
+    """xxh3-64 of rows [a, b) of axis -2 of an [..., N, D] array, over every leading index in order."""
+    h = xxhash.xxh3_64()
+    for idx in np.ndindex(*array.shape[:-2]):
+        h.update(np.ascontiguousarray(array[idx][a:b]).data)
+    return h.hexdigest()
+
+
 def layer_bounds(path: Path) -> list[int]:
     """Chunk boundaries of an [L, ...] .npy file: 0, the data offset, then one per layer."""
     with open(path, "rb") as f:

@@ -255,10 +255,13 @@ class Engine:
         self._announce(doc, n, s)
         q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n, s), n)).astype(np.int64))
         layerwise = not remap and layerwise_supported(self.model)
+        chunk = min(s.chunk_size, 512) if remap else s.chunk_size
+        # what a checkpoint is made of: "layers" (layer by layer), "tokens" (chunked, past the window)
+        kind = "tokens" if remap else "layers" if layerwise else None
         partial = self.store.partial(key)  # kept across an interruption (we hold the entry's lock)
-        meta = {"n_tokens": n, "chunk_size": s.chunk_size, "layers": self.n_layers,
+        meta = {"n_tokens": n, "chunk_size": chunk, "layers": self.n_layers, "scheme": scheme.name if remap else "",
                 "query_positions": xxhash.xxh3_64(q_pos.astype(np.int32).tobytes()).hexdigest()}
-        kept, hidden = EntryWriter.resumable(partial, meta) if layerwise else (0, None)
+        kept, state, extra = EntryWriter.resumable(partial, kind, meta) if kind else (0, {}, {})
         if not kept:
             shutil.rmtree(partial, ignore_errors=True)
         self._check_space(doc, partial, n, len(q_pos), s)
@@ -268,17 +271,30 @@ class Engine:
             t = time.perf_counter()
             w = EntryWriter(partial, n, self.n_layers, self.kv_heads, self.q_heads, self.head_dim, s.kv_dtype, q_pos,
                             resume=kept > 0)
+            if kept:
+                w.resume_from(partial)
+                self.notice(f"{doc.name}: resuming an interrupted prefill from " + (
+                    f"layer {kept} of {self.n_layers} (the work of {n * kept // self.n_layers:,} of {n:,} tokens is kept)"
+                    if kind == "layers" else f"token {kept:,} of {n:,}"))
             capture = QueryCapture(q_pos, w.write_queries)
             report = lambda d, total: self.progress("prefill", d, total)
+            due = self._due(s)
             if remap:  # keys stored pre-RoPE, queries in the global frame (core/longctx.py)
-                longctx.prefill_long(self.model, prefix.ids, min(s.chunk_size, 512), w, scheme, capture, report)
+                def on_chunk(end, layers):
+                    if due():
+                        k, v, loc = longctx.window_state(layers)
+                        w.checkpoint_tokens(end, {"window_k": _to_numpy(k), "window_v": _to_numpy(v)},
+                                            {"loc_start": loc}, meta)
+                windows = (_from_numpy(state["window_k"], "cpu"), _from_numpy(state["window_v"], "cpu")) if kept else None
+                longctx.prefill_long(self.model, prefix.ids, chunk, w, scheme, capture, report, resume_at=kept,
+                                     windows=windows, loc_start=extra.get("loc_start", 0), on_chunk=on_chunk)
             elif layerwise:
-                if kept:
-                    self.notice(f"{doc.name}: resuming an interrupted prefill from layer {kept} of {self.n_layers} "
-                                f"(the work of {n * kept // self.n_layers:,} of {n:,} tokens is kept)")
+                def on_layer(done, hidden):
+                    if due():
+                        w.checkpoint(done, _to_numpy(hidden), meta)
+                hidden = _from_numpy(state["hidden"], self.device) if kept else None
                 prefill_layerwise(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report,
-                                  start_layer=kept, hidden=None if hidden is None else _from_numpy(hidden, self.device),
-                                  on_layer=self._checkpointer(w, meta, s))
+                                  start_layer=kept, hidden=hidden, on_layer=on_layer)
             else:
                 prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
             manifest = Manifest(
@@ -294,10 +310,11 @@ class Engine:
             self.store.commit(partial, self.store.path(key))
         except BaseException as e:
             full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-            kept_now = w.layers_kept if w is not None else 0
+            kept_now = w.kept if w is not None else 0
             if kept_now and not full:
-                self.notice(f"stopped: {kept_now} of {self.n_layers} layers of {doc.name}'s prefill are kept in "
-                            f"{partial}; the same command resumes from there (`ra cache clear` drops it)")
+                what = f"{kept_now} of {self.n_layers} layers" if kind == "layers" else f"{kept_now:,} of {n:,} tokens"
+                self.notice(f"stopped: {what} of {doc.name}'s prefill are kept in {partial}; the same command "
+                            f"resumes from there (`ra cache clear` drops it)")
             else:
                 shutil.rmtree(partial, ignore_errors=True)
             if full:
@@ -308,15 +325,17 @@ class Engine:
                                  f"{e.strerror or e}") from None
             raise
 
-    def _checkpointer(self, w: EntryWriter, meta: dict, s: Settings):
-        """on_layer for the layer-by-layer prefill: a checkpoint at most every `checkpoint_s` seconds."""
+    @staticmethod
+    def _due(s: Settings):
+        """-> due(): True at most every `checkpoint_s` seconds (then the prefill checkpoints)."""
         last = [time.perf_counter()]
 
-        def on_layer(done: int, hidden) -> None:
-            if time.perf_counter() - last[0] >= s.checkpoint_s:
-                w.checkpoint(done, _to_numpy(hidden), meta)
-                last[0] = time.perf_counter()
-        return on_layer
+        def due() -> bool:
+            if time.perf_counter() - last[0] < s.checkpoint_s:
+                return False
+            last[0] = time.perf_counter()
+            return True
+        return due
 
     def _announce(self, doc: Document, n: int, s: Settings) -> None:
         """Say how many tokens are about to be prefilled and about how long that takes here (the

@@ -214,6 +214,15 @@ class LongPrefillLayer(DynamicLayer):
         self._summarise()
         return self.keys, self.values
 
+    def restore(self, keys: torch.Tensor, values: torch.Tensor, n_seen: int, loc_start: int) -> None:
+        """Continue after a checkpoint: keys/values [1, KVH, W, D] is the local window (positions
+        loc_start..n_seen) as it was; the span bounds are recomputed from the stored keys (min and
+        max are exact, so they equal the ones an uninterrupted run built chunk by chunk)."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.n_seen, self.loc_start = keys, values, n_seen, loc_start
+        self.smin = self.smax = None
+        self._summarise()
+
     def _summarise(self) -> None:
         """Min / max per dimension of every span [sink + i*span, sink + (i+1)*span) now complete,
         from the stored (fp16) keys, so the bounds hold for the keys that are scored."""
@@ -262,18 +271,27 @@ class LongPrefillLayer(DynamicLayer):
 
 
 @torch.inference_mode()
-def prefill_long(model, ids, chunk_size: int, writer, scheme: RemapScheme, capture=None, progress=None) -> None:
+def prefill_long(model, ids, chunk_size: int, writer, scheme: RemapScheme, capture=None, progress=None,
+                 resume_at: int = 0, windows=None, loc_start: int = 0, on_chunk=None) -> None:
     """Prefill a prefix longer than the model's window into `writer` (a core/store.EntryWriter):
-    pre-RoPE keys and values of every token, global-frame queries at the capture positions."""
+    pre-RoPE keys and values of every token, global-frame queries at the capture positions.
+
+    Resuming: tokens [0, resume_at) are in the writer already and windows = (keys, values), each
+    [L, KVH, W, D], the layers' local windows then (from `window_state`); on_chunk(end, layers)
+    is called after each chunk (to checkpoint)."""
     from .layer import RaCache
 
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     rope = Rope(model)
     layers = [LongPrefillLayer(i, rope, scheme, writer.write_kv, writer.keys[i], writer.values[i], capture)
               for i in range(model.config.num_hidden_layers)]
+    if resume_at:
+        for layer, k, v in zip(layers, *windows):
+            layer.restore(k[None].to(device, dtype), v[None].to(device, dtype), resume_at, loc_start)
     cache = RaCache(layers)
     n = len(ids)
-    for start in range(0, n, chunk_size):
+    for start in range(resume_at, n, chunk_size):
         end = min(start + chunk_size, n)
         x = torch.from_numpy(ids[start:end].astype("int64"))[None].to(device)
         pos = torch.arange(start, end, device=device)[None]
@@ -282,3 +300,12 @@ def prefill_long(model, ids, chunk_size: int, writer, scheme: RemapScheme, captu
         model.base_model(input_ids=x, cache=cache, position_ids=pos, use_cache=True, ra_cache=cache)
         if progress:
             progress(end, n)
+        if on_chunk is not None and end < n:
+            on_chunk(end, layers)
+
+
+def window_state(layers: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The layers' local windows [L, KVH, W, D] (keys, values) and their first position: what a
+    resumed `prefill_long` starts from."""
+    return (torch.stack([la.keys[0] for la in layers]), torch.stack([la.values[0] for la in layers]),
+            layers[0].loc_start)

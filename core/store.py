@@ -17,8 +17,9 @@ Layout under the data directory ($RA_HOME, default the platform's user cache dir
       checksums.json               sizes and xxh3 checksums of the index's files (core/checksum.py)
   store/tmp/       entries and indexes being written; renamed into place only when complete
     <key>.partial/                 an interrupted prefill kept for resume: the files above as far as
-                                   they got, progress.json (layers done, their checksums) and
-                                   hidden-<layer>.npy (every token's hidden state after that layer)
+                                   they got, progress.json (what is done, its checksums) and
+                                   state-<done>-<name>.npy (what the prefill resumes from: every
+                                   token's hidden state, or each layer's local window)
   store/locks/     <key>.lock: one builder per entry (two processes never prefill the same document
                    twice); <key>.lease: a shared lock held by every process answering from the
                    entry, so `ra cache rm/gc/clear` skip an entry in use instead of pulling it away
@@ -385,9 +386,10 @@ PROGRESS = "progress.json"
 class EntryWriter:
     """Fills a staging directory while the prefill runs, chunk by chunk (bounded memory).
 
-    A layer-by-layer prefill can `checkpoint` after a layer: the layers done are made durable and
-    checksummed, and every token's hidden state is saved, so `resumable` can pick the work up after
-    a crash or an interrupt (core/engine.py)."""
+    A layer-by-layer prefill can `checkpoint` after a layer (the layers done made durable and
+    checksummed, every token's hidden state saved), a chunked one `checkpoint_tokens` after a
+    chunk (the rows done, and each layer's local window), so `resumable` can pick the work up
+    after a crash or an interrupt (core/engine.py)."""
 
     def __init__(self, d: Path, n_tokens: int, n_layers: int, kv_heads: int, q_heads: int, head_dim: int,
                  kv_dtype: str, query_positions: np.ndarray, resume: bool = False):
@@ -399,8 +401,9 @@ class EntryWriter:
         self.query_positions = query_positions.astype(np.int32)
         self.queries = open_rows(d / "queries.npy", kv_dtype, (n_layers, q_heads, len(query_positions), head_dim),
                                  resume)
-        self.layers_kept = 0   # layers a checkpoint holds (0: nothing to resume from yet)
-        self._chunks = {name: [] for name in LAYERED}
+        self.kept = 0          # layers or tokens a checkpoint holds (0: nothing to resume from yet)
+        self._chunks = {name: [] for name in LAYERED}   # per-layer checksums ("layers" checkpoints)
+        self._segments = []                             # row-range checksums ("tokens" checkpoints)
 
     def write_kv(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v: [KVH, T, D] for tokens start..start+T"""
@@ -411,54 +414,96 @@ class EntryWriter:
         """q: [Hq, n, D] for query_positions[slot]"""
         self.queries[layer, :, slot] = q
 
+    # ------------------------------------------------------------------ checkpoints (resume)
+    #
+    # progress.json: {"kind": "layers" | "tokens", "done": layers or tokens done, "meta": what must
+    # match to resume, "state": {file: record} (arrays a resumed prefill starts from), "extra",
+    # and the checksums of what is kept: "files" (per-layer chunks of keys/values/queries, for
+    # "layers") or "segments" (rows [a, b) of every layer and head, for "tokens")}.
+
     def checkpoint(self, layers: int, hidden: np.ndarray, meta: dict) -> None:
-        """Layers [0, layers) are complete and `hidden` is every token's state after them: make
-        both durable, so a later run resumes at layer `layers`. meta: what must match to resume."""
-        self._k.sync()
-        self._v.sync()
-        self.queries.flush()
+        """Layer-by-layer prefill: layers [0, layers) are complete and `hidden` is every token's
+        state after them. Made durable, so a later run resumes at layer `layers`."""
+        self._sync()
         for name, chunks in self._chunks.items():  # checksums of the new layers only
             bounds = checksum.layer_bounds(self.dir / name)[:layers + 2]
             for a, b in list(zip(bounds, bounds[1:]))[len(chunks):]:
                 chunks.append([a, b, checksum.digest(self.dir / name, a, b)])
-        name = f"hidden-{layers:04d}.npy"
-        tmp = self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, hidden, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
-        progress = {"layers": layers, "meta": meta, "hidden": name,
-                    "hidden_record": checksum.record(self.dir / name),
-                    "files": {n: c[:layers + 1] for n, c in self._chunks.items()}}
+        self._commit_progress("layers", layers, meta, {"hidden": hidden}, {},
+                              files={n: c[:layers + 1] for n, c in self._chunks.items()})
+
+    def checkpoint_tokens(self, end: int, state: dict, extra: dict, meta: dict) -> None:
+        """Chunked prefill: tokens [0, end) of every layer are written (and the queries among
+        them); `state` holds the arrays the next chunk starts from (e.g. each layer's local window)."""
+        self._sync()
+        q_end = int(np.searchsorted(self.query_positions, end))
+        a, qa = (self._segments[-1][1], self._segments[-1][3]) if self._segments else (0, 0)
+        self._segments.append([a, end, qa, q_end, checksum.rows_digest(self.keys, a, end),
+                               checksum.rows_digest(self.values, a, end), checksum.rows_digest(self.queries, qa, q_end)])
+        self._commit_progress("tokens", end, meta, state, extra, segments=self._segments)
+
+    def _sync(self) -> None:
+        self._k.sync()
+        self._v.sync()
+        self.queries.flush()
+
+    def _commit_progress(self, kind: str, done: int, meta: dict, state: dict, extra: dict, **kept) -> None:
+        records = {}
+        for name, arr in state.items():
+            fname = f"state-{done}-{name}.npy"
+            tmp = self.dir / f".{fname}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / fname)
+            records[fname] = checksum.record(self.dir / fname)
+        progress = {"kind": kind, "done": done, "meta": meta, "state": records, "extra": extra, **kept}
         tmp = self.dir / f".{PROGRESS}.tmp"
         with open(tmp, "w") as f:
             f.write(json.dumps(progress))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.dir / PROGRESS)
-        for old in self.dir.glob("hidden-*.npy"):
-            if old.name != name:
+        os.replace(tmp, self.dir / PROGRESS)  # the checkpoint exists from here on
+        for old in self.dir.glob("state-*.npy"):
+            if old.name not in records:
                 old.unlink()
-        self.layers_kept = layers
+        self.kept = done
 
     @staticmethod
-    def resumable(d: Path, meta: dict) -> tuple[int, np.ndarray | None]:
-        """(layers kept, hidden states after them) of an interrupted prefill in `d`, trusting only
-        what its checksums confirm; (0, None) when there is nothing to resume from."""
+    def resumable(d: Path, kind: str, meta: dict) -> tuple[int, dict, dict]:
+        """(done, state arrays, extra) of an interrupted prefill of `kind` in `d`, trusting only
+        what its checksums confirm; (0, {}, {}) when there is nothing to resume from."""
         try:
             p = json.loads((d / PROGRESS).read_text())
-            if p["meta"] != meta or not isinstance(p["layers"], int):
-                return 0, None
-            hidden = d / p["hidden"]
-            if checksum.check(hidden, p["hidden_record"]):
-                return 0, None
-            for name, chunks in p["files"].items():
-                if name not in LAYERED or checksum.good_chunks(d / name, {"chunks": chunks}) < len(chunks):
-                    return 0, None
-            return p["layers"], np.load(hidden, allow_pickle=False)
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0, None
+            if p["kind"] != kind or p["meta"] != meta or not isinstance(p["done"], int):
+                return 0, {}, {}
+            for fname, rec in p["state"].items():
+                if checksum.check(d / fname, rec):
+                    return 0, {}, {}
+            if kind == "layers":
+                for name, chunks in p["files"].items():
+                    if name not in LAYERED or checksum.good_chunks(d / name, {"chunks": chunks}) < len(chunks):
+                        return 0, {}, {}
+            else:
+                arrays = [np.load(d / n, mmap_mode="r", allow_pickle=False) for n in LAYERED]
+                for a, b, qa, qb, hk, hv, hq in p["segments"]:
+                    if [checksum.rows_digest(arrays[0], a, b), checksum.rows_digest(arrays[1], a, b),
+                            checksum.rows_digest(arrays[2], qa, qb)] != [hk, hv, hq]:
+                        return 0, {}, {}
+            state = {f.split("-", 2)[2][:-4]: np.load(d / f, allow_pickle=False) for f in p["state"]}
+            return p["done"], state, p["extra"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return 0, {}, {}
+
+    def resume_from(self, progress_dir: Path) -> None:
+        """Carry on the checksums of a checkpoint being resumed (so later checkpoints extend them)."""
+        p = json.loads((progress_dir / PROGRESS).read_text())
+        if p["kind"] == "layers":
+            self._chunks = {n: list(c) for n, c in p["files"].items()}
+        else:
+            self._segments = [list(x) for x in p["segments"]]
+        self.kept = p["done"]
 
     def finish(self, manifest: Manifest, tokens: np.ndarray, sources: np.ndarray, text: str) -> None:
         """Write the small files, drop the checkpoint, record every file's checksums in the
@@ -473,7 +518,7 @@ class EntryWriter:
         np.save(self.dir / "sources.npy", sources.astype(np.int32), allow_pickle=False)
         np.save(self.dir / "query_positions.npy", self.query_positions, allow_pickle=False)
         (self.dir / "text.txt").write_text(text, encoding="utf-8")
-        for p in [self.dir / PROGRESS, *self.dir.glob("hidden-*.npy")]:
+        for p in [self.dir / PROGRESS, *self.dir.glob("state-*.npy")]:
             p.unlink(missing_ok=True)
         files = checksum.record_dir(self.dir, LAYERED)
         files.pop(Manifest.FILE, None)

@@ -262,3 +262,34 @@ def tiny_vocab_model(smol):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       attn_implementation="ra")
     return LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_an_interrupted_long_prefill_resumes_to_the_same_entry(tiny_vocab_model, tmp_path):
+    """The chunked prefill past the window, stopped (as Ctrl-C) after three different chunks and
+    resumed each time from its checkpoint (local windows restored, span bounds recomputed): the
+    entry's K/V and queries equal an uninterrupted run's byte for byte."""
+    import filecmp
+
+    from conftest import book_text
+    from core.documents import Document
+    from core.engine import Engine, Settings
+
+    model, tok = tiny_vocab_model
+    s = Settings(sink=4, recent=16, chunk_size=40, checkpoint_s=0, remap=ENGINE_SMALL, index="flat")
+    doc = Document(text=book_text(1200), name="alice-part", kind="text")
+    ref = Engine(tmp_path / "ref", s, loaded=(model, tok, "tiny")).prepare(doc).entry.path
+    notices = []
+    for target in (80, 200, 280):
+        def stop(stage, done, total):
+            if stage == "prefill" and done >= target:
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            Engine(tmp_path / "home", s, loaded=(model, tok, "tiny"), progress=stop, notice=notices.append).prepare(doc)
+        assert f"stopped: {target - 40:,} of" in notices[-1] and "tokens of alice-part's prefill are kept" in notices[-1]
+    p = Engine(tmp_path / "home", s, loaded=(model, tok, "tiny"), notice=notices.append).prepare(doc)
+    resumed = [m for m in notices if "resuming an interrupted prefill" in m]
+    assert [m.split("from token ")[1].split(" ")[0] for m in resumed] == ["40", "160", "240"]
+    assert p.entry.remapped and not p.cache_hit
+    for f in ("keys.npy", "values.npy", "queries.npy", "tokens.npy"):
+        assert filecmp.cmp(p.entry.path / f, ref / f, shallow=False), f
+    assert not any((tmp_path / "home" / "store" / "tmp").iterdir())

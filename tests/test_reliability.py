@@ -56,7 +56,7 @@ def stop_when(p, ready, sig, poll=0.005):
 def layers_kept(home: Path) -> int:
     for f in (home / "store" / "tmp").glob("*.partial/progress.json"):
         try:
-            return json.loads(f.read_text())["layers"]
+            return json.loads(f.read_text())["done"]
         except (OSError, ValueError):
             pass
     return 0
