@@ -111,6 +111,17 @@ def test_a_damaged_manifest_is_one_clear_error(store):
     assert "old.txt" in r.stdout and "Traceback" not in r.stderr
 
 
+def test_an_entry_of_an_older_format_is_never_misread(store):
+    """The fake entries are format 1 (no checksums): `verify` says so, and the current format's
+    key never finds them (its digest differs), so a document is rebuilt beside such an entry."""
+    from core.store import FORMAT_VERSION, StoreKey
+
+    r = runner.invoke(app, ["cache", "verify"])
+    assert r.exit_code == 1 and r.output.count("has an older format (no checksums)") == 3
+    key = StoreKey("t", "m", 1, "float32", "float16")
+    assert FORMAT_VERSION == 2 and key.digest != StoreKey("t", "m", 1, "float32", "float16", format=1).digest
+
+
 def test_settings_precedence_option_env_config(store):
     # config.toml < RA_CACHE_MAX_SIZE < --max-size, through `ra cache gc --dry-run`
     (store / "config.toml").write_text('[cache.gc]\nmax_size = "1"\n')
