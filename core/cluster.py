@@ -97,8 +97,9 @@ def head_tables(keys, values, labels, c: int):
 
 
 def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
-                      size: int = SIZE, segment: int = SEGMENT, iters: int = ITERS) -> None:
-    """Cluster every (layer, head) of keys(layer) / values(layer) ([KVH, N, D] views) into `out`."""
+                      size: int = SIZE, segment: int = SEGMENT, iters: int = ITERS, start_layer: int = 0) -> None:
+    """Cluster every (layer, head) of keys(layer) / values(layer) ([KVH, N, D] views) into `out`
+    (from `start_layer`: a resumed build, the earlier layers' tables already there)."""
     from .store import open_rows  # preallocated: a full disk is an error here, not a SIGBUS later
 
     first = keys(0)
@@ -106,13 +107,13 @@ def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
     Dv = values(0).shape[-1]
     C = n_clusters(N, size, segment)
     arrays = {
-        "centroids": open_rows(out / "centroids.npy", np.float32, (n_layers, KVH, C, D)),
-        "sizes": open_rows(out / "sizes.npy", np.int32, (n_layers, KVH, C)),
-        "vsums": open_rows(out / "vsums.npy", np.float32, (n_layers, KVH, C, Dv)),
-        "order": open_rows(out / "order.npy", np.int32, (n_layers, KVH, N)),
-        "offsets": open_rows(out / "offsets.npy", np.int64, (n_layers, KVH, C + 1)),
+        "centroids": open_rows(out / "centroids.npy", np.float32, (n_layers, KVH, C, D), reuse=start_layer > 0),
+        "sizes": open_rows(out / "sizes.npy", np.int32, (n_layers, KVH, C), reuse=start_layer > 0),
+        "vsums": open_rows(out / "vsums.npy", np.float32, (n_layers, KVH, C, Dv), reuse=start_layer > 0),
+        "order": open_rows(out / "order.npy", np.int32, (n_layers, KVH, N), reuse=start_layer > 0),
+        "offsets": open_rows(out / "offsets.npy", np.int64, (n_layers, KVH, C + 1), reuse=start_layer > 0),
     }
-    for layer in range(n_layers):
+    for layer in range(start_layer, n_layers):
         k, v = keys(layer), values(layer)
         for h in range(KVH):
             kh = np.asarray(k[h], np.float32)  # read the head's keys from the store once

@@ -180,7 +180,8 @@ class Engine:
             kind = self.index_kind(entry, s)
             t = time.perf_counter()
             index_dir = self._checked(key, s, lambda: entry.ensure_index(
-                self.store, kind, *sizes, lambda d, n: self.progress("index", d, n), s.rebuild, self.notice))
+                self.store, kind, *sizes, lambda d, n: self.progress("index", d, n), s.rebuild, self.notice,
+                s.checkpoint_s))
             index_s = time.perf_counter() - t
             t = time.perf_counter()
             retrievers = self._open_retrievers(entry, split, index_dir, kind, s)

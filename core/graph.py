@@ -522,7 +522,7 @@ class GraphLayerIndex:
 
 def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, progress=None,
                     degree: int = DEGREE, fan: int = FAN, n_clusters: int | None = None, n_entry: int = N_ENTRY,
-                    key_degree: int = KEY_DEGREE, n_coarse: int = N_COARSE) -> None:
+                    key_degree: int = KEY_DEGREE, n_coarse: int = N_COARSE, start_layer: int = 0) -> None:
     """Write graph.npy / centroids.npy / entries.npy / coarse.npy / bounds.npy into the (temporary)
     index directory `out`.
 
@@ -540,9 +540,9 @@ def build_graph_dir(offloaded_keys, build_queries, n_layers: int, out: Path, pro
     for name, dtype, shape in [("graph", np.uint8, (N, degree, 3)), ("centroids", np.float32, (n_clusters, D)),
                                ("entries", np.uint8, (n_clusters, n_entry, 3)), ("coarse", np.float32, (n_coarse, D)),
                                ("bounds", np.int32, (n_coarse + 1,))]:
-        arrays[name] = open_rows(out / f"{name}.npy", dtype, (n_layers, KVH) + shape)  # preallocated
+        arrays[name] = open_rows(out / f"{name}.npy", dtype, (n_layers, KVH) + shape, reuse=start_layer > 0)
     names = ("graph", "centroids", "entries", "coarse", "bounds")  # build_head's order
-    for layer in range(n_layers):
+    for layer in range(start_layer, n_layers):  # start_layer > 0: resume a build into `out`
         keys = first if layer == 0 else offloaded_keys(layer)
         qs = first_qs if layer == 0 else build_queries(layer)
         for h in range(KVH):

@@ -20,7 +20,7 @@ over the retrieved keys needs only their values.
         attention); the choice is a dense score over N / 16 centroids.
 
 Index kinds are a registry (`KINDS`): each has one `build(keys, values, queries, n_layers, out,
-progress)` and one `open(index_dir, layer, keys, **options)`, where keys(layer) / values(layer) /
+progress, start_layer)` (layer by layer, so an interrupted build resumes) and one `open(index_dir, layer, keys, **options)`, where keys(layer) / values(layer) /
 keys are the store's memory-mapped [KVH, N, D] views of the offloaded range and queries(layer) the
 entry's sampled prefill queries; `options` names the Settings fields a kind searches with.
 A kind's `format` names its directory's layout version (core/store.py): a directory of another
@@ -109,11 +109,14 @@ def load_hnsw(path: Path, dim: int, n: int):
 
 # ----------------------------------------------------------------------------- the kinds
 
-def _build_means(keys, n_layers: int, out: Path, progress, hnsw: bool) -> None:
+def _build_means(keys, n_layers: int, out: Path, progress, hnsw: bool, start_layer: int = 0) -> None:
+    from .store import open_rows
+
     first = keys(0)
-    means = np.zeros((n_layers, first.shape[0], first.shape[2]), dtype=np.float32)
-    for layer in range(n_layers):
-        k = first if layer == 0 else keys(layer)
+    means = open_rows(out / "means.npy", np.float32, (n_layers, first.shape[0], first.shape[2]), reuse=start_layer > 0)
+    for layer in range(start_layer, n_layers):
+        k = keys(layer)
+        means[layer] = 0.0
         if k.shape[1] > 0:
             k = np.asarray(k, np.float32)
             means[layer] = k.mean(axis=1)
@@ -121,16 +124,16 @@ def _build_means(keys, n_layers: int, out: Path, progress, hnsw: bool) -> None:
                 build_hnsw(np.ascontiguousarray(k[h] - means[layer, h]), out / f"l{layer:03d}h{h:02d}.hnsw")
         if progress:
             progress(layer + 1, n_layers)
-    np.save(out / "means.npy", means, allow_pickle=False)
+    means.flush()
 
 
-def _build_flat(keys, values, queries, n_layers, out, progress):
-    _build_means(keys, n_layers, out, progress, hnsw=False)
+def _build_flat(keys, values, queries, n_layers, out, progress, start_layer=0):
+    _build_means(keys, n_layers, out, progress, hnsw=False, start_layer=start_layer)
     (out / "index.json").write_text(json.dumps({"kind": "flat"}))
 
 
-def _build_hnsw(keys, values, queries, n_layers, out, progress):
-    _build_means(keys, n_layers, out, progress, hnsw=True)
+def _build_hnsw(keys, values, queries, n_layers, out, progress, start_layer=0):
+    _build_means(keys, n_layers, out, progress, hnsw=True, start_layer=start_layer)
     (out / "index.json").write_text(json.dumps({"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}))
 
 
@@ -140,10 +143,10 @@ def _open_hnsw(index_dir: Path, layer: int, keys, ef: int = HNSW_EF_SEARCH):
     return HnswLayerIndex([load_hnsw(index_dir / f"l{layer:03d}h{h:02d}.hnsw", dim, n) for h in range(kvh)], means, ef)
 
 
-def _build_graph(keys, values, queries, n_layers, out, progress):
+def _build_graph(keys, values, queries, n_layers, out, progress, start_layer=0):
     from .graph import build_graph_dir
 
-    build_graph_dir(keys, queries, n_layers, out, progress)
+    build_graph_dir(keys, queries, n_layers, out, progress, start_layer=start_layer)
 
 
 def _open_graph(index_dir: Path, layer: int, keys, **kw):
@@ -152,10 +155,10 @@ def _open_graph(index_dir: Path, layer: int, keys, **kw):
     return open_graph_layer(index_dir, layer, keys, **kw)
 
 
-def _build_cluster(keys, values, queries, n_layers, out, progress):
+def _build_cluster(keys, values, queries, n_layers, out, progress, start_layer=0):
     from .cluster import build_cluster_dir
 
-    build_cluster_dir(keys, values, n_layers, out, progress)
+    build_cluster_dir(keys, values, n_layers, out, progress, start_layer=start_layer)
 
 
 def _open_cluster(index_dir: Path, layer: int, keys, **kw):
@@ -167,7 +170,9 @@ def _open_cluster(index_dir: Path, layer: int, keys, **kw):
 @dataclass(frozen=True)
 class IndexKind:
     name: str
-    build: Callable        # (keys(layer), values(layer), queries(layer), n_layers, out_dir, progress) -> None
+    build: Callable        # (keys(layer), values(layer), queries(layer), n_layers, out_dir, progress,
+                           #  start_layer=0) -> None; progress(layers_done, n_layers) after each layer,
+                           #  whose files are then written; start_layer > 0 resumes into `out`
     open: Callable         # (index_dir, layer, keys [KVH, N, D] memory map, **search options) -> index
     format: str = ""       # layout version in the directory name (bumped when the files change)
     needs_fp16: bool = False

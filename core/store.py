@@ -45,7 +45,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -525,6 +527,54 @@ class EntryWriter:
         replace(manifest, files=files).write(self.dir)
 
 
+class IndexCheckpoint:
+    """Resume for an index build: after a layer (at most every `checkpoint_s` seconds) the layers
+    done are fsynced and checksummed into index-progress.json (per-layer chunks of the [L, ...]
+    .npy files, and the per-layer files such as hnswlib's l<layer>h<head>.hnsw)."""
+
+    FILE = "index-progress.json"
+
+    def __init__(self, d: Path, meta: dict, kept: int, checkpoint_s: float):
+        self.dir, self.meta, self.kept, self.every = d, meta, kept, checkpoint_s
+        self.last = time.perf_counter()
+
+    def after_layer(self, done: int) -> None:
+        if done >= self.meta["layers"] or time.perf_counter() - self.last < self.every:
+            return
+        files = {}
+        for p in sorted(self.dir.iterdir()):
+            if p.name.endswith(".npy"):
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())  # the kinds write through memory maps: make those pages durable
+                rec = checksum.record(p, layered=True)
+                files[p.name] = {"chunks": rec["chunks"][:done + 1]}
+            elif re.fullmatch(r"l(\d{3})h\d{2}\.hnsw", p.name) and int(p.name[1:4]) < done:
+                files[p.name] = checksum.record(p)
+        tmp = self.dir / f".{self.FILE}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"meta": self.meta, "done": done, "files": files}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / self.FILE)
+        self.kept, self.last = done, time.perf_counter()
+
+    @classmethod
+    def resumable(cls, d: Path, meta: dict) -> int:
+        """Layers an interrupted build in `d` kept (0: start over)."""
+        try:
+            p = json.loads((d / cls.FILE).read_text())
+            if p["meta"] != meta:
+                return 0
+            for name, rec in p["files"].items():
+                ok = checksum.good_chunks(d / name, rec) == len(rec["chunks"]) if "bytes" not in rec \
+                    else checksum.check(d / name, rec) is None
+                if not ok:
+                    return 0
+            return int(p["done"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+
 class Entry:
     """An opened cache entry. Arrays are memory-mapped copy-on-write: nothing is read until used,
     and torch can wrap them without copying (writes, if any, never reach the file).
@@ -599,10 +649,11 @@ class Entry:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def ensure_index(self, store: Store, kind: str, sink: int, recent: int, progress=None, rebuild: bool = True,
-                     notice=None) -> Path:
+                     notice=None, checkpoint_s: float = 30.0) -> Path:
         """The index for this split, checked (sizes always, checksums when the entry is small enough
         to be verified at open); built if it is missing, rebuilt if it is damaged (DamagedEntry
-        instead when not `rebuild`). Built atomically, under the entry's index lock."""
+        instead when not `rebuild`). Built atomically, under the entry's index lock, layer by layer
+        with a checkpoint at most every `checkpoint_s` seconds: an interrupted build resumes."""
         from .index import kind as index_kind
 
         final = self.index_dir(kind, sink, recent)
@@ -620,16 +671,38 @@ class Entry:
                 if notice:
                     notice(f"{damaged}; rebuilding it")
                 store.remove_index(final)
+            partial = store.tmp / f"{self.path.name}.{final.name}.partial"  # kept for resume
+            meta = {"kind": kind, "n_tokens": self.n_tokens, "layers": self.n_layers, "split": [sink, recent]}
+            start = IndexCheckpoint.resumable(partial, meta)
+            if start:
+                (notice or (lambda m: None))(f"resuming an interrupted {kind} index build from layer {start} "
+                                             f"of {self.n_layers}")
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+            ckpt = IndexCheckpoint(partial, meta, start, checkpoint_s)
+
+            def report(done: int, total: int) -> None:
+                ckpt.after_layer(done)
+                if progress:
+                    progress(done, total)
             try:
-                with store.staging() as tmp:
-                    a, b = self.split(sink, recent)
-                    index_kind(kind).build(lambda layer: self.keys[layer, :, a:b],
-                                           lambda layer: self.values[layer, :, a:b],
-                                           self.build_queries, self.n_layers, tmp, progress)
-                    checksum.seal_index(tmp)
-                    store.commit(tmp, final)
-            except OSError as e:  # removed by staging(): nothing partial is left
-                why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-                raise StoreError(f"cannot write the {kind} index of cache entry {self.path.name[:12]} in "
-                                 f"{store.root}: {why}") from None
+                a, b = self.split(sink, recent)
+                index_kind(kind).build(lambda layer: self.keys[layer, :, a:b], lambda layer: self.values[layer, :, a:b],
+                                       self.build_queries, self.n_layers, partial, report, start_layer=start)
+                (partial / IndexCheckpoint.FILE).unlink(missing_ok=True)
+                checksum.seal_index(partial)
+                store.commit(partial, final)
+            except BaseException as e:
+                full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                if ckpt.kept and not full and not isinstance(e, OSError):
+                    (notice or (lambda m: None))(f"stopped: {ckpt.kept} of {self.n_layers} layers of the {kind} index "
+                                                 f"are kept; the same command resumes from there")
+                else:
+                    shutil.rmtree(partial, ignore_errors=True)
+                if isinstance(e, OSError) and not isinstance(e, StoreError):
+                    why = "the disk is full" if full else e.strerror or str(e)
+                    raise StoreError(f"cannot write the {kind} index of cache entry {self.path.name[:12]} in "
+                                     f"{store.root}: {why}") from None
+                raise
         return final

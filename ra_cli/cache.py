@@ -78,7 +78,8 @@ def cache_list(as_json: bool = typer.Option(False, "--json", help="One JSON obje
         if as_json:
             typer.echo(json.dumps({"entry": p.name.split(".")[0], "partial": True, "size_bytes": size}))
         else:
-            typer.echo(f"{p.name.split('.')[0][:12]}  interrupted prefill, {human_size(size)} kept: "
+            what = "prefill" if p.name.count(".") == 1 else "index build"  # <key>.partial, <key>.<index>.partial
+            typer.echo(f"{p.name.split('.')[0][:12]}  interrupted {what}, {human_size(size)} kept: "
                        f"rerun the same command to resume")
 
 

@@ -63,9 +63,9 @@ def layers_kept(home: Path) -> int:
 
 
 def test_killed_indexing_resumes_to_the_same_entry(tmp_path, models_dir, smol):
-    """SIGKILL / SIGTERM at three points of the prefill and once in the index build, then a rerun:
-    the entry's files equal an uninterrupted run's byte for byte, the answer is the same, the
-    reruns say where they resumed, and nothing is left behind."""
+    """SIGKILL / SIGTERM at three points of the prefill and once in the index build, each followed by
+    a rerun that resumes: the entry's and the index's files equal an uninterrupted run's byte for
+    byte, the answer is the same, the reruns say where they resumed, and nothing is left behind."""
     book = tmp_path / "book.txt"
     book.write_text(book_text(9000), encoding="utf-8")  # 2,440 tokens
     ref, home = new_home(tmp_path / "ref", models_dir), new_home(tmp_path / "home", models_dir)
@@ -83,19 +83,27 @@ def test_killed_indexing_resumes_to_the_same_entry(tmp_path, models_dir, smol):
         else:
             assert rc == -signal.SIGKILL
     assert len(resumed) == 2 and "from layer 5 of 30" in resumed[0] and "from layer 15 of 30" in resumed[1]
-    # killed while building the index: the entry is complete, the index never half there
+    # killed while building the index (after 10 of its 30 layers): the entry is complete, the index
+    # never half there, and the rerun resumes the index build too
     entries = home / "store" / "entries"
-    staging = lambda: any(entries.glob("*/manifest.json")) and any(
-        p.is_dir() and not p.name.endswith(".partial") for p in (home / "store" / "tmp").iterdir())
-    rc, err = stop_when(spawn(home, *index), staging, signal.SIGKILL)
+
+    def index_layers() -> int:
+        for f in (home / "store" / "tmp").glob("*.cluster*.partial/index-progress.json"):
+            try:
+                return json.loads(f.read_text())["done"]
+            except (OSError, ValueError):
+                pass
+        return 0
+    rc, err = stop_when(spawn(home, *index), lambda: index_layers() >= 10, signal.SIGKILL)
     assert "from layer 25 of 30" in err and "(the work of 2,033 of 2,440 tokens is kept)" in err
     (entry,) = entries.iterdir()
-    assert not (entry / "indexes").exists()
+    assert not (entry / "indexes").exists() and "interrupted index build" in ra(home, "cache", "list").stdout
     r = ra(home, *index)
     assert r.returncode == 0 and "book.txt: text, 2,440 tokens" in r.stdout, r.stderr
+    assert "resuming an interrupted cluster index build from layer 1" in r.stderr  # 10 or more
     (ref_entry,) = (ref / "store" / "entries").iterdir()
     assert entry.name == ref_entry.name
-    for f in FILES:
+    for f in FILES + tuple(f"indexes/cluster-s128-r512/{n}.npy" for n in ("centroids", "sizes", "vsums", "order", "offsets")):
         assert filecmp.cmp(entry / f, ref_entry / f, shallow=False), f
     assert not any((home / "store" / "tmp").iterdir())  # no leftovers
     answers = [json.loads(ra(h, "ask", "--json", "-n", "12", "--index", "cluster", str(book), QUESTION).stdout)
