@@ -220,6 +220,28 @@ def repl(
 
 
 app.command("chat", hidden=True, help="Same as repl.")(repl)
+
+
+@app.command("serve")
+def serve_cmd(
+    port: int = typer.Option(8411, envvar="RA_PORT", min=0, max=65535, help="TCP port (0: any free port, printed)."),
+    host: str = typer.Option("127.0.0.1", envvar="RA_HOST", help="Address to listen on; other than loopback needs --token."),
+    token: Optional[str] = typer.Option(None, envvar="RA_TOKEN", help="Bearer token every request must carry."),
+    max_docs: int = typer.Option(4, "--max-docs", min=1, help="Documents kept open (least recently used closed first)."),
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
+    index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
+    recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET, rebuild: bool = REBUILD, checkpoint_s: float = CHECKPOINT,
+):
+    """Keep the model and recent documents warm behind an OpenAI-compatible API (Ctrl-C stops)."""
+    from .serve import check_host, serve
+    from .session import Session
+
+    settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
+                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
+    check_host(host, token)
+    session = Session(_home(), settings, _err_console(), quiet, yes=True)  # no prompts: nobody is at the terminal
+    serve(session, _home(), host, port, token, quiet, max_docs)
 @app.command()
 def plan(
     model: Optional[str] = typer.Argument(None, help="config.json, model directory, .gguf, or a Hugging Face id in the "

@@ -179,7 +179,9 @@ def test_two_processes_prefill_once_and_gc_spares_an_entry_in_use(ra_home, smol)
     p = spawn(ra_home, "ask", "--json", "-n", "24", "--questions", str(qfile), str(book))
     first = p.stdout.readline()
     gc = ra(ra_home, "cache", "gc", "--max-size", "0")
+    rm = ra(ra_home, "cache", "rm", recs[0]["document"]["entry"][:12])
     rest, err = p.communicate(timeout=300)
+    assert rm.returncode == 1 and "skipped" in rm.stderr and "a process is answering from it" in rm.stderr
     assert p.poll() == 0, err
     assert gc.returncode == 0 and "a process is answering from it" in gc.stderr and "removed 0 entries" in gc.stdout
     got = [json.loads(line)["answer"] for line in (first + rest).splitlines()]

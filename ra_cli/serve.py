@@ -1,0 +1,331 @@
+"""`ra serve`: one warm process with the model loaded and recent documents open, behind an
+OpenAI-compatible HTTP API on 127.0.0.1 (and a Unix socket in the data directory).
+
+    POST /v1/chat/completions   the first system message is the document, the last user message
+                                the question, the turns between them the conversation; `stream`
+                                for server-sent events. The document is prefilled once and stored
+                                like any entry (keyed by its text and the model), so the same
+                                document from any client, after any restart, is answered without
+                                prefill. An extra "ra" object says which entry and whether it hit.
+    GET  /v1/models             the one loaded model
+    GET  /health                {"status": "ok", ...}
+
+Threads: one per connection (stdlib ThreadingHTTPServer) parse requests and stream replies; one
+worker runs every model job in arrival order (a FIFO queue: fair, and two requests for the same
+new document cause one prefill, the second finding it open). A client that disconnects cancels
+its answer at the next token. Errors are OpenAI-style JSON with 4xx/5xx codes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from core.errors import RaError, UsageError
+
+MAX_BODY = 64 << 20      # bytes of one request
+MAX_QUEUE = 64           # requests waiting for the model before new ones get 503
+SOCKET = "serve.sock"    # in the data directory
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+@dataclass
+class Job:
+    """One model task: run(emit) in the worker; emit(event) hands results to the request's thread."""
+
+    run: object
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """The model's one thread: jobs in arrival order; recently used documents kept open (LRU)."""
+
+    def __init__(self, session, max_docs: int = 4):
+        self.session, self.engine = session, session.engine
+        self.open: OrderedDict = OrderedDict()  # entry digest -> Prepared
+        self.max_docs = max_docs
+        self.jobs: queue.Queue = queue.Queue(MAX_QUEUE)
+        threading.Thread(target=self._loop, daemon=True, name="ra-model").start()
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, f"the server is busy ({MAX_QUEUE} requests waiting); retry later", "server_busy")
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if not job.cancelled.is_set():
+                    job.run(job)
+            except RaError as e:
+                job.events.put(("error", ApiError(400 if e.exit_code == 2 else 422, str(e))))
+            except Exception as e:  # noqa: BLE001 - a bug: the server stays up, the client hears of it
+                job.events.put(("error", ApiError(500, f"{type(e).__name__}: {e}", "server_error")))
+            finally:
+                job.events.put(("end", None))
+
+    def prepare(self, doc):
+        """The document opened (LRU; prefilled and stored first if it is new). Worker thread only."""
+        key = self.engine.key(doc).digest
+        if key in self.open:
+            self.open.move_to_end(key)
+            return self.open[key], True
+        prepared = self.session.open(doc)
+        self.open[key] = prepared
+        while len(self.open) > self.max_docs:
+            self.open.popitem(last=False)  # its lease goes with it
+        return prepared, prepared.cache_hit
+
+
+def _text(content) -> str:
+    """An OpenAI message content: a string or a list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise ApiError(400, "message content must be a string or a list of text parts")
+
+
+def parse_chat(body: dict, tokenizer):
+    """-> (document text, question, history [(question, answer ids)], max_tokens, stream)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise ApiError(400, "'messages' must be a non-empty list of messages")
+    if msgs[0].get("role") != "system" or not _text(msgs[0].get("content")).strip():
+        raise ApiError(400, "ra answers about a document: send it as the first message, with role 'system'")
+    document = _text(msgs[0]["content"])
+    turns = [(m.get("role"), _text(m.get("content"))) for m in msgs[1:]]
+    if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise ApiError(400, "the last message must be the question, with role 'user'")
+    history, pending = [], None
+    for role, text in turns[:-1]:
+        if role == "user":
+            pending = text
+        elif role == "assistant" and pending is not None:
+            history.append((pending.strip(), tokenizer.encode(text, add_special_tokens=False)))
+            pending = None
+        else:
+            raise ApiError(400, f"unexpected {role!r} message: after the system message, user and assistant alternate")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ApiError(400, "'max_tokens' must be a positive integer")
+    return document, turns[-1][1].strip(), history, max_tokens, bool(body.get("stream", False))
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "ra"
+    protocol_version = "HTTP/1.1"
+
+    # ------------------------------------------------------------------ plumbing
+    def log_message(self, fmt, *args):  # one line per request on the server's stderr
+        if not self.server.app.quiet:
+            print(f"ra serve: {self.command} {self.path} {fmt % args}", file=sys.stderr, flush=True)
+
+    def _json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: ApiError) -> None:
+        self._json(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
+
+    def _authorised(self) -> bool:
+        token = self.server.app.token
+        return token is None or self.headers.get("Authorization", "") == f"Bearer {token}"
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY >> 20} MiB")
+        try:
+            body = json.loads(self.rfile.read(n) or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    # ------------------------------------------------------------------ endpoints
+    def do_GET(self):
+        app = self.server.app
+        if not self._authorised():
+            return self._error(ApiError(401, "missing or wrong bearer token", "authentication_error"))
+        if self.path == "/health":
+            return self._json(200, {"status": "ok", "model": app.model_name, "pid": os.getpid(),
+                                    "open_documents": len(app.worker.open)})
+        if self.path == "/v1/models":
+            return self._json(200, {"object": "list", "data": [{"id": app.model_name, "object": "model",
+                                                                 "created": int(app.started), "owned_by": "ra"}]})
+        self._error(ApiError(404, f"no such endpoint: GET {self.path}", "not_found"))
+
+    def do_POST(self):
+        try:
+            if not self._authorised():
+                raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+            if self.path != "/v1/chat/completions":
+                raise ApiError(404, f"no such endpoint: POST {self.path}", "not_found")
+            self._chat(self._body())
+        except ApiError as e:
+            self._error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _chat(self, body: dict) -> None:
+        app = self.server.app
+        engine = app.worker.engine
+        document, question, history, max_tokens, stream = parse_chat(body, engine.tokenizer)
+
+        def run(job: Job) -> None:
+            from core.documents import Document
+            from core.engine import AnswerStats
+
+            prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"))
+            app.say(f"entry {prepared.entry.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
+            if max_tokens is not None and max_tokens != prepared.settings.max_tokens:
+                prepared = engine.prepare(prepared.doc, prepared.settings.but(max_tokens=max_tokens))
+            stats = AnswerStats()
+            job.events.put(("start", {"entry": prepared.entry.path.name, "cache_hit": hit,
+                                      "document_tokens": prepared.entry.n_tokens}))
+            for piece in engine.ask(prepared, question, stats, history=history):
+                if job.cancelled.is_set():
+                    app.say(f"a client left: its answer was cancelled after {stats.answer_tokens} tokens")
+                    return
+                job.events.put(("piece", piece))
+            finish = "length" if stats.answer_tokens >= prepared.settings.max_tokens else "stop"
+            job.events.put(("done", {"finish_reason": finish, "usage": {
+                "prompt_tokens": prepared.entry.n_tokens + stats.question_tokens,
+                "completion_tokens": stats.answer_tokens,
+                "total_tokens": prepared.entry.n_tokens + stats.question_tokens + stats.answer_tokens}}))
+
+        job = app.worker.submit(Job(run))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": cid, "created": created, "model": app.model_name}
+        try:
+            self._relay(job, stream, base)
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled.set()  # the client left: stop generating at the next token
+            raise
+
+    def _relay(self, job: Job, stream: bool, base: dict) -> None:
+        text, info, started = "", {}, False
+        while True:
+            kind, value = job.events.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                if started:  # headers are out: end the stream with the error as its last event
+                    self._event({"error": {"message": str(value), "type": value.kind, "code": value.status}})
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                    self.close_connection = True
+                else:
+                    self._error(value)
+                continue
+            if kind == "start":
+                info = {"ra": value}
+                if stream:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    started = True
+                    self._event({**base, "object": "chat.completion.chunk", **info, "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            elif kind == "piece":
+                text += value
+                if stream:
+                    self._event({**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": 0, "delta": {"content": value}, "finish_reason": None}]})
+            elif kind == "done":
+                if stream:
+                    self._event({**base, "object": "chat.completion.chunk", "usage": value["usage"], "choices": [
+                        {"index": 0, "delta": {}, "finish_reason": value["finish_reason"]}]})
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                else:
+                    self._json(200, {**base, "object": "chat.completion", **info, "usage": value["usage"],
+                                     "choices": [{"index": 0, "finish_reason": value["finish_reason"],
+                                                  "message": {"role": "assistant", "content": text.strip()}}]})
+
+    def _event(self, obj: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.flush()
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self):  # BaseHTTPRequestHandler expects a (host, port) client address
+        sock, _ = super().get_request()
+        return sock, ("unix", 0)
+
+
+@dataclass
+class App:
+    worker: Worker
+    model_name: str
+    token: str | None
+    quiet: bool
+    started: float = field(default_factory=time.time)
+
+    def say(self, msg: str) -> None:
+        self.worker.session.say(msg)
+
+
+def check_host(host: str, token: str | None) -> None:
+    """Loopback only, unless a bearer token guards the server."""
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise UsageError(f"--host {host} listens beyond this machine: give --token (clients send it as a bearer token)")
+
+
+def serve(session, home: Path, host: str, port: int, token: str | None, quiet: bool, max_docs: int,
+          ready=None) -> None:
+    """Run until SIGTERM / Ctrl-C. ready(address) is called once listening (tests, the CLI)."""
+    check_host(host, token)
+    app = App(Worker(session, max_docs), session.engine.ref.spec, token, quiet)
+    tcp = ThreadingHTTPServer((host, port), Handler)
+    tcp.daemon_threads = True
+    sock_path = Path(home) / SOCKET
+    sock_path.unlink(missing_ok=True)
+    unix = _UnixServer(str(sock_path), Handler)
+    os.chmod(sock_path, 0o600)
+    for s in (tcp, unix):
+        s.app = app
+    threading.Thread(target=unix.serve_forever, daemon=True).start()
+    address = f"http://{tcp.server_address[0]}:{tcp.server_address[1]}"
+    session.say(f"serving {app.model_name} on {address} and {sock_path} (Ctrl-C to stop)")
+    if ready:
+        ready(address)
+    try:
+        tcp.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a normal stop (in-flight answers end with the process)
+        pass
+    finally:
+        unix.shutdown()
+        tcp.server_close()
+        unix.server_close()
+        sock_path.unlink(missing_ok=True)
+        session.say("stopped")

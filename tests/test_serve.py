@@ -1,0 +1,151 @@
+"""`ra serve` with real clients: the `openai` package streaming and not, a restart that finds the
+stored document, 8 concurrent clients over 2 new documents, a client that leaves mid-answer."""
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from openai import OpenAI
+
+from conftest import ROOT, book_text
+
+QUESTION = "Who did Alice follow?"
+
+
+class Server:
+    """`ra serve --port 0` in its own process; stderr collected by a thread."""
+
+    def __init__(self, home: Path, *args):
+        env = dict(os.environ, RA_HOME=str(home))
+        self.p = subprocess.Popen([sys.executable, "-m", "ra_cli.main", "serve", "--port", "0", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        self.log, ready = [], threading.Event()
+        self.address = None
+
+        def drain():
+            for line in self.p.stderr:
+                self.log.append(line)
+                m = re.search(r"serving \S+ on (http://[\d.]+:\d+)", line)
+                if m:
+                    self.address = m.group(1)
+                    ready.set()
+            ready.set()
+        threading.Thread(target=drain, daemon=True).start()
+        assert ready.wait(300) and self.address, "".join(self.log)
+        self.client = OpenAI(base_url=f"{self.address}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def stop(self) -> int:
+        self.p.send_signal(signal.SIGTERM)
+        return self.p.wait(60)
+
+    def text(self) -> str:
+        return "".join(self.log)
+
+
+def chat(client, document, question, stream, max_tokens=12):
+    msgs = [{"role": "system", "content": document}, {"role": "user", "content": question}]
+    if not stream:
+        r = client.chat.completions.create(model="ra", messages=msgs, max_tokens=max_tokens)
+        return r.choices[0].message.content, r.model_extra["ra"]
+    pieces, info = [], None
+    for chunk in client.chat.completions.create(model="ra", messages=msgs, max_tokens=max_tokens, stream=True):
+        info = info or (chunk.model_extra or {}).get("ra")
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    return "".join(pieces).strip(), info
+
+
+def test_openai_client_gets_ra_asks_answer_and_a_restart_needs_no_prefill(ra_home, smol):
+    text = book_text(3000)
+    book = ra_home / "part.txt"
+    book.write_text(text, encoding="utf-8")
+    server = Server(ra_home, "-n", "12")
+    try:
+        assert [m.id for m in server.client.models.list()] == ["smollm2"]
+        answer, info = chat(server.client, text, QUESTION, stream=True)
+        assert info["cache_hit"] is False and "Rabbit" in answer
+        assert "prefilled and stored" in server.text()
+    finally:
+        assert server.stop() == 0
+    r = subprocess.run([sys.executable, "-m", "ra_cli.main", "ask", "--json", "-n", "12", str(book), QUESTION],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, RA_HOME=str(ra_home)), timeout=300)
+    rec = json.loads(r.stdout)
+    assert rec["cache_hit"] and rec["answer"] == answer  # the server's entry, and the same answer
+    server = Server(ra_home, "-n", "12")
+    try:
+        again, info = chat(server.client, text, QUESTION, stream=False)
+        assert info["cache_hit"] is True and again == answer and "open, no prefill" in server.text()
+    finally:
+        server.stop()
+    assert not (ra_home / "serve.sock").exists()
+
+
+def test_eight_clients_two_new_documents_and_one_that_leaves(ra_home, smol):
+    from core.documents import Document
+    from core.engine import Engine, Settings
+
+    docs = [book_text(2500), book_text(2500, start_marker="CHAPTER II.")]
+    questions = [QUESTION, "What did Alice drink?", "Where did Alice fall?", "What was in the pool?"]
+    server = Server(ra_home, "-n", "10")
+    try:
+        def client_run(i):
+            return [(i % 2, q, *chat(server.client, docs[i % 2], q, stream=bool(i % 3))) for q in questions]
+        with ThreadPoolExecutor(8) as pool:
+            results = [r for rs in pool.map(client_run, range(8)) for r in rs]
+        assert len(results) == 32
+        assert sorted(info["cache_hit"] for _, _, _, info in results).count(False) == 2  # one prefill per document
+        assert len({info["entry"] for _, _, _, info in results}) == 2
+        # a client that disconnects mid-answer: the server cancels it and keeps serving
+        conn = http.client.HTTPConnection(server.address.split("//")[1], timeout=120)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "ra", "stream": True, "max_tokens": 200,
+            "messages": [{"role": "system", "content": docs[0]}, {"role": "user", "content": "Tell the story."}]}),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        conn.sock.close()
+        conn.close()
+        after, _ = chat(server.client, docs[1], QUESTION, stream=False)
+        assert "a client left: its answer was cancelled" in server.text()
+        rss = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.p.pid}/status").read_text()).group(1)) << 10
+        assert rss < 3 << 30, rss  # bounded: the model, two open documents, no growth per request
+        # errors are JSON with the right codes
+        conn = http.client.HTTPConnection(server.address.split("//")[1], timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+        r = conn.getresponse()
+        assert r.status == 400 and "first message, with role 'system'" in json.loads(r.read())["error"]["message"]
+        conn.request("GET", "/nowhere")
+        assert conn.getresponse().status == 404
+    finally:
+        server.stop()
+    engine = Engine(ra_home, Settings(max_tokens=10), loaded=smol)
+    expected = {}
+    for d, text in enumerate(docs):
+        prepared = engine.prepare(Document(text=text, name="chat", kind="text"))
+        assert prepared.cache_hit
+        expected.update({(d, q): "".join(engine.ask(prepared, q)).strip() for q in questions})
+    assert all(answer == expected[(d, q)] for d, q, answer, _ in results)
+    assert after == expected[(1, QUESTION)]
+
+
+def test_beyond_loopback_needs_a_token(ra_home):
+    r = subprocess.run([sys.executable, "-m", "ra_cli.main", "serve", "--host", "0.0.0.0"], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, RA_HOME=str(ra_home)), timeout=120)
+    assert r.returncode == 2 and "give --token" in r.stderr and "loading model" not in r.stderr
+
+
+def test_a_token_guards_every_endpoint(ra_home, smol):
+    server = Server(ra_home, "--token", "s3cret")
+    try:
+        for header, status in ((None, 401), ("Bearer nope", 401), ("Bearer s3cret", 200)):
+            conn = http.client.HTTPConnection(server.address.split("//")[1], timeout=60)
+            conn.request("GET", "/v1/models", headers={"Authorization": header} if header else {})
+            assert conn.getresponse().status == status, header
+    finally:
+        server.stop()
