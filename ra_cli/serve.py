@@ -57,7 +57,7 @@ class Worker:
 
     def __init__(self, session, max_docs: int = 4):
         self.session, self.engine = session, session.engine
-        self.open: OrderedDict = OrderedDict()  # entry digest -> Prepared
+        self.open: OrderedDict = OrderedDict()  # (entry digest, max_tokens) -> Prepared
         self.max_docs = max_docs
         self.jobs: queue.Queue = queue.Queue(MAX_QUEUE)
         threading.Thread(target=self._loop, daemon=True, name="ra-model").start()
@@ -77,18 +77,25 @@ class Worker:
                     job.run(job)
             except RaError as e:
                 job.events.put(("error", ApiError(400 if e.exit_code == 2 else 422, str(e))))
-            except Exception as e:  # noqa: BLE001 - a bug: the server stays up, the client hears of it
+            except Exception as e:  # noqa: BLE001 - a bug: the server stays up, logs it, the client hears of it
+                import traceback
+
+                traceback.print_exc()
                 job.events.put(("error", ApiError(500, f"{type(e).__name__}: {e}", "server_error")))
             finally:
                 job.events.put(("end", None))
 
-    def prepare(self, doc):
-        """The document opened (LRU; prefilled and stored first if it is new). Worker thread only."""
-        key = self.engine.key(doc).digest
+    def prepare(self, doc, max_tokens: int | None = None):
+        """The document opened with the server's settings, or another answer length (LRU;
+        prefilled and stored first if it is new). Worker thread only."""
+        key = (self.engine.key(doc).digest, max_tokens)
         if key in self.open:
             self.open.move_to_end(key)
             return self.open[key], True
-        prepared = self.session.open(doc)
+        if max_tokens is None or max_tokens == self.engine.settings.max_tokens:
+            prepared = self.session.open(doc)
+        else:
+            prepared = self.session.open(doc, self.engine.settings.but(max_tokens=max_tokens))
         self.open[key] = prepared
         while len(self.open) > self.max_docs:
             self.open.popitem(last=False)  # its lease goes with it
@@ -200,10 +207,8 @@ class Handler(BaseHTTPRequestHandler):
             from core.documents import Document
             from core.engine import AnswerStats
 
-            prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"))
+            prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"), max_tokens)
             app.say(f"entry {prepared.entry.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
-            if max_tokens is not None and max_tokens != prepared.settings.max_tokens:
-                prepared = engine.prepare(prepared.doc, prepared.settings.but(max_tokens=max_tokens))
             stats = AnswerStats()
             job.events.put(("start", {"entry": prepared.entry.path.name, "cache_hit": hit,
                                       "document_tokens": prepared.entry.n_tokens}))

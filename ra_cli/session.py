@@ -59,7 +59,7 @@ class Progress:
     def stop(self) -> None:
         if self.bars is not None:
             self.bars.stop()
-            self.bars = None
+            self.bars, self.tasks = None, {}  # the next document gets new bars (`ra index a b`, `ra serve`)
 
 
 def read_document(target: str, walk: WalkOptions):
@@ -98,12 +98,13 @@ class Session:
         if not self.quiet:
             self.console.print(f"[dim]ra:[/dim] {msg}")
 
-    def open(self, doc):
-        """-> Prepared: the document's cache entry, built first if it is missing."""
+    def open(self, doc, settings=None):
+        """-> Prepared: the document's cache entry, built first if it is missing (settings: other
+        than the engine's, e.g. another answer length)."""
         from core.errors import DocumentTooLong
 
         try:
-            prepared = self.engine.prepare(doc)
+            prepared = self.engine.prepare(doc, settings)
         except DocumentTooLong as e:
             if doc.kind == "code":
                 raise DocumentTooLong(f"{e}; narrow it with --include/--exclude") from None
