@@ -80,6 +80,8 @@ MAX_FILE = typer.Option("256K", envvar="RA_MAX_FILE_SIZE", help="Directories: sk
 REBUILD = typer.Option(D.rebuild, "--rebuild/--no-rebuild",
                        help="Rebuild a damaged cache entry (--no-rebuild: exit 1 instead).")
 YES = typer.Option(False, "--yes", "-y", help="Prefill a very long document without asking (needed when stdin is not a terminal).")
+NO_SERVER = typer.Option(False, "--no-server", envvar="RA_NO_SERVER",
+                         help="Answer in this process even when `ra serve` runs for this data directory.")
 CHECKPOINT = typer.Option(D.checkpoint_s, envvar="RA_CHECKPOINT_S", min=0.0,
                           help="Seconds between prefill checkpoints (an interrupted prefill resumes from the last one).")
 
@@ -130,6 +132,7 @@ def ask(
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
     quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
+    no_server: bool = NO_SERVER,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Answer questions about a document (prefilled once, then answered from the cache)."""
@@ -139,6 +142,8 @@ def ask(
                          trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
     questions = _questions(target, question, more, questions_file)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))  # before torch loads
+    if not no_server and _ask_server(doc, questions, settings, as_json, quiet):
+        return
     session = Session(_home(), settings, _err_console(), quiet, yes)
 
     from core.engine import AnswerStats
@@ -161,6 +166,49 @@ def ask(
         if stats.answer_tokens:
             session.say(f"{stats.answer_tokens} tokens in {stats.answer_s:.1f} s "
                         f"({stats.answer_tokens / max(stats.answer_s, 1e-9):.1f} tokens/s)")
+
+
+def _ask_server(doc, questions, settings, as_json: bool, quiet: bool) -> bool:
+    """Answer through a running `ra serve` of this data directory: the same stdout, stderr lines
+    and exit codes as in process, without importing torch. False: no server (or another model)."""
+    import time
+
+    from .client import ask as server_ask
+    from .client import find_server
+    from .session import write_answer
+
+    path = find_server(_home())
+    if path is None:
+        return False
+    console = _err_console()
+    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
+    markdown = sys.stdout.isatty() and not as_json
+    for i, q in enumerate(questions):
+        t = time.perf_counter()
+        answer = server_ask(path, doc, q, settings)
+        if answer is None:
+            say("the running server has another model or device: answering in this process")
+            return False
+        st = answer.start
+        if i == 0:
+            say(f"answered by `ra serve` ({path}): " + ("cache hit, no prefill" if st.get("cache_hit") else
+                f"prefilled {st.get('document_tokens', 0):,} tokens") +
+                f"; {st.get('offloaded', 0):,} of {st.get('document_tokens', 0):,} tokens offloaded "
+                f"({st.get('index')} index)")
+        if len(questions) > 1:
+            say(f"question {i + 1}/{len(questions)}: {q}")
+        if as_json:
+            "".join(answer.pieces())
+            print(json.dumps(answer.record, ensure_ascii=False), flush=True)
+        else:
+            if i:
+                print(flush=True)
+            write_answer(answer.pieces(), markdown)
+        n = (answer.record or {}).get("tokens", {}).get("answer", 0)
+        if n:
+            say(f"{n} tokens in {time.perf_counter() - t:.1f} s ({n / max(time.perf_counter() - t, 1e-9):.1f} tokens/s, "
+                f"with the server)")
+    return True
 
 
 @app.command("index")

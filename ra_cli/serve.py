@@ -57,7 +57,7 @@ class Worker:
 
     def __init__(self, session, max_docs: int = 4):
         self.session, self.engine = session, session.engine
-        self.open: OrderedDict = OrderedDict()  # (entry digest, max_tokens) -> Prepared
+        self.open: OrderedDict = OrderedDict()  # (entry digest, Settings) -> Prepared
         self.max_docs = max_docs
         self.jobs: queue.Queue = queue.Queue(MAX_QUEUE)
         threading.Thread(target=self._loop, daemon=True, name="ra-model").start()
@@ -85,17 +85,15 @@ class Worker:
             finally:
                 job.events.put(("end", None))
 
-    def prepare(self, doc, max_tokens: int | None = None):
-        """The document opened with the server's settings, or another answer length (LRU;
-        prefilled and stored first if it is new). Worker thread only."""
-        key = (self.engine.key(doc).digest, max_tokens)
+    def prepare(self, doc, settings=None):
+        """The document opened with `settings` (default the server's; LRU; prefilled and stored
+        first if it is new). Worker thread only."""
+        settings = settings or self.engine.settings
+        key = (self.engine.key(doc).digest, settings)
         if key in self.open:
             self.open.move_to_end(key)
             return self.open[key], True
-        if max_tokens is None or max_tokens == self.engine.settings.max_tokens:
-            prepared = self.session.open(doc)
-        else:
-            prepared = self.session.open(doc, self.engine.settings.but(max_tokens=max_tokens))
+        prepared = self.session.open(doc, settings)
         self.open[key] = prepared
         while len(self.open) > self.max_docs:
             self.open.popitem(last=False)  # its lease goes with it
@@ -190,9 +188,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if not self._authorised():
                 raise ApiError(401, "missing or wrong bearer token", "authentication_error")
-            if self.path != "/v1/chat/completions":
+            if self.path == "/v1/chat/completions":
+                self._chat(self._body())
+            elif self.path == "/ra/v1/ask":
+                self._ra_ask(self._body())
+            else:
                 raise ApiError(404, f"no such endpoint: POST {self.path}", "not_found")
-            self._chat(self._body())
         except ApiError as e:
             self._error(e)
         except (BrokenPipeError, ConnectionResetError):
@@ -207,7 +208,8 @@ class Handler(BaseHTTPRequestHandler):
             from core.documents import Document
             from core.engine import AnswerStats
 
-            prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"), max_tokens)
+            s = engine.settings if max_tokens is None else engine.settings.but(max_tokens=max_tokens)
+            prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"), s)
             app.say(f"entry {prepared.entry.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
             stats = AnswerStats()
             job.events.put(("start", {"entry": prepared.entry.path.name, "cache_hit": hit,
@@ -230,6 +232,67 @@ class Handler(BaseHTTPRequestHandler):
             self._relay(job, stream, base)
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled.set()  # the client left: stop generating at the next token
+            raise
+
+    def _ra_ask(self, body: dict) -> None:
+        """The CLI's endpoint (ra_cli/client.py): a whole Document, one question, the CLI's
+        settings. Streams JSON lines: {"start": {...}}, {"piece": text}..., {"done": the --json
+        record}, or {"error": {"message", "exit_code"}}. 409 when the settings name another model."""
+        from dataclasses import fields
+
+        from core.documents import Document
+        from core.engine import MODEL_FIELDS, AnswerStats
+        from core.settings import Settings
+
+        app = self.server.app
+        engine = app.worker.engine
+        try:
+            doc = Document(**body["document"])
+            question = body["question"]
+            names = {f.name for f in fields(Settings)} - {"remap"}
+            s = Settings(**{k: v for k, v in body.get("settings", {}).items() if k in names}).check()
+        except (KeyError, TypeError, RaError) as e:
+            raise ApiError(400, f"bad request: {e}") from None
+        if any(getattr(s, f) != getattr(engine.settings, f) for f in MODEL_FIELDS):
+            raise ApiError(409, "this server runs another model or device", "model_mismatch")
+        s = s.but(remap=engine.settings.remap)
+
+        def run(job: Job) -> None:
+            from .session import answer_record
+
+            prepared, hit = app.worker.prepare(doc, s)
+            stats = AnswerStats()
+            a, b = prepared.split
+            job.events.put(("line", {"start": {"cache_hit": hit, "document_tokens": prepared.entry.n_tokens,
+                                               "offloaded": b - a, "index": prepared.index_kind,
+                                               "device": engine.device}}))
+            pieces = []
+            for piece in engine.ask(prepared, question, stats):
+                if job.cancelled.is_set():
+                    app.say(f"a client left: its answer was cancelled after {stats.answer_tokens} tokens")
+                    return
+                pieces.append(piece)
+                job.events.put(("line", {"piece": piece}))
+            job.events.put(("line", {"done": answer_record(question, "".join(pieces).strip(), doc, prepared, stats,
+                                                           engine)}))
+
+        job = app.worker.submit(Job(run))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            while True:
+                kind, value = job.events.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    value = {"error": {"message": str(value), "exit_code": 2 if value.status == 400 else 1}}
+                self.wfile.write(json.dumps(value, ensure_ascii=False).encode() + b"\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled.set()
             raise
 
     def _relay(self, job: Job, stream: bool, base: dict) -> None:

@@ -81,6 +81,20 @@ def test_openai_client_gets_ra_asks_answer_and_a_restart_needs_no_prefill(ra_hom
     try:
         again, info = chat(server.client, text, QUESTION, stream=False)
         assert info["cache_hit"] is True and again == answer and "open, no prefill" in server.text()
+        # `ra ask` finds the server through the data directory's socket: same record, no torch imported
+        code = ("import sys\nfrom ra_cli.main import main\n"
+                f"sys.argv = ['ra', 'ask', '--json', '-n', '12', {str(book)!r}, {QUESTION!r}]\n"
+                "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+                "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, RA_HOME=str(ra_home)), timeout=120)
+        assert r.returncode == 0, r.stderr
+        via = json.loads(r.stdout)
+        assert "answered by `ra serve`" in r.stderr and via["answer"] == answer and via["cache_hit"]
+        assert {k: via[k] for k in ("document", "tokens", "index")} == {k: rec[k] for k in ("document", "tokens", "index")}
+        r = subprocess.run([sys.executable, "-m", "ra_cli.main", "ask", "--no-server", "-n", "12", str(book), QUESTION],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, RA_HOME=str(ra_home)), timeout=300)
+        assert r.returncode == 0 and "answered by" not in r.stderr and r.stdout.strip() == answer
     finally:
         server.stop()
     assert not (ra_home / "serve.sock").exists()

@@ -1,0 +1,98 @@
+"""The CLI's side of `ra serve`: find a running server for this data directory (its Unix socket,
+$RA_HOME/serve.sock) and ask it. Imports neither torch nor transformers: with a server, `ra ask`
+starts answering as soon as Python and typer are up.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+from core.errors import RaError
+
+SOCKET = "serve.sock"  # ra_cli/serve.py listens here
+
+
+class ServerError(RaError):
+    """An error the server reported for this request (its exit code is the one `ra ask` would give)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float | None):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(path)
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.socket_path)
+        self.sock = s
+
+
+def find_server(home: Path) -> Path | None:
+    """The socket of a live server for this data directory, or None (no socket, or a stale one)."""
+    path = Path(home) / SOCKET
+    if not path.exists():
+        return None
+    try:
+        conn = _UnixConnection(path, timeout=1.0)
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return path if ok else None
+    except OSError:
+        return None
+
+
+def ask(path: Path, doc, question: str, settings) -> "Answer":
+    """Send one question about `doc` (a core.documents.Document) with the CLI's settings."""
+    s = {k: v for k, v in asdict(settings).items() if k != "remap"}
+    body = json.dumps({"document": asdict(doc), "question": question, "settings": s}, ensure_ascii=False).encode()
+    conn = _UnixConnection(path, timeout=None)
+    conn.request("POST", "/ra/v1/ask", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        data = json.loads(resp.read() or b"{}")
+        conn.close()
+        if resp.status == 409:
+            return None  # another model: the caller answers in process
+        raise ServerError(data.get("error", {}).get("message", f"the server answered {resp.status}"),
+                          2 if resp.status == 400 else 1)
+    return Answer(conn, resp)
+
+
+class Answer:
+    """A streamed answer: `start` (cache hit, tokens...), then `pieces()`, then `record` (the
+    `--json` object)."""
+
+    def __init__(self, conn, resp):
+        self.conn, self.resp = conn, resp
+        self.record = None
+        self.start = self._next().get("start", {})
+
+    def _next(self) -> dict:
+        line = self.resp.readline()
+        if not line:
+            raise ServerError("the server closed the connection (it stopped?)")
+        event = json.loads(line)
+        if "error" in event:
+            raise ServerError(event["error"]["message"], event["error"].get("exit_code", 1))
+        return event
+
+    def pieces(self):
+        try:
+            while True:
+                event = self._next()
+                if "piece" in event:
+                    yield event["piece"]
+                elif "done" in event:
+                    self.record = event["done"]
+                    return
+        finally:
+            self.conn.close()  # also when interrupted: the server cancels the answer
