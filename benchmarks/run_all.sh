@@ -35,6 +35,7 @@ step() {  # step NAME command...: stdout -> NAME.md, stderr -> NAME.log
 step bench_ask python benchmarks/bench_ask.py
 step repeat_vs_length python benchmarks/repeat_vs_length.py --sizes 1000,2000,4000,7500
 step store_cost python benchmarks/store_cost.py
+step serve_ask python benchmarks/serve_ask.py
 
 # accuracy against full attention on the same cached KV
 step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl "$OUT/needle.jsonl"
