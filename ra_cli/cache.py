@@ -135,8 +135,10 @@ def cache_clear(yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask 
         if not typer.confirm(f"remove {len(infos)} entries ({human_size(total)})?"):
             raise typer.Exit(1)
     removed = [e for e in infos if store.remove(e.digest)]
-    for p in store.partials():  # interrupted prefills kept for resume
-        with store.lock(p.name.split(".")[0]):  # not one that is being resumed right now
+    for p in store.partials():  # interrupted prefills and index builds kept for resume
+        digest = p.name.split(".")[0]
+        # under the lock of whoever would resume it (<key>.partial: the entry's; <key>.<index>.partial: its index's)
+        with store.lock(digest if p.name.count(".") == 1 else f"{digest}.index"):
             shutil.rmtree(p, ignore_errors=True)
     typer.echo(f"removed {len(removed)} entries ({human_size(sum(e.size_bytes for e in removed))})")
     if len(removed) < len(infos):
