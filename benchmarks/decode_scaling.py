@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -245,7 +244,6 @@ def main() -> None:
 
     from benchmarks.bench_ask import machine
     from core import data_home
-    from core import model as models
     from core.engine import Engine, Settings
 
     work = Path(args.work)
