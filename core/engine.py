@@ -190,16 +190,15 @@ class Engine:
                         retrievers=retrievers, prefill_s=prefill_s, index_s=index_s, load_s=load_s, lease=lease)
 
     def _open(self, key: StoreKey, s: Settings, locked: bool = False) -> Entry | None:
-        """The checked entry of `key`, or None; a damaged one is removed (to be rebuilt), or with
-        `rebuild` off an error."""
+        """The checked entry of `key`, or None. A damaged one is, without the entry's lock, a miss
+        (the caller takes the lock and opens again); with it, removed to be rebuilt. With
+        `rebuild` off, an error."""
         try:
             return self._checked(key, s, lambda: self.store.open(key))
         except DamagedEntry as e:
-            self.notice(f"{e}; rebuilding it")
-            if locked:
+            if locked:  # still damaged under the lock: nobody rebuilt it meanwhile
+                self.notice(f"{e}; rebuilding it")
                 self.store.discard(key.digest, force=True)
-            else:
-                self.store.remove(key.digest, force=True)
             return None
 
     def _checked(self, key: StoreKey, s: Settings, step):
@@ -309,7 +308,10 @@ class Engine:
                 created=time.time())
             w.finish(manifest, prefix.ids, prefix.sources, doc.text)
             self.store.commit(partial, self.store.path(key))
+            EntryWriter.drop_checkpoint(self.store.path(key))
         except BaseException as e:
+            if w is not None:
+                w.abort()
             full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
             kept_now = w.kept if w is not None else 0
             if kept_now and not full:

@@ -211,15 +211,23 @@ class Store:
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
-    def commit(self, staged: Path, final: Path) -> None:
-        """Atomically publish a complete temp dir (same filesystem: rename is atomic)."""
+    def commit(self, staged: Path, final: Path, marker: str = "manifest.json") -> None:
+        """Atomically publish a complete temp dir (same filesystem: rename is atomic). If `final`
+        exists with its `marker` file, another process published the same content first: theirs
+        is kept. A `final` without it (left half-removed, or damaged) is replaced. The parent must
+        exist: an index is never published into an entry that was removed meanwhile."""
         _fsync_tree(staged)
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staged, final)
         except OSError:
-            if not final.exists():
-                raise  # else another process published the same content first: keep theirs
+            if (final / marker).exists() or not final.exists():
+                if not final.exists():
+                    raise
+                return
+            trash = self.tmp / f"{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(staged, final)
 
     def list(self) -> list["Entry"]:
         return [Entry(p) for p in sorted(self.entries.iterdir()) if (p / "manifest.json").exists()]
@@ -227,7 +235,12 @@ class Store:
     def infos(self) -> list["EntryInfo"]:
         """Every complete entry, least recently used first, read from manifests only (opening an
         Entry would count as a use). An entry whose manifest cannot be read is listed as damaged."""
-        out = [EntryInfo.read(p) for p in self.entries.iterdir() if (p / "manifest.json").exists()]
+        out = []
+        for p in self.entries.iterdir():
+            try:
+                out.append(EntryInfo.read(p))
+            except OSError:  # removed meanwhile by another process
+                continue
         return sorted(out, key=lambda e: (e.last_used, e.digest))
 
     def find(self, prefix: str) -> "EntryInfo":
@@ -262,6 +275,8 @@ class Store:
         finally:
             os.close(fd)
         shutil.rmtree(trash, ignore_errors=True)
+        for p in self.tmp.glob(f"{digest}.*.partial"):  # interrupted index builds of the removed entry
+            shutil.rmtree(p, ignore_errors=True)
         return True
 
     def remove_index(self, index_dir: Path) -> None:
@@ -303,8 +318,11 @@ class EntryInfo:
 
     @classmethod
     def read(cls, path: Path) -> "EntryInfo":
+        """OSError if the entry disappears meanwhile (another process removed it)."""
         m = path / Manifest.FILE
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if not m.exists():
+            return cls(path, None, size, path.stat().st_mtime, f"cache entry {path.name[:12]} has no manifest.json")
         try:
             return cls(path, Manifest.read(path), size, m.stat().st_mtime)
         except StoreError as e:
@@ -380,6 +398,7 @@ class _RowFile:
     def close(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
+        self.fd = None
 
 
 PROGRESS = "progress.json"
@@ -520,11 +539,25 @@ class EntryWriter:
         np.save(self.dir / "sources.npy", sources.astype(np.int32), allow_pickle=False)
         np.save(self.dir / "query_positions.npy", self.query_positions, allow_pickle=False)
         (self.dir / "text.txt").write_text(text, encoding="utf-8")
-        for p in [self.dir / PROGRESS, *self.dir.glob("state-*.npy")]:
-            p.unlink(missing_ok=True)
+        for p in self.dir.glob(".*.tmp"):  # a checkpoint write cut short
+            p.unlink()
         files = checksum.record_dir(self.dir, LAYERED)
-        files.pop(Manifest.FILE, None)
+        for name in [Manifest.FILE, PROGRESS, *(n for n in files if n.startswith("state-"))]:
+            files.pop(name, None)  # the checkpoint stays until the entry is published (drop_checkpoint)
         replace(manifest, files=files).write(self.dir)
+
+    def abort(self) -> None:
+        """Close the files of a prefill that failed (their descriptors would hold the disk space)."""
+        for f in (getattr(self, "_k", None), getattr(self, "_v", None)):
+            if f is not None and f.fd is not None:
+                os.close(f.fd)
+                f.fd = None
+
+    @staticmethod
+    def drop_checkpoint(entry_dir: Path) -> None:
+        """After publishing: the checkpoint files are not part of the entry."""
+        for p in [entry_dir / PROGRESS, *entry_dir.glob("state-*.npy")]:
+            p.unlink(missing_ok=True)
 
 
 class IndexCheckpoint:
@@ -582,7 +615,8 @@ class Entry:
     Opening checks every file's size and the small files' checksums, and all checksums when the
     entry is at most `verify_bytes` (None: sizes and small files only); DamagedEntry otherwise."""
 
-    def __init__(self, path: Path, verify_bytes: int | None = None):
+    def __init__(self, path: Path, verify_bytes: int | None = None, touch: bool = True):
+        """touch: count the opening as a use (the LRU order of `ra cache gc`; not for `verify`)."""
         self.path = Path(path)
         where = f"cache entry {self.path.name[:12]}"
         try:
@@ -593,18 +627,28 @@ class Entry:
         if files is None:
             raise StoreError(f"{where} has an older format (no checksums); remove it with `ra cache rm`")
         full = verify_bytes is not None and sum(r["bytes"] for r in files.values()) <= verify_bytes
+        # the big arrays' .npy headers (chunk 0) always: a damaged header would misread the shape
         problems = [(name, why) for name, rec in files.items()
-                    if (why := checksum.check(self.path / name, rec, full or name not in LAYERED))]
+                    if (why := checksum.check(self.path / name, rec if full or name not in LAYERED
+                                              else {**rec, "chunks": rec["chunks"][:1]}))]
         if problems:
             raise DamagedEntry(where, problems)
-        self.tokens = self._load("tokens.npy")
-        self.keys = self._load("keys.npy")      # [L, KVH, P, D]
-        self.values = self._load("values.npy")
-        self.n_layers, self.kv_heads, self.n_tokens, self.head_dim = self.keys.shape
         try:
-            os.utime(self.path / "manifest.json")  # "last used", for LRU eviction
-        except OSError:
-            pass
+            self.tokens = self._load("tokens.npy")
+            self.keys = self._load("keys.npy")      # [L, KVH, P, D]
+            self.values = self._load("values.npy")
+        except ValueError as e:
+            raise DamagedEntry(where, [("keys.npy / values.npy / tokens.npy", f"unreadable ({e})")]) from None
+        self.n_layers, self.kv_heads, self.n_tokens, self.head_dim = self.keys.shape
+        m = self.manifest
+        if (self.n_tokens, self.n_layers, self.kv_heads) != (m.n_tokens, m.model.layers, m.model.kv_heads) \
+                or self.values.shape != self.keys.shape:
+            raise DamagedEntry(where, [("keys.npy", f"shape {self.keys.shape} does not match the manifest")])
+        if touch:
+            try:
+                os.utime(self.path / "manifest.json")  # "last used", for LRU eviction
+            except OSError:
+                pass
 
     def verify(self) -> list[tuple[str, str]]:
         """(file, problem) for every file of the entry and its indexes that does not match (reads all)."""
@@ -672,7 +716,8 @@ class Entry:
                     notice(f"{damaged}; rebuilding it")
                 store.remove_index(final)
             partial = store.tmp / f"{self.path.name}.{final.name}.partial"  # kept for resume
-            meta = {"kind": kind, "n_tokens": self.n_tokens, "layers": self.n_layers, "split": [sink, recent]}
+            meta = {"kind": kind, "n_tokens": self.n_tokens, "layers": self.n_layers, "split": [sink, recent],
+                    "entry": self.manifest.checksum}  # the same entry, not one rebuilt since
             start = IndexCheckpoint.resumable(partial, meta)
             if start:
                 (notice or (lambda m: None))(f"resuming an interrupted {kind} index build from layer {start} "
@@ -692,7 +737,8 @@ class Entry:
                                        self.build_queries, self.n_layers, partial, report, start_layer=start)
                 (partial / IndexCheckpoint.FILE).unlink(missing_ok=True)
                 checksum.seal_index(partial)
-                store.commit(partial, final)
+                final.parent.mkdir(exist_ok=True)  # FileNotFoundError if the entry was removed meanwhile
+                store.commit(partial, final, marker="index.json")
             except BaseException as e:
                 full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
                 if ckpt.kept and not full and not isinstance(e, OSError):

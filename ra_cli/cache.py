@@ -138,8 +138,13 @@ def cache_clear(yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask 
     for p in store.partials():  # interrupted prefills and index builds kept for resume
         digest = p.name.split(".")[0]
         # under the lock of whoever would resume it (<key>.partial: the entry's; <key>.<index>.partial: its index's)
-        with store.lock(digest if p.name.count(".") == 1 else f"{digest}.index"):
-            shutil.rmtree(p, ignore_errors=True)
+        from filelock import Timeout
+
+        try:
+            with store.lock(digest if p.name.count(".") == 1 else f"{digest}.index").acquire(timeout=0):
+                shutil.rmtree(p, ignore_errors=True)
+        except Timeout:
+            typer.echo(f"skipped {p.name}: a process is resuming it", err=True)
     typer.echo(f"removed {len(removed)} entries ({human_size(sum(e.size_bytes for e in removed))})")
     if len(removed) < len(infos):
         typer.echo(f"skipped {len(infos) - len(removed)} entries a process is answering from", err=True)
@@ -172,10 +177,10 @@ def cache_verify(entries: List[str] = typer.Argument(None, help="Entry keys or t
     bad = 0
     for info in infos:
         try:
-            problems = Entry(info.path).verify()
+            problems = Entry(info.path, touch=False).verify()
         except DamagedEntry as e:
             problems = e.problems
-        except StoreError as e:
+        except (StoreError, ValueError, OSError) as e:
             problems = [("manifest.json", str(e))]
         if problems:
             bad += 1

@@ -55,16 +55,22 @@ def ask(path: Path, doc, question: str, settings) -> "Answer":
     s = {k: v for k, v in asdict(settings).items() if k != "remap"}
     body = json.dumps({"document": asdict(doc), "question": question, "settings": s}, ensure_ascii=False).encode()
     conn = _UnixConnection(path, timeout=None)
-    conn.request("POST", "/ra/v1/ask", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        data = json.loads(resp.read() or b"{}")
+    try:
+        conn.request("POST", "/ra/v1/ask", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            try:
+                message = json.loads(resp.read() or b"{}").get("error", {}).get("message")
+            except ValueError:
+                message = None
+            conn.close()
+            if resp.status in (409, 413):
+                return None  # another model, or a document too big to send: the caller answers in process
+            raise ServerError(message or f"the server answered {resp.status}", 2 if resp.status == 400 else 1)
+        return Answer(conn, resp)
+    except OSError:  # the server stopped between find_server and now
         conn.close()
-        if resp.status == 409:
-            return None  # another model: the caller answers in process
-        raise ServerError(data.get("error", {}).get("message", f"the server answered {resp.status}"),
-                          2 if resp.status == 400 else 1)
-    return Answer(conn, resp)
+        return None
 
 
 class Answer:
@@ -77,10 +83,13 @@ class Answer:
         self.start = self._next().get("start", {})
 
     def _next(self) -> dict:
-        line = self.resp.readline()
-        if not line:
-            raise ServerError("the server closed the connection (it stopped?)")
-        event = json.loads(line)
+        try:
+            line = self.resp.readline()
+            event = json.loads(line) if line else None
+        except (OSError, ValueError):
+            event = None
+        if event is None:
+            raise ServerError("the server closed the connection mid-answer (it stopped?)")
         if "error" in event:
             raise ServerError(event["error"]["message"], event["error"].get("exit_code", 1))
         return event

@@ -187,7 +187,10 @@ def _ask_server(doc, questions, settings, as_json: bool, quiet: bool) -> bool:
         t = time.perf_counter()
         answer = server_ask(path, doc, q, settings)
         if answer is None:
-            say("the running server has another model or device: answering in this process")
+            if i:  # some questions were answered: the server stopped meanwhile
+                raise RaError("the server stopped before every question was answered")
+            say("the running server cannot take this question (another model or device, a document too big "
+                "to send, or it stopped): answering in this process")
             return False
         st = answer.start
         if i == 0:
@@ -288,6 +291,10 @@ def serve_cmd(
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
                          trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
     check_host(host, token)
+    from .client import find_server
+
+    if find_server(_home()):  # before the model loads
+        raise UsageError(f"a server already runs for this data directory ({_home() / 'serve.sock'}); stop it first")
     session = Session(_home(), settings, _err_console(), quiet, yes=True)  # no prompts: nobody is at the terminal
     serve(session, _home(), host, port, token, quiet, max_docs)
 @app.command()

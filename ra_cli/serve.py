@@ -109,8 +109,8 @@ def _text(content) -> str:
     raise ApiError(400, "message content must be a string or a list of text parts")
 
 
-def parse_chat(body: dict, tokenizer):
-    """-> (document text, question, history [(question, answer ids)], max_tokens, stream)."""
+def parse_chat(body: dict):
+    """-> (document text, question, history [(question, answer text)], max_tokens, stream)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise ApiError(400, "'messages' must be a non-empty list of messages")
@@ -125,7 +125,7 @@ def parse_chat(body: dict, tokenizer):
         if role == "user":
             pending = text
         elif role == "assistant" and pending is not None:
-            history.append((pending.strip(), tokenizer.encode(text, add_special_tokens=False)))
+            history.append((pending.strip(), text))  # tokenized in the worker (the tokenizer is its)
             pending = None
         else:
             raise ApiError(400, f"unexpected {role!r} message: after the system message, user and assistant alternate")
@@ -141,26 +141,41 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ plumbing
     def log_message(self, fmt, *args):  # one line per request on the server's stderr
-        if not self.server.app.quiet:
-            print(f"ra serve: {self.command} {self.path} {fmt % args}", file=sys.stderr, flush=True)
+        if not self.server.app.quiet:  # (a malformed request line has no command or path yet)
+            print(f"ra serve: {getattr(self, 'command', '-')} {getattr(self, 'path', '-')} {fmt % args}",
+                  file=sys.stderr, flush=True)
 
-    def _json(self, status: int, obj: dict) -> None:
+    def _json(self, status: int, obj: dict, close: bool = False) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, e: ApiError) -> None:
-        self._json(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
+        # the request's body may be unread: the connection is not reused
+        self._json(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}}, close=True)
 
     def _authorised(self) -> bool:
+        """The bearer token, on TCP; the Unix socket (0600, in the user's private data directory) is
+        the CLI's and needs none."""
         token = self.server.app.token
-        return token is None or self.headers.get("Authorization", "") == f"Bearer {token}"
+        return token is None or self.client_address[0] == "unix" or \
+            self.headers.get("Authorization", "") == f"Bearer {token}"
 
     def _body(self) -> dict:
-        n = int(self.headers.get("Content-Length") or 0)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "send the body with a Content-Length, not chunked")
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if n < 0:
+            raise ApiError(400, "Content-Length is negative")
         if n > MAX_BODY:
             raise ApiError(413, f"request body over {MAX_BODY >> 20} MiB")
         try:
@@ -173,6 +188,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ endpoints
     def do_GET(self):
+        try:
+            self._get()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _get(self):
         app = self.server.app
         if not self._authorised():
             return self._error(ApiError(401, "missing or wrong bearer token", "authentication_error"))
@@ -202,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self, body: dict) -> None:
         app = self.server.app
         engine = app.worker.engine
-        document, question, history, max_tokens, stream = parse_chat(body, engine.tokenizer)
+        document, question, turns, max_tokens, stream = parse_chat(body)
 
         def run(job: Job) -> None:
             from core.documents import Document
@@ -212,6 +233,7 @@ class Handler(BaseHTTPRequestHandler):
             prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"), s)
             app.say(f"entry {prepared.entry.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
             stats = AnswerStats()
+            history = [(q, engine.tokenizer.encode(a, add_special_tokens=False)) for q, a in turns]
             job.events.put(("start", {"entry": prepared.entry.path.name, "cache_hit": hit,
                                       "document_tokens": prepared.entry.n_tokens}))
             for piece in engine.ask(prepared, question, stats, history=history):
@@ -372,14 +394,22 @@ def check_host(host: str, token: str | None) -> None:
 def serve(session, home: Path, host: str, port: int, token: str | None, quiet: bool, max_docs: int,
           ready=None) -> None:
     """Run until SIGTERM / Ctrl-C. ready(address) is called once listening (tests, the CLI)."""
+    from .client import find_server
+
     check_host(host, token)
-    app = App(Worker(session, max_docs), session.engine.ref.spec, token, quiet)
-    tcp = ThreadingHTTPServer((host, port), Handler)
-    tcp.daemon_threads = True
     sock_path = Path(home) / SOCKET
-    sock_path.unlink(missing_ok=True)
-    unix = _UnixServer(str(sock_path), Handler)
+    if find_server(home):
+        raise UsageError(f"a server already runs for this data directory ({sock_path}); stop it first")
+    app = App(Worker(session, max_docs), session.engine.ref.spec, token, quiet)
+    try:
+        tcp = ThreadingHTTPServer((host, port), Handler)
+        sock_path.unlink(missing_ok=True)  # a stale socket (its server is gone: find_server said so)
+        unix = _UnixServer(str(sock_path), Handler)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} or {sock_path}: {e.strerror or e}") from None
+    tcp.daemon_threads = True
     os.chmod(sock_path, 0o600)
+    ours = sock_path.stat().st_ino
     for s in (tcp, unix):
         s.app = app
     threading.Thread(target=unix.serve_forever, daemon=True).start()
@@ -395,5 +425,9 @@ def serve(session, home: Path, host: str, port: int, token: str | None, quiet: b
         unix.shutdown()
         tcp.server_close()
         unix.server_close()
-        sock_path.unlink(missing_ok=True)
+        try:
+            if sock_path.stat().st_ino == ours:  # not one another server made since
+                sock_path.unlink()
+        except OSError:
+            pass
         session.say("stopped")

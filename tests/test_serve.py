@@ -134,6 +134,8 @@ def test_eight_clients_two_new_documents_and_one_that_leaves(ra_home, smol):
         conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
         r = conn.getresponse()
         assert r.status == 400 and "first message, with role 'system'" in json.loads(r.read())["error"]["message"]
+        assert r.getheader("Connection") == "close"  # an error never leaves an unread body on a kept connection
+        conn = http.client.HTTPConnection(server.address.split("//")[1], timeout=60)
         conn.request("GET", "/nowhere")
         assert conn.getresponse().status == 404
     finally:

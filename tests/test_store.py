@@ -201,3 +201,19 @@ def test_repeated_ask_on_a_cached_document_retrieves(smol, tmp_path):
     "".join(engine.ask(engine.prepare(_doc(), s.but(attention="full")), "Who is late?",
                        on_logits=lambda l: full.append(l.clone())))
     assert (logits[0] - full[0]).abs().max() > 1e-2
+
+
+def test_an_entry_directory_without_its_manifest_is_rebuilt_in_place(smol, tmp_path):
+    """A directory left without manifest.json (a removal that raced an index build, or a hand
+    edit) is listed as damaged, and the next prepare replaces it with a complete entry."""
+    from core.store import EntryInfo
+
+    engine = Engine(tmp_path, Settings(sink=8, recent=16, max_tokens=4), loaded=smol)
+    doc = _doc(1200)
+    path = engine.store.path(engine.key(doc))
+    (path / "indexes" / "flat-s8-r16").mkdir(parents=True)
+    (info,) = engine.store.infos()
+    assert info.manifest is None and "has no manifest.json" in info.problem
+    p = engine.prepare(doc)
+    assert not p.cache_hit and p.entry.path == path and (path / "manifest.json").exists()
+    assert EntryInfo.read(path).manifest is not None and not any(engine.store.tmp.iterdir())
