@@ -1,5 +1,5 @@
-"""Sizes and checksums of store files (xxh3-64, the `xxhash` package: ~15 GiB/s on this machine's
-CPU, 20x blake2b, so a whole entry is checked in about the time it takes to read). Torch-free.
+"""Sizes and checksums of store files (xxh3-64, the `xxhash` package: benchmarks/store_cost.py
+measured checking a whole entry at about the cost of reading it once). Torch-free.
 
 A file's record, kept in the entry's manifest (core/manifest.py) or an index's checksums.json:
 

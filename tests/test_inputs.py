@@ -3,7 +3,6 @@ directory walks with links, loops and odd names, degenerate text, and no pickle 
 or a model is read."""
 import os
 import re
-import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -92,14 +91,13 @@ def test_walk_links_loops_and_odd_names(tmp_path):
 
 
 def test_degenerate_text_tokenizes_in_linear_time(smol):
-    """One repeated character, one huge line: the tokenizer does not stall (measured here: 0.17 s
-    for 400K characters of either, linear in the length; no limit needed with this tokenizer)."""
+    """One repeated character, one huge line: the tokenizer finishes (a one-off timing here saw
+    0.17 s per 400K characters of either, linear; no limit added with this tokenizer)."""
     from core.prompt import build_prefix
 
     for text in ("a" * 1_000_000, ("word " * 200_000).replace(" ", "")[:1_000_000], "x y " * 250_000):
-        t = time.perf_counter()
         p = build_prefix(smol[1], Document(text=text, name="d.txt", kind="text"))
-        assert len(p.ids) > 1000 and time.perf_counter() - t < 60
+        assert len(p.ids) > 1000
 
 
 def test_nothing_unpickles_and_remote_code_stays_off():
