@@ -26,7 +26,7 @@ Layout under the data directory ($RA_HOME, default the platform's user cache dir
 
 Integrity: the manifest records every file's size and checksums (per layer for keys, values and
 queries) and its own checksum. Opening an entry checks every size and the small files always, and
-everything when the entry is at most `Store.verify_bytes` (1 GiB: ~70 ms at xxh3's rate);
+everything when the entry is at most `Store.verify_bytes` (1 GiB: about one read of it, benchmarks/store_cost.py);
 `ra cache verify` checks everything. A damaged entry is never answered from: it is rebuilt (or
 refused with --no-rebuild).
 
@@ -88,6 +88,17 @@ class StoreKey:
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def write_durably(path: Path, write) -> None:
+    """Write a file atomically and durably: write(f) into a hidden temp file beside it, fsync,
+    rename over `path`. A reader (or a rerun after a crash) sees the old file or the new one."""
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -472,20 +483,11 @@ class EntryWriter:
         records = {}
         for name, arr in state.items():
             fname = f"state-{done}-{name}.npy"
-            tmp = self.dir / f".{fname}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / fname)
+            write_durably(self.dir / fname, lambda f: np.save(f, arr, allow_pickle=False))
             records[fname] = checksum.record(self.dir / fname)
         progress = {"kind": kind, "done": done, "meta": meta, "state": records, "extra": extra, **kept}
-        tmp = self.dir / f".{PROGRESS}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(progress))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / PROGRESS)  # the checkpoint exists from here on
+        # the checkpoint exists from here on
+        write_durably(self.dir / PROGRESS, lambda f: f.write(json.dumps(progress).encode()))
         for old in self.dir.glob("state-*.npy"):
             if old.name not in records:
                 old.unlink()
@@ -583,12 +585,8 @@ class IndexCheckpoint:
                 files[p.name] = {"chunks": rec["chunks"][:done + 1]}
             elif re.fullmatch(r"l(\d{3})h\d{2}\.hnsw", p.name) and int(p.name[1:4]) < done:
                 files[p.name] = checksum.record(p)
-        tmp = self.dir / f".{self.FILE}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"meta": self.meta, "done": done, "files": files}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / self.FILE)
+        progress = {"meta": self.meta, "done": done, "files": files}
+        write_durably(self.dir / self.FILE, lambda f: f.write(json.dumps(progress).encode()))
         self.kept, self.last = done, time.perf_counter()
 
     @classmethod

@@ -53,8 +53,9 @@ def stop_when(p, ready, sig, poll=0.005):
     return p.returncode, err
 
 
-def layers_kept(home: Path) -> int:
-    for f in (home / "store" / "tmp").glob("*.partial/progress.json"):
+def layers_kept(home: Path, pattern: str = "*.partial/progress.json") -> int:
+    """Layers an interrupted prefill (or, with another pattern, index build) has checkpointed."""
+    for f in (home / "store" / "tmp").glob(pattern):
         try:
             return json.loads(f.read_text())["done"]
         except (OSError, ValueError):
@@ -86,14 +87,7 @@ def test_killed_indexing_resumes_to_the_same_entry(tmp_path, models_dir, smol):
     # killed while building the index (after 10 of its 30 layers): the entry is complete, the index
     # never half there, and the rerun resumes the index build too
     entries = home / "store" / "entries"
-
-    def index_layers() -> int:
-        for f in (home / "store" / "tmp").glob("*.cluster*.partial/index-progress.json"):
-            try:
-                return json.loads(f.read_text())["done"]
-            except (OSError, ValueError):
-                pass
-        return 0
+    index_layers = lambda: layers_kept(home, "*.cluster*.partial/index-progress.json")
     rc, err = stop_when(spawn(home, *index), lambda: index_layers() >= 10, signal.SIGKILL)
     assert "from layer 25 of 30" in err and "(the work of 2,033 of 2,440 tokens is kept)" in err
     (entry,) = entries.iterdir()
