@@ -84,6 +84,8 @@ class AnswerStats:
     answer_s: float = 0.0
     first_token_s: float = 0.0
     answer_ids: list = field(default_factory=list)  # the generated tokens (kept for the next turn)
+    sources: list | None = None    # with ask(sources=N): the passages the answer attended to (core/citations.Source)
+    tally: object = None           # ... and the attention mass they were ranked from (core/citations.Tally)
 
 
 class Engine:
@@ -126,6 +128,7 @@ class Engine:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.q_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self._passages: dict = {}  # entry path -> its passages (citations), the last four entries
 
     # ------------------------------------------------------------------ documents -> store
 
@@ -397,9 +400,10 @@ class Engine:
 
     # ------------------------------------------------------------------ answering
 
-    def build_cache(self, prepared: Prepared, capacity: int = 0):
+    def build_cache(self, prepared: Prepared, capacity: int = 0, tally=None):
         """A fresh transformers Cache for one question: DocumentLayers, or the whole KV for `full`.
-        capacity: tokens that will follow the document (question + answer), preallocated."""
+        capacity: tokens that will follow the document (question + answer), preallocated.
+        tally: a core/citations.Tally every layer adds its attention mass to (retrieval only)."""
         import torch
         from transformers.cache_utils import DynamicLayer
 
@@ -437,13 +441,46 @@ class Engine:
                 v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
                 static = StaticKV(to_dev(k)[None], to_dev(v)[None], k.shape[1] + capacity)
             retriever = prepared.retrievers[layer] if prepared.retrievers else None
-            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens))
+            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens, layer, tally))
         return RaCache(layers)
 
+    def passages(self, prepared: Prepared):
+        """(core/citations.Passages, token -> passage [n], token first characters [n]) of an
+        entry: computed once per entry (the text and the store's per-token offsets)."""
+        from . import citations
+
+        key = prepared.entry.path
+        if key not in self._passages:
+            e, info = prepared.entry, prepared.entry.manifest.document
+            p = citations.passages(info.kind, e.text, info.page_starts, info.files)
+            offsets = np.array(e.sources[:, 0], np.int64)
+            if len(self._passages) >= 4:  # the documents asked about lately (`ra serve` holds several)
+                self._passages.pop(next(iter(self._passages)))
+            self._passages[key] = (p, citations.token_units(offsets, p), offsets)
+        return self._passages[key]
+
+    def tally(self, prepared: Prepared, keep_steps: bool = False):
+        """A core/citations.Tally for one answer about `prepared` (None for full attention: its
+        weights are SDPA's, never seen)."""
+        from .citations import Tally
+
+        if prepared.settings.attention != "retrieval":
+            return None
+        e = prepared.entry
+        a, b = prepared.split
+        _, units, _ = self.passages(prepared)
+        static = np.arange(b, e.n_tokens) if e.remapped else np.r_[np.arange(a), np.arange(b, e.n_tokens)]
+        clusters = [r.index if hasattr(r.index, "order") else None for r in prepared.retrievers]  # cluster index
+        return Tally(e.n_layers, self.q_heads, units, static, a, b - a, clusters, keep_steps)
+
     def ask(self, prepared: Prepared, question: str, stats: AnswerStats | None = None, on_logits=None,
-            history: list | None = None):
+            history: list | None = None, sources: int = 0, tally=None):
         """Stream the answer to `question` as text pieces. Fills `stats` if given. Reads only
         `prepared` (its settings are frozen) and the question.
+
+        sources: rank the `sources` passages the answer attended to most (core/citations.py) into
+        `stats.sources` once the answer is done (retrieval attention only; 0: none). tally: one
+        made by `self.tally` to fill instead of a fresh one (benchmarks keep each step's mass).
 
         history: earlier turns of a conversation about this document, [(question, answer_ids)];
         they are run again on top of the document's cache (a few hundred tokens, no document
@@ -466,7 +503,8 @@ class Engine:
             raise DocumentTooLong(f"the conversation no longer fits in the model's {self.max_positions:,} tokens "
                                   f"(document {n:,} + {len(q):,}); start over (/reset)")
         max_new = min(s.max_tokens, window - n - len(q)) if window else s.max_tokens
-        cache = self.build_cache(prepared, len(q) + max_new)
+        tally = tally if tally is not None else self.tally(prepared) if sources else None
+        cache = self.build_cache(prepared, len(q) + max_new, tally)
         stream = TextStream(self.tokenizer)
         t = time.perf_counter()
         for tok in generate(self.model, cache, q, n, max_new,
@@ -481,3 +519,9 @@ class Engine:
             if piece:
                 yield piece
         stats.answer_s = time.perf_counter() - t
+        if tally is not None:
+            from .citations import rank
+
+            passages, _, offsets = self.passages(prepared)
+            stats.tally = tally.finish()
+            stats.sources = rank(tally, passages, offsets, prepared.doc.name, top=sources)

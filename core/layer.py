@@ -167,9 +167,11 @@ class DocumentLayer(CacheLayerMixin):
     PositionPolicy, merged once. `update` appends the new tokens to StaticKV; `attend` is called
     by core/attention.ra_attention."""
 
-    def __init__(self, static: StaticKV, retriever: Retriever | None, policy, top_k: int, n_document: int):
+    def __init__(self, static: StaticKV, retriever: Retriever | None, policy, top_k: int, n_document: int,
+                 layer: int = 0, tally=None):
         super().__init__()
         self.static, self.retriever, self.policy, self.top_k = static, retriever, policy, top_k
+        self.layer, self.tally = layer, tally  # tally: a core/citations.Tally (attention mass for sources), or None
         self.n_document = n_document  # logical length of the document (static + offloaded)
         self.n_new = 0                # tokens after the document, so far
         self.device = static.k.device
@@ -211,7 +213,9 @@ class DocumentLayer(CacheLayerMixin):
             parts.append(attention_from_scores(sel.logits, sel.values, scale))
             if sel.estimate is not None:
                 parts.append(estimated_attention(sel.estimate, scale))
-        o, _ = merge(parts)
+        o, lse = merge(parts)
+        if self.tally is not None:  # each key's share of the merged softmax, from the logits above
+            self.tally.record(self.layer, q, key[0], lse, sel, scale)
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 

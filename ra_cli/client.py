@@ -50,10 +50,12 @@ def find_server(home: Path) -> Path | None:
         return None
 
 
-def ask(path: Path, doc, question: str, settings) -> "Answer":
-    """Send one question about `doc` (a core.documents.Document) with the CLI's settings."""
+def ask(path: Path, doc, question: str, settings, sources: int = 0) -> "Answer":
+    """Send one question about `doc` (a core.documents.Document) with the CLI's settings;
+    sources: how many cited passages the record should carry (0: none)."""
     s = {k: v for k, v in asdict(settings).items() if k != "remap"}
-    body = json.dumps({"document": asdict(doc), "question": question, "settings": s}, ensure_ascii=False).encode()
+    body = json.dumps({"document": asdict(doc), "question": question, "settings": s, "sources": sources},
+                      ensure_ascii=False).encode()
     conn = _UnixConnection(path, timeout=None)
     try:
         conn.request("POST", "/ra/v1/ask", body, {"Content-Type": "application/json"})

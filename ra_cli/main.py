@@ -80,6 +80,9 @@ MAX_FILE = typer.Option("256K", envvar="RA_MAX_FILE_SIZE", help="Directories: sk
 REBUILD = typer.Option(D.rebuild, "--rebuild/--no-rebuild",
                        help="Rebuild a damaged cache entry (--no-rebuild: exit 1 instead).")
 YES = typer.Option(False, "--yes", "-y", help="Prefill a very long document without asking (needed when stdin is not a terminal).")
+SOURCES = typer.Option(None, "--sources", metavar="[stderr|stdout]",
+                       help="After the answer, the passages it attended to most (location, score, snippet): "
+                            "on stderr, or stdout with --sources=stdout.")
 NO_SERVER = typer.Option(False, "--no-server", envvar="RA_NO_SERVER",
                          help="Answer in this process even when `ra serve` runs for this data directory.")
 CHECKPOINT = typer.Option(D.checkpoint_s, envvar="RA_CHECKPOINT_S", min=0.0,
@@ -127,7 +130,9 @@ def ask(
     question: Optional[str] = typer.Argument(None, help="The question (else --question, --questions or stdin)."),
     more: List[str] = typer.Option([], "--question", "-Q", help="A question; repeat for several."),
     questions_file: Optional[str] = typer.Option(None, "--questions", help="A file with one question per line (- for stdin)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout (JSON Lines)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout (JSON Lines), "
+                                                       "with the sources the answer attended to."),
+    sources: Optional[str] = SOURCES,
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
@@ -136,13 +141,18 @@ def ask(
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Answer questions about a document (prefilled once, then answered from the cache)."""
-    from .session import Session, answer_record, read_document, write_answer
+    from .session import JSON_SOURCES, Session, answer_record, read_document, write_answer
 
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
                          trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
+    if sources not in (None, "stderr", "stdout"):
+        raise UsageError(f"--sources={sources}: say --sources (stderr) or --sources=stdout")
+    if sources and settings.attention != "retrieval":
+        raise UsageError("--sources reads retrieval attention's weights; --attention full has none to read")
+    n_sources = JSON_SOURCES if (sources or as_json) and settings.attention == "retrieval" else 0
     questions = _questions(target, question, more, questions_file)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))  # before torch loads
-    if not no_server and _ask_server(doc, questions, settings, as_json, quiet):
+    if not no_server and _ask_server(doc, questions, settings, as_json, quiet, n_sources, sources):
         return
     session = Session(_home(), settings, _err_console(), quiet, yes)
 
@@ -154,7 +164,7 @@ def ask(
         if len(questions) > 1:
             session.say(f"question {i + 1}/{len(questions)}: {q}")
         stats = AnswerStats()
-        pieces = session.engine.ask(prepared, q, stats)
+        pieces = session.engine.ask(prepared, q, stats, sources=n_sources)
         if as_json:
             answer = "".join(pieces)
             print(json.dumps(answer_record(q, answer.strip(), doc, prepared, stats, session.engine),
@@ -163,12 +173,25 @@ def ask(
             if i:
                 print(flush=True)
             write_answer(pieces, markdown)
+        if sources and not as_json:
+            _print_sources([s.record() for s in stats.sources or []], sources)
         if stats.answer_tokens:
             session.say(f"{stats.answer_tokens} tokens in {stats.answer_s:.1f} s "
                         f"({stats.answer_tokens / max(stats.answer_s, 1e-9):.1f} tokens/s)")
 
 
-def _ask_server(doc, questions, settings, as_json: bool, quiet: bool) -> bool:
+def _print_sources(records: list[dict], where: str) -> None:
+    """--sources: on stderr (styled on a terminal), or stdout with --sources=stdout."""
+    from rich.console import Console
+
+    from .session import show_sources
+
+    console = Console(stderr=where == "stderr", highlight=False, soft_wrap=True)
+    show_sources(records, console, plain=not console.is_terminal)
+
+
+def _ask_server(doc, questions, settings, as_json: bool, quiet: bool, n_sources: int = 0,
+                sources: str | None = None) -> bool:
     """Answer through a running `ra serve` of this data directory: the same stdout, stderr lines
     and exit codes as in process, without importing torch. False: no server (or another model)."""
     import time
@@ -185,7 +208,7 @@ def _ask_server(doc, questions, settings, as_json: bool, quiet: bool) -> bool:
     markdown = sys.stdout.isatty() and not as_json
     for i, q in enumerate(questions):
         t = time.perf_counter()
-        answer = server_ask(path, doc, q, settings)
+        answer = server_ask(path, doc, q, settings, n_sources)
         if answer is None:
             if i:  # some questions were answered: the server stopped meanwhile
                 raise RaError("the server stopped before every question was answered")
@@ -207,6 +230,8 @@ def _ask_server(doc, questions, settings, as_json: bool, quiet: bool) -> bool:
             if i:
                 print(flush=True)
             write_answer(answer.pieces(), markdown)
+        if sources and not as_json:
+            _print_sources((answer.record or {}).get("sources") or [], sources)
         n = (answer.record or {}).get("tokens", {}).get("answer", 0)
         if n:
             say(f"{n} tokens in {time.perf_counter() - t:.1f} s ({n / max(time.perf_counter() - t, 1e-9):.1f} tokens/s, "
@@ -332,6 +357,9 @@ def main() -> None:
     _debug = "--debug" in sys.argv
     if _debug:
         sys.argv.remove("--debug")
+    # `--sources` alone means `--sources=stderr` (click options have no optional value); not after `--`
+    end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    sys.argv[1:end] = ["--sources=stderr" if a == "--sources" else a for a in sys.argv[1:end]]
     import signal
 
     def _terminated(signum, frame):  # SIGTERM stops like Ctrl-C: cleanup runs, a prefill keeps its checkpoint

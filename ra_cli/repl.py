@@ -14,6 +14,7 @@ HELP = """commands:
   /help    this help
   /reset   forget the conversation (the document stays loaded)
   /stats   document, model and speed figures
+  /sources the passages the last answer attended to most
   /quit    leave (also /exit, Ctrl-D)
 anything else is a question about the document; Ctrl-C stops an answer."""
 
@@ -70,6 +71,8 @@ class Repl:
         elif cmd == "/reset":
             self.history.clear()
             self.session.say("conversation cleared")
+        elif cmd == "/sources":
+            self.sources()
         elif cmd == "/stats":
             print(self.stats(), file=sys.stderr)
         else:
@@ -91,15 +94,29 @@ class Repl:
                                         f"first after {self.last.first_token_s:.2f} s)"))
         return "\n".join(f"{k + ':':<14}{v}" for k, v in rows)
 
+    def sources(self) -> None:
+        from rich.console import Console
+
+        from .session import show_sources
+
+        if self.last is None:
+            self.session.say("no answer yet: /sources shows the last answer's")
+        elif self.last.sources is None:
+            self.session.say("no sources: they are read from retrieval attention (this is --attention full)")
+        else:
+            console = Console(highlight=False, soft_wrap=True)
+            show_sources([s.record() for s in self.last.sources], console, plain=not console.is_terminal)
+
     def answer(self, question: str) -> None:
         from core.engine import AnswerStats
         from core.errors import DocumentTooLong
 
-        from .session import write_answer
+        from .session import JSON_SOURCES, write_answer
 
         while True:
             stats = AnswerStats()
-            pieces = self.session.engine.ask(self.prepared, question, stats, history=self.history)
+            pieces = self.session.engine.ask(self.prepared, question, stats, history=self.history,
+                                             sources=JSON_SOURCES)
             try:
                 write_answer(pieces, markdown=self.tty)
             except KeyboardInterrupt:

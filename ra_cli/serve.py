@@ -271,9 +271,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             doc = Document(**body["document"])
             question = body["question"]
+            n_sources = min(50, max(0, int(body.get("sources") or 0)))
             names = {f.name for f in fields(Settings)} - {"remap"}
             s = Settings(**{k: v for k, v in body.get("settings", {}).items() if k in names}).check()
-        except (KeyError, TypeError, RaError) as e:
+        except (KeyError, TypeError, ValueError, RaError) as e:
             raise ApiError(400, f"bad request: {e}") from None
         if any(getattr(s, f) != getattr(engine.settings, f) for f in MODEL_FIELDS):
             raise ApiError(409, "this server runs another model or device", "model_mismatch")
@@ -289,7 +290,7 @@ class Handler(BaseHTTPRequestHandler):
                                                "offloaded": b - a, "index": prepared.index_kind,
                                                "device": engine.device}}))
             pieces = []
-            for piece in engine.ask(prepared, question, stats):
+            for piece in engine.ask(prepared, question, stats, sources=n_sources):
                 if job.cancelled.is_set():
                     app.say(f"a client left: its answer was cancelled after {stats.answer_tokens} tokens")
                     return

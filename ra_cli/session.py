@@ -169,6 +169,34 @@ def write_answer(pieces, markdown: bool) -> str:
     return text
 
 
+SHOWN_SOURCES = 3   # passages `--sources` and `/sources` show; `--json` lists JSON_SOURCES
+JSON_SOURCES = 5
+
+
+def show_sources(records: list[dict], console, plain: bool = False) -> None:
+    """Print source records (core/citations.Source.record): location, score and snippet, the
+    evidence words in bold (plain: no styling, e.g. to a pipe)."""
+    import re
+
+    from rich.markup import escape
+
+    from core.citations import label
+
+    if not records:
+        console.print("sources: none (the answer attended to no document passage)")
+        return
+    console.print("sources (the passages the answer attended to most):")
+    for i, r in enumerate(records[:SHOWN_SOURCES], 1):
+        snippet = r["snippet"] if "page" in r or "\n" not in r["snippet"] else "\n".join(
+            "     " + line for line in r["snippet"].splitlines())
+        text = escape(snippet)
+        if not plain and r.get("evidence"):
+            words = sorted({re.escape(escape(w)) for w in r["evidence"] if w.strip()}, key=len, reverse=True)
+            text = re.sub(r"\b(" + "|".join(words) + r")\b", r"[bold yellow]\1[/bold yellow]", text)
+        sep = "\n" if snippet.startswith("     ") else "  "
+        console.print(f"  {i}. [cyan]{escape(label(r))}[/cyan] ({r['score']:.0%}){sep}{text}", highlight=False)
+
+
 def answer_record(question: str, answer: str, doc, prepared, stats, engine) -> dict:
     """The --json object for one answer."""
     tps = stats.answer_tokens / stats.answer_s if stats.answer_s else 0.0
@@ -191,4 +219,5 @@ def answer_record(question: str, answer: str, doc, prepared, stats, engine) -> d
                     "first_token_s": round(stats.first_token_s, 3), "answer_s": round(stats.answer_s, 3),
                     "tokens_per_s": round(tps, 2)},
         "quotes": doc.quoted(answer),
+        **({"sources": [src.record() for src in stats.sources]} if stats.sources is not None else {}),
     }

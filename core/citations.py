@@ -1,0 +1,391 @@
+"""Citations read off the attention itself: the passages an answer attended to.
+
+Retrieval attention already computes, at every decoding step and in every layer, the logits of
+each key a query head reads (the static zone's, the retrieved keys', the estimated clusters') and
+the log-sum-exp of the merged softmax. A key's share of that head's attention is then one
+exponential, `exp(scale * logit - lse)`: no second pass over the document. `Tally` adds those
+shares up over the answer, per (layer, query head, passage), and per token.
+
+Passages are the units a person can check in seconds (`passages`): paragraphs of a text (long ones
+cut at a sentence end near `max_chars`), the same inside each page of a PDF (never across a page),
+blocks of at most `max_lines` lines of each file of a codebase (cut at a blank line where one is
+near; never across a file). Every document token maps to one passage through the store's
+per-token character offsets (`sources.npy`); template tokens and tokens that are only whitespace
+map to none.
+
+`unit_scores` turns the tally into one score per passage by the rule `RULE`, chosen on held-out
+cases by benchmarks/citations.py (BENCHMARKS.md says which rules were measured and how they did);
+`rank` lists the best passages as `Source`s: location, score (the share of the answer's attention
+on the document that the passage received), snippet and the evidence words inside it (the words
+whose tokens received the most attention).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_CHARS = 600     # a text passage: a paragraph, or a piece of one this long at most
+MIN_CHARS = 80      # a shorter paragraph (a heading) joins the next one on its page
+MAX_LINES = 12      # a code passage: at most this many lines of one file
+RULES = ("sum", "heads", "peaked", "late", "peaked-late")
+RULE = "peaked"     # benchmarks/citations.py: the rule chosen on the held-out cases
+
+_PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
+_SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s")
+_SPACES = np.array([ord(c) for c in " \t\n\r\f\v\u00a0\u2028\u2029\u3000"], np.uint32)
+
+
+# ----------------------------------------------------------------------------- passages
+
+@dataclass
+class Passages:
+    """The document cut into passages U: [start, end) character ranges of the text (trimmed of
+    whitespace), each inside page (or file) `pages[i]`. Passage i's territory, [cover[i],
+    limits[i]), runs on to the next passage or the end of its page: a token belongs to the passage
+    whose territory holds its first non-space character."""
+
+    kind: str
+    text: str
+    page_starts: list
+    files: list
+    starts: np.ndarray   # int64 [U]
+    ends: np.ndarray     # int64 [U]
+    pages: np.ndarray    # int64 [U]
+    cover: np.ndarray    # int64 [U] start of each territory (the passage's start)
+    limits: np.ndarray   # int64 [U] end of each territory (the next passage, or its page's or file's end)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def line_range(self, i: int) -> tuple[int, int]:
+        """1-based first and last line of passage i: in its file for code, in the text otherwise."""
+        base = self.page_starts[self.pages[i]] if self.kind == "code" else 0
+        first = self.text.count("\n", base, int(self.starts[i])) + (0 if self.kind == "code" else 1)
+        return first, first + self.text.count("\n", int(self.starts[i]), int(self.ends[i]))
+
+    def location(self, i: int, name: str) -> dict:
+        """{path, page | line_start/line_end, char_start, char_end} of passage i of document `name`."""
+        loc = {"path": name}
+        if self.kind == "code" and self.files:
+            loc["path"] = f"{name.rstrip('/')}/{self.files[self.pages[i]]}"
+        if self.kind == "pdf":
+            loc["page"] = int(self.pages[i]) + 1
+        else:
+            loc["line_start"], loc["line_end"] = self.line_range(i)
+        loc["char_start"], loc["char_end"] = int(self.starts[i]), int(self.ends[i])
+        return loc
+
+
+def _trim(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def _cut_long(text: str, a: int, b: int, max_chars: int) -> list[tuple[int, int]]:
+    """[a, b) in pieces of at most max_chars, each ending at a sentence end (else a space) in its
+    second half where there is one."""
+    out = []
+    while b - a > max_chars:
+        window = text[a + max_chars // 2:a + max_chars]
+        ends = [m.end() for m in _SENTENCE_END.finditer(window)]
+        cut = a + max_chars // 2 + ends[-1] if ends else -1
+        if cut < 0:
+            space = window.rfind(" ")
+            cut = a + max_chars // 2 + space + 1 if space >= 0 else a + max_chars
+        out.append(_trim(text, a, cut))
+        a = cut
+    out.append(_trim(text, a, b))
+    return [(s, e) for s, e in out if e > s]
+
+
+def _text_passages(text: str, a: int, b: int, max_chars: int, min_chars: int) -> list[tuple[int, int]]:
+    """Paragraphs of text[a:b] (blank-line separated), short ones joined to the next, long ones cut."""
+    paras, start = [], a
+    for m in _PARAGRAPH.finditer(text, a, b):
+        paras.append(_trim(text, start, m.start()))
+        start = m.end()
+    paras.append(_trim(text, start, b))
+    paras = [(s, e) for s, e in paras if e > s]
+    joined = []
+    for s, e in paras:
+        if joined and joined[-1][1] - joined[-1][0] < min_chars and e - joined[-1][0] <= max_chars:
+            joined[-1] = (joined[-1][0], e)
+        else:
+            joined.append((s, e))
+    return [piece for s, e in joined for piece in _cut_long(text, s, e, max_chars)]
+
+
+def _code_passages(text: str, a: int, b: int, max_lines: int) -> list[tuple[int, int]]:
+    """Blocks of at most max_lines lines of one file text[a:b] (its first line is the file's
+    header, left out), cut at the last blank line of a block's second half where there is one."""
+    nl = text.find("\n", a, b)
+    if nl < 0:
+        return []
+    lines, pos = [], nl + 1  # (start, end) of each line after the header
+    while pos < b:
+        end = text.find("\n", pos, b)
+        end = b if end < 0 else end
+        lines.append((pos, end))
+        pos = end + 1
+    out, i = [], 0
+    while i < len(lines):
+        j = min(i + max_lines, len(lines))
+        if j < len(lines):
+            blanks = [k for k in range(i + max_lines // 2, j) if not text[lines[k][0]:lines[k][1]].strip()]
+            j = blanks[-1] + 1 if blanks else j
+        s, e = _trim(text, lines[i][0], lines[j - 1][1])
+        if e > s:
+            out.append((s, e))
+        i = j
+    return out
+
+
+def passages(kind: str, text: str, page_starts=None, files=None, max_chars: int = MAX_CHARS,
+             min_chars: int = MIN_CHARS, max_lines: int = MAX_LINES) -> Passages:
+    """Cut a document's text into passages (see the module docstring); page_starts: where each
+    page (a PDF's) or file (a codebase's) begins, [0] for a plain text."""
+    page_starts = list(page_starts or [0])
+    bounds = page_starts + [len(text)]
+    starts, ends, pages = [], [], []
+    for p in range(len(page_starts)):
+        a, b = bounds[p], bounds[p + 1]
+        units = _code_passages(text, a, b, max_lines) if kind == "code" else _text_passages(text, a, b, max_chars,
+                                                                                            min_chars)
+        for s, e in units:
+            starts.append(s)
+            ends.append(e)
+            pages.append(p)
+    starts_a = np.array(starts, np.int64)
+    pages_a = np.array(pages, np.int64)
+    # territories: from a passage's start to the next passage's start or the end of its page,
+    # whichever comes first (a code file's header line, before its first passage, is nobody's)
+    cover = starts_a.copy()
+    page_end = np.array(bounds[1:], np.int64)[pages_a] if len(pages_a) else np.zeros(0, np.int64)
+    nxt = np.r_[starts_a[1:], len(text)] if len(starts_a) else starts_a
+    limits = np.minimum(nxt, page_end)
+    return Passages(kind, text, page_starts, list(files or []), starts_a, np.array(ends, np.int64), pages_a,
+                    cover, limits)
+
+
+def token_units(offsets, passages: Passages) -> np.ndarray:
+    """The passage of every token: offsets [n] (a token's first character in the text, -1 for a
+    template token) -> int64 [n] in [0, U], U meaning none (template, whitespace only, a file's
+    header line). A token's text runs to the next token's start (the last one's to the end of the
+    text); it belongs to the passage whose territory holds its first non-space character."""
+    text = passages.text
+    off = np.asarray(offsets, np.int64)
+    U = len(passages)
+    out = np.full(off.shape, U, np.int64)
+    doc = np.flatnonzero(off >= 0)
+    if U == 0 or len(doc) == 0:
+        return out
+    chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    where = np.where(np.isin(chars, _SPACES), len(text), np.arange(len(text)))
+    next_solid = np.r_[np.minimum.accumulate(where[::-1])[::-1], len(text)]  # [len + 1]
+    a = np.minimum(off[doc], len(text))
+    b = np.maximum(np.r_[a[1:], len(text)], a)
+    first = next_solid[a]                                        # the token's first non-space character
+    i = np.searchsorted(passages.cover, first, side="right") - 1
+    ok = (first < b) & (i >= 0)
+    ok[ok] &= first[ok] < passages.limits[i[ok]]
+    out[doc[ok]] = i[ok]
+    return out
+
+
+# ----------------------------------------------------------------------------- the tally
+
+class Tally:
+    """Attention mass of one answer, summed over its decoding steps.
+
+    mass [L, Hq, U + 1] per (layer, query head, passage; column U: template and whitespace tokens),
+    tokens [n + 1] per token over every layer and head (for the evidence words; n: nowhere).
+    The document's tokens sit in two zones: `static_tokens` [S] (the static rows that are document
+    tokens, in StaticKV's order) and the offloaded range starting at `offload_start`. A clustered
+    index's estimated clusters are summed per cluster and spread over their members at the end
+    (`finish`), which needs the layers' indexes (`clusters`: per layer, one with order/offsets/sizes,
+    or None)."""
+
+    def __init__(self, n_layers: int, q_heads: int, units: np.ndarray, static_tokens: np.ndarray,
+                 offload_start: int, n_offloaded: int, clusters=(), keep_steps: bool = False):
+        """keep_steps: also keep each step's mass (`steps_mass`, [steps, L, Hq, U + 1]; benchmarks)."""
+        import torch
+
+        self.units = torch.from_numpy(np.asarray(units, np.int64))       # [n] -> [0, U]
+        self.n = len(units)
+        self.U = int(self.units.max()) if self.n else 0                  # the "nowhere" column
+        self.mass = torch.zeros(n_layers, q_heads, self.U + 1, dtype=torch.float64)
+        self.tokens = torch.zeros(self.n + 1, dtype=torch.float64)
+        self.static_tokens = torch.from_numpy(np.asarray(static_tokens, np.int64))
+        self.static_units = self.units[self.static_tokens]
+        self.offload_start, self.n_offloaded = offload_start, n_offloaded
+        self.offload_units = self.units[offload_start:offload_start + n_offloaded]
+        self.clusters = tuple(clusters)
+        self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
+        self.steps = 0
+        self.keep_steps, self._marks = keep_steps, []
+
+    def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
+        """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
+        token), k_static [KVH, S, D] (its first len(static_tokens) rows are document tokens),
+        lse [KVH, G, T] of the merged softmax, sel a core/layer.Selection or None."""
+        import torch
+
+        KVH, G, T, D = q.shape
+        if layer == 0:
+            self.steps += 1
+            if self.keep_steps:
+                self._marks.append(self.mass.clone())
+        q1, lse1 = q[:, :, -1], lse[:, :, -1].double()                    # [KVH, G, D], [KVH, G]
+        Hq = KVH * G
+        S = len(self.static_tokens)
+        if S:
+            logits = torch.matmul(q1, k_static[:, :S].float().transpose(1, 2))  # [KVH, G, S]
+            p = torch.exp(logits.double() * scale - lse1[..., None]).reshape(Hq, S)
+            self.mass[layer].index_add_(1, self.static_units, p)
+            self.tokens.index_add_(0, self.static_tokens, p.sum(0))
+        if sel is not None:
+            K = sel.logits.shape[-1]
+            p = torch.exp(sel.logits[:, :, -1].double() * scale - lse1[..., None]).reshape(Hq, K)  # 0 at a pad
+            ids = sel.ids.reshape(KVH, G, T, K)[:, :, -1].reshape(Hq, K).clamp_min(0)
+            self.mass[layer].scatter_add_(1, self.offload_units[ids], p)
+            self.tokens.index_add_(0, (ids + self.offload_start).reshape(-1), p.reshape(-1))
+            if sel.estimate is not None:
+                pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse1[..., None])  # [KVH, G, C]
+                prev = self.cluster_mass.get(layer)
+                self.cluster_mass[layer] = pe if prev is None else prev + pe
+
+    def finish(self) -> "Tally":
+        """Spread the estimated clusters' mass over their members (once, after the answer)."""
+        import torch
+
+        for layer, pe in self.cluster_mass.items():
+            idx = self.clusters[layer]
+            KVH, G, C = pe.shape
+            for h in range(KVH):
+                sizes = idx.sizes[h]                                            # [C]
+                members = idx.order[h]                                          # [N] grouped by cluster
+                per = torch.repeat_interleave(pe[h], sizes, dim=1)               # [G, N] each member's share
+                self.mass[layer, h * G:(h + 1) * G].scatter_add_(
+                    1, self.offload_units[members].expand(G, -1), per)
+                self.tokens.index_add_(0, members + self.offload_start, per.sum(0))
+        self.cluster_mass = {}
+        return self
+
+    def steps_mass(self):
+        """[steps, L, Hq, U + 1]: each step's own mass (keep_steps; estimated clusters not included)."""
+        import torch
+
+        marks = self._marks + [self.mass]
+        return torch.stack([b - a for a, b in zip(marks[:-1], marks[1:])])
+
+
+def unit_scores(mass, rule: str = RULE):
+    """One score per passage from mass [L, Hq, U + 1] (numpy or torch; the last column, nowhere,
+    is dropped): each head's distribution over the passages, weighted by the rule, summed:
+      sum           the raw mass, every head and layer alike
+      heads         each head's distribution normalised to 1 (every head one vote)
+      peaked        as heads, each weighted by how far its distribution is from uniform
+                    (1 - entropy / log U)
+      late          sum over the second half of the layers
+      peaked-late   peaked over the second half of the layers
+    Returns float64 [U], summing to 1 (zeros when no passage received any mass)."""
+    m = np.asarray(mass, np.float64)[..., :-1]
+    L, H, U = m.shape
+    if rule in ("late", "peaked-late"):
+        m = m[L // 2:]
+    if rule == "sum" or rule == "late":
+        s = m.sum((0, 1))
+    else:
+        tot = m.sum(-1, keepdims=True)
+        p = np.divide(m, tot, out=np.zeros_like(m), where=tot > 0)
+        if rule == "heads":
+            w = (tot > 0).astype(np.float64)
+        elif rule in ("peaked", "peaked-late"):
+            logp = np.log(np.where(p > 0, p, 1.0))
+            ent = -(p * logp).sum(-1, keepdims=True)
+            w = np.where(tot > 0, 1.0 - ent / max(np.log(U), 1e-12), 0.0)
+        else:
+            raise ValueError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")
+        s = (w * p).sum((0, 1))
+    total = s.sum()
+    return s / total if total > 0 else s
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class Source:
+    """One cited passage: where it is, its score, its text, and the evidence words in it."""
+
+    location: dict
+    score: float
+    snippet: str
+    evidence: list
+
+    def record(self) -> dict:
+        """The `--json` form: {path, page | line_start, line_end, char_start, char_end, score, snippet, evidence}."""
+        return {**self.location, "score": round(self.score, 4), "snippet": self.snippet, "evidence": self.evidence}
+
+
+def label(record: dict) -> str:
+    """"path, page N" or "path:a-b" of a source record."""
+    if "page" in record:
+        return f"{record['path']}, page {record['page']}"
+    a, b = record["line_start"], record["line_end"]
+    return f"{record['path']}:{a}" + (f"-{b}" if b > a else "")
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _evidence(text: str, a: int, b: int, token_mass: np.ndarray, offsets: np.ndarray, top: int = 3):
+    """The `top` words of text[a:b] whose tokens received the most mass: [(start, end)] in text."""
+    lo, hi = np.searchsorted(offsets, [a, b])
+    if hi <= lo:
+        return []
+    order = np.argsort(-token_mass[lo:hi], kind="stable")
+    spans = []
+    for j in order[:4 * top]:
+        if token_mass[lo + j] <= 0:
+            break
+        c = int(offsets[lo + j])
+        m = next((m for m in _WORD.finditer(text, max(a, c - 40), min(b, c + 40)) if m.start() <= c < m.end()
+                  or c <= m.start() < c + 2), None)
+        if m and (m.start(), m.end()) not in spans:
+            spans.append((m.start(), m.end()))
+        if len(spans) == top:
+            break
+    return sorted(spans)
+
+
+def rank(tally: Tally, passages: Passages, offsets, name: str, top: int = 5, rule: str = RULE,
+         max_snippet: int = 320) -> list[Source]:
+    """The `top` passages by `unit_scores`, best first, as Sources (none without any mass).
+    offsets: the per-token first characters (sources[:, 0]) the tally's tokens index."""
+    scores = unit_scores(tally.mass.numpy(), rule)
+    order = [int(i) for i in np.argsort(-scores, kind="stable")[:top] if scores[i] > 0]
+    off = np.asarray(offsets, np.int64)
+    doc = off >= 0
+    doc_off = off[doc]
+    token_mass = tally.tokens.numpy()[:tally.n][doc]
+    text = passages.text
+    out = []
+    for i in order:
+        a, b = int(passages.starts[i]), int(passages.ends[i])
+        marks = _evidence(text, a, b, token_mass, doc_off)
+        lo, hi = a, b
+        if hi - lo > max_snippet:  # a window around the evidence
+            centre = marks[0][0] if marks else a
+            lo = max(a, min(centre - max_snippet // 3, b - max_snippet))
+            hi = min(b, lo + max_snippet)
+        snippet = text[lo:hi]
+        if passages.kind != "code":
+            snippet = snippet.replace("\n", " ").replace("\t", " ")  # one line; offsets unchanged
+        out.append(Source(passages.location(i, name), float(scores[i]),
+                          ("…" if lo > a else "") + snippet + ("…" if hi < b else ""), [text[s:e] for s, e in marks]))
+    return out
