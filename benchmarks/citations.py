@@ -96,8 +96,7 @@ def run(cases, engine, minilm, out=None, steps_dir: Path | None = None, log=prin
         answer = "".join(engine.ask(p, case.question, stats, sources=5, tally=tally)).strip()
         P, _, _ = engine.passages(p)
         g = gold(P, case.expected)
-        mass = stats.tally.mass.numpy()
-        ranks = {rule: [rank_of(list(np.argsort(-citations.unit_scores(mass, rule), kind="stable")), w) for w in g]
+        ranks = {rule: [rank_of(list(np.argsort(-stats.tally.scores(rule), kind="stable")), w) for w in g]
                  for rule in citations.RULES}
         base = minilm.rank(case.question, [P.text[a:b] for a, b in zip(P.starts, P.ends)])
         row = {"task": case.task, "case": case.name, "length": case.length, "depth": case.depth, "seed": case.seed,
@@ -150,8 +149,9 @@ def summary(rows: list[dict], by: str | None = None) -> str:
 def rules(steps_dir: Path) -> str:
     """Every rule of core/citations.unit_scores on the held-out cases' saved mass (answered cases)."""
     import numpy as np
+    import torch
 
-    from core.citations import RULES, unit_scores
+    from core.citations import RULES, head_steps, peak_scores, unit_scores
 
     files = sorted(steps_dir.glob("*.npz"))
     lines = ["| rule | #1 | top 3 | mean rank |", "|---|---|---|---|"]
@@ -161,11 +161,25 @@ def rules(steps_dir: Path) -> str:
             z = np.load(f, allow_pickle=False)
             if not bool(z["passed"]):
                 continue
-            s = unit_scores(z["steps"].sum(0), rule)
+            steps = z["steps"].astype(np.float64)  # [S, L, Hq, U + 1]
+            if rule == "peaks":
+                s = peak_scores(*(t.numpy() for t in head_steps(torch.from_numpy(steps))), steps.shape[-1] - 1)
+            else:
+                s = unit_scores(steps.sum(0), rule)
             ranks.append(rank_of(list(np.argsort(-s, kind="stable")), list(z["gold"])))
         ok = [r for r in ranks if r is not None]
         lines.append(f"| {rule} | {sum(r == 1 for r in ok)}/{len(ranks)} | {sum(r <= 3 for r in ok)}/{len(ranks)} | "
                      f"{statistics.mean(ok):.2f} |")
+    for fraction in (0.005, 0.01, 0.03, 0.05, 0.1):  # how sensitive "peaks" is to its one parameter
+        ranks = []
+        for f in files:
+            z = np.load(f, allow_pickle=False)
+            if bool(z["passed"]):
+                steps = torch.from_numpy(z["steps"].astype(np.float64))
+                s = peak_scores(*(t.numpy() for t in head_steps(steps)), steps.shape[-1] - 1, fraction)
+                ranks.append(rank_of(list(np.argsort(-s, kind="stable")), list(z["gold"])))
+        lines.append(f"| peaks, fraction {fraction} | {sum(r == 1 for r in ranks)}/{len(ranks)} | "
+                     f"{sum(r <= 3 for r in ranks)}/{len(ranks)} | {statistics.mean(ranks):.2f} |")
     return "\n".join(lines)
 
 

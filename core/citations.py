@@ -13,8 +13,12 @@ near; never across a file). Every document token maps to one passage through the
 per-token character offsets (`sources.npy`); template tokens and tokens that are only whitespace
 map to none.
 
-`unit_scores` turns the tally into one score per passage by the rule `RULE`, chosen on held-out
-cases by benchmarks/citations.py (BENCHMARKS.md says which rules were measured and how they did);
+`Tally.scores` turns the tally into one score per passage by the rule `RULE`, chosen on held-out
+cases by benchmarks/citations.py (BENCHMARKS.md says which rules were measured and how they did):
+"peaks" keeps, of all (step, layer, head)s of the answer, the 2% whose distribution over the
+passages peaks highest (a head reading one place, as when the answer copies from it) and adds
+their distributions; the rules over the summed mass (`unit_scores`) lost to locality: heads that
+read the recent window at every step put the last passages first.
 `rank` lists the best passages as `Source`s: location, score (the share of the answer's attention
 on the document that the passage received), snippet and the evidence words inside it (the words
 whose tokens received the most attention).
@@ -29,8 +33,10 @@ import numpy as np
 MAX_CHARS = 600     # a text passage: a paragraph, or a piece of one this long at most
 MIN_CHARS = 80      # a shorter paragraph (a heading) joins the next one on its page
 MAX_LINES = 12      # a code passage: at most this many lines of one file
-RULES = ("sum", "heads", "peaked", "late", "peaked-late")
-RULE = "peaked"     # benchmarks/citations.py: the rule chosen on the held-out cases
+RULES = ("peaks", "sum", "heads", "peaked", "late", "peaked-late")
+RULE = "peaks"      # benchmarks/citations.py: the rule chosen on the held-out cases (BENCHMARKS.md)
+PEAK_FRACTION = 0.02  # "peaks": the share of an answer's (step, layer, head)s that count
+PEAK_TOP = 8        # "peaks": the passages kept of each (step, layer, head)
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s")
@@ -208,7 +214,8 @@ class Tally:
     tokens, in StaticKV's order) and the offloaded range starting at `offload_start`. A clustered
     index's estimated clusters are summed per cluster and spread over their members at the end
     (`finish`), which needs the layers' indexes (`clusters`: per layer, one with order/offsets/sizes,
-    or None)."""
+    or None); they count in `mass` and `tokens`, not in the per-step peaks (an estimate is spread
+    evenly: it never peaks). Per (step, layer) the "peaks" rule's `head_steps` are kept."""
 
     def __init__(self, n_layers: int, q_heads: int, units: np.ndarray, static_tokens: np.ndarray,
                  offload_start: int, n_offloaded: int, clusters=(), keep_steps: bool = False):
@@ -228,6 +235,7 @@ class Tally:
         self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
         self.steps = 0
         self.keep_steps, self._marks = keep_steps, []
+        self.peaks, self.top_ids, self.top_shares = [], [], []  # per (step, layer): head_steps of its mass
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -243,21 +251,27 @@ class Tally:
         q1, lse1 = q[:, :, -1], lse[:, :, -1].double()                    # [KVH, G, D], [KVH, G]
         Hq = KVH * G
         S = len(self.static_tokens)
+        step = torch.zeros(Hq, self.U + 1, dtype=torch.float64)           # this step's mass per passage
         if S:
             logits = torch.matmul(q1, k_static[:, :S].float().transpose(1, 2))  # [KVH, G, S]
             p = torch.exp(logits.double() * scale - lse1[..., None]).reshape(Hq, S)
-            self.mass[layer].index_add_(1, self.static_units, p)
+            step.index_add_(1, self.static_units, p)
             self.tokens.index_add_(0, self.static_tokens, p.sum(0))
         if sel is not None:
             K = sel.logits.shape[-1]
             p = torch.exp(sel.logits[:, :, -1].double() * scale - lse1[..., None]).reshape(Hq, K)  # 0 at a pad
             ids = sel.ids.reshape(KVH, G, T, K)[:, :, -1].reshape(Hq, K).clamp_min(0)
-            self.mass[layer].scatter_add_(1, self.offload_units[ids], p)
+            step.scatter_add_(1, self.offload_units[ids], p)
             self.tokens.index_add_(0, (ids + self.offload_start).reshape(-1), p.reshape(-1))
             if sel.estimate is not None:
                 pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse1[..., None])  # [KVH, G, C]
                 prev = self.cluster_mass.get(layer)
                 self.cluster_mass[layer] = pe if prev is None else prev + pe
+        self.mass[layer] += step
+        peak, top_ids, top_shares = head_steps(step)
+        self.peaks.append(peak)
+        self.top_ids.append(top_ids)
+        self.top_shares.append(top_shares)
 
     def finish(self) -> "Tally":
         """Spread the estimated clusters' mass over their members (once, after the answer)."""
@@ -276,6 +290,13 @@ class Tally:
         self.cluster_mass = {}
         return self
 
+    def scores(self, rule: str = RULE):
+        """One score per passage, float64 [U] summing to 1 (see `unit_scores`, `peak_scores`)."""
+        if rule == "peaks":
+            stack = lambda xs: np.stack([x.numpy() for x in xs]) if xs else np.zeros((0, 0))
+            return peak_scores(stack(self.peaks), stack(self.top_ids), stack(self.top_shares), self.U)
+        return unit_scores(self.mass.numpy(), rule)
+
     def steps_mass(self):
         """[steps, L, Hq, U + 1]: each step's own mass (keep_steps; estimated clusters not included)."""
         import torch
@@ -284,9 +305,39 @@ class Tally:
         return torch.stack([b - a for a, b in zip(marks[:-1], marks[1:])])
 
 
-def unit_scores(mass, rule: str = RULE):
+def head_steps(step_mass, top: int = PEAK_TOP):
+    """What the "peaks" rule keeps of one step's mass [..., Hq, U + 1] (torch; the last column,
+    nowhere, dropped): each head's distribution over the passages, as its peak share [..., Hq] and
+    its `top` passages (ids, shares [..., Hq, top]). A head with no mass on the document: peak 0."""
+    import torch
+
+    m = step_mass[..., :-1]
+    tot = m.sum(-1, keepdim=True)
+    p = torch.where(tot > 0, m / tot.clamp_min(1e-300), torch.zeros_like(m))
+    shares, ids = p.topk(min(top, p.shape[-1]), dim=-1)
+    peak = shares[..., 0] if shares.shape[-1] else torch.zeros(m.shape[:-1], dtype=m.dtype)
+    return peak.float(), ids.int(), shares.float()
+
+
+def peak_scores(peaks, ids, shares, U: int, fraction: float = PEAK_FRACTION):
+    """The "peaks" rule: of every (step, layer, head) of an answer, the `fraction` whose
+    distribution over the passages peaks highest (the moments a head reads one place), each
+    adding its distribution (top passages) to the scores. peaks [...], ids/shares [..., top]
+    (numpy) -> float64 [U] summing to 1 (zeros when nothing peaked)."""
+    peaks = np.asarray(peaks, np.float64).reshape(-1)
+    out = np.zeros(U)
+    if peaks.size == 0 or U == 0 or peaks.max() <= 0:
+        return out
+    chosen = (peaks >= np.quantile(peaks, 1.0 - fraction)) & (peaks > 0)
+    top = np.asarray(ids).reshape(len(peaks), -1)[chosen]
+    np.add.at(out, top.reshape(-1), np.asarray(shares, np.float64).reshape(len(peaks), -1)[chosen].reshape(-1))
+    return out / out.sum()
+
+
+def unit_scores(mass, rule: str):
     """One score per passage from mass [L, Hq, U + 1] (numpy or torch; the last column, nowhere,
-    is dropped): each head's distribution over the passages, weighted by the rule, summed:
+    is dropped) by a rule that needs only the summed mass: each head's distribution over the
+    passages, weighted by the rule, summed ("peaks" needs each step's: `Tally.scores`):
       sum           the raw mass, every head and layer alike
       heads         each head's distribution normalised to 1 (every head one vote)
       peaked        as heads, each weighted by how far its distribution is from uniform
@@ -367,7 +418,7 @@ def rank(tally: Tally, passages: Passages, offsets, name: str, top: int = 5, rul
          max_snippet: int = 320) -> list[Source]:
     """The `top` passages by `unit_scores`, best first, as Sources (none without any mass).
     offsets: the per-token first characters (sources[:, 0]) the tally's tokens index."""
-    scores = unit_scores(tally.mass.numpy(), rule)
+    scores = tally.scores(rule)
     order = [int(i) for i in np.argsort(-scores, kind="stable")[:top] if scores[i] > 0]
     off = np.asarray(offsets, np.int64)
     doc = off >= 0

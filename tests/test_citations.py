@@ -231,12 +231,35 @@ def test_unit_scores_rules():
     rng = np.random.default_rng(0)
     mass = rng.random((4, 3, 11))
     mass[:, :, 2] += 5.0  # passage 2 gets most everywhere
-    for rule in citations.RULES:
+    for rule in [r for r in citations.RULES if r != "peaks"]:
         s = citations.unit_scores(mass, rule)
         assert s.shape == (10,) and math.isclose(s.sum(), 1.0) and s.argmax() == 2
-    assert (citations.unit_scores(np.zeros((2, 2, 4))) == 0).all()
+    assert (citations.unit_scores(np.zeros((2, 2, 4)), "sum") == 0).all()
     with pytest.raises(ValueError):
         citations.unit_scores(mass, "nope")
+
+
+def test_peaks_rule_counts_the_moments_a_head_reads_one_place():
+    """Every head at every step spreads its mass with a bias to the last passages (locality);
+    once, one head reads passage 3 alone. The summed mass ranks a last passage first; "peaks"
+    ranks passage 3 first, with the score computed by hand below."""
+    S, L, H, U = 20, 4, 5, 10
+    rng = np.random.default_rng(0)
+    steps = rng.random((S, L, H, U + 1)) * 0.1
+    steps[..., U - 3:U] += 0.3                    # locality: the last passages, always
+    steps[7, 2, 1, :] = 0.0
+    steps[7, 2, 1, 3] = 1.0                       # one head, one step: passage 3 only
+    summed = citations.unit_scores(steps.sum(0), "sum")
+    assert summed.argmax() >= U - 3
+    peak, ids, shares = (t.numpy() for t in citations.head_steps(torch.from_numpy(steps), top=U))
+    got = citations.peak_scores(peak, ids, shares, U, fraction=0.01)
+    assert got.argmax() == 3
+    # by hand: the top 1% of the S*L*H head-steps by their peak share, their full distributions
+    flat = steps[..., :U].reshape(-1, U)
+    p = flat / flat.sum(1, keepdims=True)
+    keep = p.max(1) >= np.quantile(p.max(1), 0.99)
+    ref = p[keep].sum(0)
+    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-6)
 
 
 def _ra(args, home, timeout=600):
