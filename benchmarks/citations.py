@@ -136,11 +136,13 @@ def summary(rows: list[dict], by: str | None = None) -> str:
         cells = [str(k if by else len([r for r in rows])), str(len(sel))]
 
         def rate(get):
-            vals = [x for r in sel for x in get(r)]
+            vals = [x for r in sel for x in (get(r) or [])]
+            if not vals:
+                return "-"
             first = sum(1 for x in vals if x == 1)
             top3 = sum(1 for x in vals if x is not None and x <= 3)
             return f"{first}/{len(vals)} / {top3}/{len(vals)}"
-        cells += [rate(lambda r, c=c: r["ranks"][c]) for c in cols]
+        cells += [rate(lambda r, c=c: r["ranks"].get(c)) for c in cols]  # a rule an older run lacks: -
         cells.append(rate(lambda r: r["baseline"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -234,8 +234,10 @@ class Tally:
         self.clusters = tuple(clusters)
         self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
         self.steps = 0
-        self.keep_steps, self._marks = keep_steps, []
-        self.peaks, self.top_ids, self.top_shares = [], [], []  # per (step, layer): head_steps of its mass
+        self.keep_steps, self._kept = keep_steps, []
+        self.peaks, self.top_ids, self.top_shares = [], [], []  # per step: head_steps of its mass [L, Hq, ...]
+        self._step = torch.zeros(n_layers, q_heads, self.U + 1)  # the step being recorded
+        self._open = False
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -244,39 +246,48 @@ class Tally:
         import torch
 
         KVH, G, T, D = q.shape
-        if layer == 0:
+        if layer == 0:  # a new step: the last one's mass is complete
+            self._flush()
             self.steps += 1
-            if self.keep_steps:
-                self._marks.append(self.mass.clone())
-        q1, lse1 = q[:, :, -1], lse[:, :, -1].double()                    # [KVH, G, D], [KVH, G]
+        q1, lse1 = q[:, :, -1], lse[:, :, -1]                             # [KVH, G, D], [KVH, G]
         Hq = KVH * G
         S = len(self.static_tokens)
-        step = torch.zeros(Hq, self.U + 1, dtype=torch.float64)           # this step's mass per passage
-        if S:
-            logits = torch.matmul(q1, k_static[:, :S].float().transpose(1, 2))  # [KVH, G, S]
-            p = torch.exp(logits.double() * scale - lse1[..., None]).reshape(Hq, S)
-            step.index_add_(1, self.static_units, p)
-            self.tokens.index_add_(0, self.static_tokens, p.sum(0))
+        logits = [torch.matmul(q1, k_static[:, :S].float().transpose(1, 2))]     # [KVH, G, S]
+        tokens = [self.static_tokens.expand(KVH, G, S)]
         if sel is not None:
             K = sel.logits.shape[-1]
-            p = torch.exp(sel.logits[:, :, -1].double() * scale - lse1[..., None]).reshape(Hq, K)  # 0 at a pad
-            ids = sel.ids.reshape(KVH, G, T, K)[:, :, -1].reshape(Hq, K).clamp_min(0)
-            step.scatter_add_(1, self.offload_units[ids], p)
-            self.tokens.index_add_(0, (ids + self.offload_start).reshape(-1), p.reshape(-1))
+            logits.append(sel.logits[:, :, -1])                                   # [KVH, G, K], -inf at a pad
+            tokens.append(sel.ids.reshape(KVH, G, T, K)[:, :, -1].clamp_min(0) + self.offload_start)
             if sel.estimate is not None:
                 pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse1[..., None])  # [KVH, G, C]
                 prev = self.cluster_mass.get(layer)
                 self.cluster_mass[layer] = pe if prev is None else prev + pe
-        self.mass[layer] += step
-        peak, top_ids, top_shares = head_steps(step)
+        tok = torch.cat(tokens, -1).reshape(Hq, -1)                                # [Hq, S + K] document tokens
+        p = torch.exp(torch.cat(logits, -1).reshape(Hq, -1) * scale - lse1.float().reshape(Hq, 1))  # their shares
+        self._step[layer].scatter_add_(1, self.units[tok], p)                     # this step's mass per passage
+        self.tokens.index_add_(0, tok.reshape(-1), p.reshape(-1).double())
+        self._open = True
+
+    def _flush(self) -> None:
+        """Add the step just finished to `mass` and keep its head_steps (all layers at once)."""
+        if not self._open:
+            return
+        self.mass += self._step
+        peak, top_ids, top_shares = head_steps(self._step)
         self.peaks.append(peak)
         self.top_ids.append(top_ids)
         self.top_shares.append(top_shares)
+        if self.keep_steps:
+            self._kept.append(self._step.clone())
+        self._step.zero_()
+        self._open = False
 
     def finish(self) -> "Tally":
-        """Spread the estimated clusters' mass over their members (once, after the answer)."""
+        """Close the last step; spread the estimated clusters' mass over their members (once, after
+        the answer)."""
         import torch
 
+        self._flush()
         for layer, pe in self.cluster_mass.items():
             idx = self.clusters[layer]
             KVH, G, C = pe.shape
@@ -298,11 +309,11 @@ class Tally:
         return unit_scores(self.mass.numpy(), rule)
 
     def steps_mass(self):
-        """[steps, L, Hq, U + 1]: each step's own mass (keep_steps; estimated clusters not included)."""
+        """[steps, L, Hq, U + 1]: each step's own mass (keep_steps, after `finish`; estimated
+        clusters not included)."""
         import torch
 
-        marks = self._marks + [self.mass]
-        return torch.stack([b - a for a, b in zip(marks[:-1], marks[1:])])
+        return torch.stack(self._kept)
 
 
 def head_steps(step_mass, top: int = PEAK_TOP):

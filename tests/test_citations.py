@@ -1,6 +1,6 @@
 """Citations (core/citations.py): passages, the token -> passage map, the attention tally against
 an independent float64 softmax, and `ra ask --sources` / `--json` through real `ra` processes
-(a codebase with a planted fact, a PDF page)."""
+(a codebase with a planted fact)."""
 import json
 import math
 import os
@@ -187,7 +187,8 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
                 ref_units[h, units[t]] += wt
             if top_k >= N:
                 assert len(got) == N
-    assert tally.steps == 2
+    tally.finish()
+    assert tally.steps == 2 and len(tally.peaks) == 2
     np.testing.assert_allclose(tally.tokens.numpy()[:n], ref_tokens, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(tally.mass[0].numpy(), ref_units, rtol=1e-5, atol=1e-7)
     # the converse: with the query's weight wrong (another scale) the same check fails
@@ -294,28 +295,6 @@ def test_codebase_fact_is_cited_by_file_and_line(ra_home, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "48213" in r.stdout and "sources" not in r.stdout
     assert "app/config.py:" in r.stderr
-
-
-def test_pdf_answer_cites_its_page(ra_home, tmp_path):
-    """A real PDF of a few pages of R-intro: the page that holds the answer is among the top 3."""
-    from pypdf import PdfReader, PdfWriter
-
-    reader = PdfReader(str(SAMPLES / "R-intro.pdf"))
-    writer = PdfWriter()
-    for i in range(8, 12):  # its pages 9-12: starting R, help, commands
-        writer.add_page(reader.pages[i])
-    pdf = tmp_path / "r-intro-9-12.pdf"
-    with open(pdf, "wb") as f:
-        writer.write(f)
-    doc = load_document(str(pdf))
-    q = "What command quits the R program?"
-    answer_page = next(p + 1 for p in range(len(doc.page_starts)) if "q()" in doc.text[doc.page_starts[p]:(
-        doc.page_starts[p + 1] if p + 1 < len(doc.page_starts) else len(doc.text))])
-    r = _ra(["ask", str(pdf), q, "--json"], ra_home)
-    assert r.returncode == 0, r.stderr
-    rec = json.loads(r.stdout)
-    assert "q()" in rec["answer"]
-    assert answer_page in [s["page"] for s in rec["sources"][:3]], rec["sources"]
 
 
 def test_sources_options_are_checked(ra_home):
