@@ -15,7 +15,7 @@ class FakeEngine:
         self.ref = SimpleNamespace(spec="fake")
         self.device, self.load_s = "cpu", 0.1
 
-    def ask(self, prepared, question, stats, history=None):
+    def ask(self, prepared, question, stats, history=None, sources=0):
         self.calls.append((question, list(history)))
         stats.answer_ids = [len(self.calls)]
         yield "answer "
