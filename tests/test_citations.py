@@ -282,7 +282,7 @@ def test_codebase_fact_is_cited_by_file_and_line(ra_home, tmp_path):
                    '# the port the server listens on\nSERVER_PORT = 48213\n\nTIMEOUT_S = 30\n')
     r = _ra(["index", str(repo)], ra_home)
     assert r.returncode == 0, r.stderr
-    r = _ra(["ask", str(repo), "Which port does the server listen on? Answer with the number.", "--json"], ra_home)
+    r = _ra(["ask", str(repo), "Which port does the server listen on? Answer with the number.", "--json", "-n", "24"], ra_home)
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert "48213" in rec["answer"]
@@ -291,7 +291,7 @@ def test_codebase_fact_is_cited_by_file_and_line(ra_home, tmp_path):
     hits = [s for s in top if s["path"] == f"{repo}/app/config.py" and s["line_start"] <= 7 <= s["line_end"]]
     assert hits, top
     assert "SERVER_PORT = 48213" in hits[0]["snippet"]
-    r = _ra(["ask", str(repo), "Which port does the server listen on? Answer with the number.", "--sources"], ra_home)
+    r = _ra(["ask", str(repo), "Which port does the server listen on? Answer with the number.", "--sources", "-n", "24"], ra_home)
     assert r.returncode == 0, r.stderr
     assert "48213" in r.stdout and "sources" not in r.stdout
     assert "app/config.py:" in r.stderr
