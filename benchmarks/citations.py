@@ -112,6 +112,7 @@ def run(cases, engine, minilm, out=None, steps_dir: Path | None = None, log=prin
             steps_dir.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(steps_dir / f"{case.name.replace(' ', '_').replace(':', '')[:80]}.npz",
                                 steps=tally.steps_mass().numpy().astype(np.float32),
+                                start=tally.start.numpy().astype(np.float32),
                                 starts=P.starts, ends=P.ends, tokens=p.entry.n_tokens,
                                 gold=np.array(sorted({u for w in g for u in w}), np.int64),
                                 passed=row["passed"], split=np.array(p.split))
@@ -153,7 +154,7 @@ def rules(steps_dir: Path) -> str:
     import numpy as np
     import torch
 
-    from core.citations import RULES, head_steps, peak_scores, unit_scores
+    from core.citations import PEAK_RULES, RULES, head_steps, peak_scores, unit_scores
 
     files = sorted(steps_dir.glob("*.npz"))
     lines = ["| rule | #1 | top 3 | mean rank |", "|---|---|---|---|"]
@@ -164,24 +165,28 @@ def rules(steps_dir: Path) -> str:
             if not bool(z["passed"]):
                 continue
             steps = z["steps"].astype(np.float64)  # [S, L, Hq, U + 1]
-            if rule == "peaks":
-                s = peak_scores(*(t.numpy() for t in head_steps(torch.from_numpy(steps))), steps.shape[-1] - 1)
+            if rule in PEAK_RULES:
+                base = torch.from_numpy(z["start"].astype(np.float64)) if rule == "contrast" else None
+                s = peak_scores(*(t.numpy() for t in head_steps(torch.from_numpy(steps), base=base)), steps.shape[-1] - 1)
             else:
                 s = unit_scores(steps.sum(0), rule)
             ranks.append(rank_of(list(np.argsort(-s, kind="stable")), list(z["gold"])))
         ok = [r for r in ranks if r is not None]
         lines.append(f"| {rule} | {sum(r == 1 for r in ok)}/{len(ranks)} | {sum(r <= 3 for r in ok)}/{len(ranks)} | "
                      f"{statistics.mean(ok):.2f} |")
-    for fraction in (0.005, 0.01, 0.03, 0.05, 0.1):  # how sensitive "peaks" is to its one parameter
-        ranks = []
-        for f in files:
-            z = np.load(f, allow_pickle=False)
-            if bool(z["passed"]):
-                steps = torch.from_numpy(z["steps"].astype(np.float64))
-                s = peak_scores(*(t.numpy() for t in head_steps(steps)), steps.shape[-1] - 1, fraction)
-                ranks.append(rank_of(list(np.argsort(-s, kind="stable")), list(z["gold"])))
-        lines.append(f"| peaks, fraction {fraction} | {sum(r == 1 for r in ranks)}/{len(ranks)} | "
-                     f"{sum(r <= 3 for r in ranks)}/{len(ranks)} | {statistics.mean(ranks):.2f} |")
+    for rule in PEAK_RULES:  # how sensitive the peak rules are to their one parameter
+        for fraction in (0.005, 0.01, 0.03, 0.05, 0.1):
+            ranks = []
+            for f in files:
+                z = np.load(f, allow_pickle=False)
+                if bool(z["passed"]) and (rule != "contrast" or "start" in z.files):
+                    steps = torch.from_numpy(z["steps"].astype(np.float64))
+                    base = torch.from_numpy(z["start"].astype(np.float64)) if rule == "contrast" else None
+                    s = peak_scores(*(t.numpy() for t in head_steps(steps, base=base)), steps.shape[-1] - 1, fraction)
+                    ranks.append(rank_of(list(np.argsort(-s, kind="stable")), list(z["gold"])))
+            if ranks:
+                lines.append(f"| {rule}, fraction {fraction} | {sum(r == 1 for r in ranks)}/{len(ranks)} | "
+                             f"{sum(r <= 3 for r in ranks)}/{len(ranks)} | {statistics.mean(ranks):.2f} |")
     return "\n".join(lines)
 
 

@@ -99,9 +99,7 @@ def scale(tok, n_tokens: int, layers: int, repeats: int):
         s = Settings(chunk_size=4096, max_tokens=32, stop_at_eos=False)
         e = Engine(home, s, loaded=(model, tok, "llama8b-random"))
         reset_peak()
-        t = time.perf_counter()
         p = e.prepare(doc)
-        prep = time.perf_counter() - t
         n = p.entry.n_tokens
         print(f"document {n:,} tokens: prefill {p.prefill_s:.1f} s ({n / p.prefill_s:,.0f} tok/s incl. store writes), "
               f"flat index {p.index_s:.1f} s, open {p.load_s:.1f} s; store {p.entry.size_bytes() / 2**30:.2f} GiB; "

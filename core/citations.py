@@ -15,10 +15,13 @@ map to none.
 
 `Tally.scores` turns the tally into one score per passage by the rule `RULE`, chosen on held-out
 cases by benchmarks/citations.py (BENCHMARKS.md says which rules were measured and how they did):
-"peaks" keeps, of all (step, layer, head)s of the answer, the 2% whose distribution over the
-passages peaks highest (a head reading one place, as when the answer copies from it) and adds
-their distributions; the rules over the summed mass (`unit_scores`) lost to locality: heads that
-read the recent window at every step put the last passages first.
+"contrast" takes, at every (step, layer, head) of the answer, what the head gives each passage
+beyond what it gave it at the question's first token (`start`: where it read before any of the
+question was seen, mostly the document's last passages for a local head), keeps the 2% of those
+that peak highest (a head reading one place, as when the answer copies from it) and adds them up.
+"peaks" is the same without the start subtracted: it ties on the needles and puts a PDF's last
+page first on questions about earlier pages. The rules over the summed mass (`unit_scores`) lost
+to locality: heads that read the recent window at every step put the last passages first.
 `rank` lists the best passages as `Source`s: location, score (the share of the answer's attention
 on the document that the passage received), snippet and the evidence words inside it (the words
 whose tokens received the most attention).
@@ -33,10 +36,11 @@ import numpy as np
 MAX_CHARS = 600     # a text passage: a paragraph, or a piece of one this long at most
 MIN_CHARS = 80      # a shorter paragraph (a heading) joins the next one on its page
 MAX_LINES = 12      # a code passage: at most this many lines of one file
-RULES = ("peaks", "sum", "heads", "peaked", "late", "peaked-late")
-RULE = "peaks"      # benchmarks/citations.py: the rule chosen on the held-out cases (BENCHMARKS.md)
-PEAK_FRACTION = 0.02  # "peaks": the share of an answer's (step, layer, head)s that count
-PEAK_TOP = 8        # "peaks": the passages kept of each (step, layer, head)
+PEAK_RULES = ("peaks", "contrast")  # rules over each step's head distributions (`head_steps`)
+RULES = PEAK_RULES + ("sum", "heads", "peaked", "late", "peaked-late")
+RULE = "contrast"   # benchmarks/citations.py: the rule chosen on the held-out cases (BENCHMARKS.md)
+PEAK_FRACTION = 0.02  # "peaks", "contrast": the share of an answer's (step, layer, head)s that count
+PEAK_TOP = 8        # "peaks", "contrast": the passages kept of each (step, layer, head)
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s")
@@ -235,48 +239,59 @@ class Tally:
         self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
         self.steps = 0
         self.keep_steps, self._kept = keep_steps, []
-        self.peaks, self.top_ids, self.top_shares = [], [], []  # per step: head_steps of its mass [L, Hq, ...]
+        self.heads = {r: ([], [], []) for r in PEAK_RULES}  # per rule, per step: head_steps of its mass [L, Hq, ...]
         self._step = torch.zeros(n_layers, q_heads, self.U + 1)  # the step being recorded
+        self.start = torch.zeros(n_layers, q_heads, self.U + 1)  # the question's first token's mass ("contrast")
         self._open = False
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
         token), k_static [KVH, S, D] (its first len(static_tokens) rows are document tokens),
-        lse [KVH, G, T] of the merged softmax, sel a core/layer.Selection or None."""
+        lse [KVH, G, T] of the merged softmax, sel a core/layer.Selection or None. On the first
+        step (the question's prefill) its first row is also kept as `start`."""
         import torch
 
         KVH, G, T, D = q.shape
         if layer == 0:  # a new step: the last one's mass is complete
             self._flush()
             self.steps += 1
-        q1, lse1 = q[:, :, -1], lse[:, :, -1]                             # [KVH, G, D], [KVH, G]
-        Hq = KVH * G
+        if sel is not None and sel.estimate is not None:
+            pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse[:, :, -1, None])  # [KVH, G, C]
+            prev = self.cluster_mass.get(layer)
+            self.cluster_mass[layer] = pe if prev is None else prev + pe
+        tok, p = self._shares(T - 1, q, k_static, lse, sel, scale)
+        self._step[layer].scatter_add_(1, self.units[tok], p)                     # this step's mass per passage
+        self.tokens.index_add_(0, tok.reshape(-1), p.reshape(-1).double())
+        if self.steps == 1 and T > 1:
+            tok, p = self._shares(0, q, k_static, lse, sel, scale)
+            self.start[layer].scatter_add_(1, self.units[tok], p)
+        self._open = True
+
+    def _shares(self, row: int, q, k_static, lse, sel, scale: float):
+        """(document tokens [Hq, S + K], their shares of the merged softmax [Hq, S + K]) for one
+        query row: the static document rows' and the retrieved keys' (-inf logits at a pad: 0)."""
+        import torch
+
+        KVH, G, T, D = q.shape
         S = len(self.static_tokens)
-        logits = [torch.matmul(q1, k_static[:, :S].float().transpose(1, 2))]     # [KVH, G, S]
+        logits = [torch.matmul(q[:, :, row], k_static[:, :S].float().transpose(1, 2))]  # [KVH, G, S]
         tokens = [self.static_tokens.expand(KVH, G, S)]
         if sel is not None:
             K = sel.logits.shape[-1]
-            logits.append(sel.logits[:, :, -1])                                   # [KVH, G, K], -inf at a pad
-            tokens.append(sel.ids.reshape(KVH, G, T, K)[:, :, -1].clamp_min(0) + self.offload_start)
-            if sel.estimate is not None:
-                pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse1[..., None])  # [KVH, G, C]
-                prev = self.cluster_mass.get(layer)
-                self.cluster_mass[layer] = pe if prev is None else prev + pe
-        tok = torch.cat(tokens, -1).reshape(Hq, -1)                                # [Hq, S + K] document tokens
-        p = torch.exp(torch.cat(logits, -1).reshape(Hq, -1) * scale - lse1.float().reshape(Hq, 1))  # their shares
-        self._step[layer].scatter_add_(1, self.units[tok], p)                     # this step's mass per passage
-        self.tokens.index_add_(0, tok.reshape(-1), p.reshape(-1).double())
-        self._open = True
+            logits.append(sel.logits[:, :, row])                                  # [KVH, G, K]
+            tokens.append(sel.ids.reshape(KVH, G, T, K)[:, :, row].clamp_min(0) + self.offload_start)
+        tok = torch.cat(tokens, -1).reshape(KVH * G, -1)
+        p = torch.exp(torch.cat(logits, -1).reshape(KVH * G, -1) * scale - lse[:, :, row].float().reshape(KVH * G, 1))
+        return tok, p
 
     def _flush(self) -> None:
         """Add the step just finished to `mass` and keep its head_steps (all layers at once)."""
         if not self._open:
             return
         self.mass += self._step
-        peak, top_ids, top_shares = head_steps(self._step)
-        self.peaks.append(peak)
-        self.top_ids.append(top_ids)
-        self.top_shares.append(top_shares)
+        for rule, kept in self.heads.items():
+            for xs, x in zip(kept, head_steps(self._step, base=self.start if rule == "contrast" else None)):
+                xs.append(x)
         if self.keep_steps:
             self._kept.append(self._step.clone())
         self._step.zero_()
@@ -303,9 +318,9 @@ class Tally:
 
     def scores(self, rule: str = RULE):
         """One score per passage, float64 [U] summing to 1 (see `unit_scores`, `peak_scores`)."""
-        if rule == "peaks":
+        if rule in PEAK_RULES:
             stack = lambda xs: np.stack([x.numpy() for x in xs]) if xs else np.zeros((0, 0))
-            return peak_scores(stack(self.peaks), stack(self.top_ids), stack(self.top_shares), self.U)
+            return peak_scores(*(stack(xs) for xs in self.heads[rule]), self.U)
         return unit_scores(self.mass.numpy(), rule)
 
     def steps_mass(self):
@@ -316,17 +331,28 @@ class Tally:
         return torch.stack(self._kept)
 
 
-def head_steps(step_mass, top: int = PEAK_TOP):
-    """What the "peaks" rule keeps of one step's mass [..., Hq, U + 1] (torch; the last column,
-    nowhere, dropped): each head's distribution over the passages, as its peak share [..., Hq] and
-    its `top` passages (ids, shares [..., Hq, top]). A head with no mass on the document: peak 0."""
+def _distribution(mass):
+    """Each head's distribution over the passages (torch [..., U + 1] -> [..., U]; the last column,
+    nowhere, dropped; a head with no mass on the document: zeros)."""
     import torch
 
-    m = step_mass[..., :-1]
+    m = mass[..., :-1]
     tot = m.sum(-1, keepdim=True)
-    p = torch.where(tot > 0, m / tot.clamp_min(1e-300), torch.zeros_like(m))
+    return torch.where(tot > 0, m / tot.clamp_min(1e-300), torch.zeros_like(m))
+
+
+def head_steps(step_mass, top: int = PEAK_TOP, base=None):
+    """What the peak rules keep of one step's mass [..., Hq, U + 1] (torch): each head's
+    distribution over the passages ("peaks"), or what it gives a passage beyond its distribution
+    in `base` (same shape; "contrast": clamped at 0), as its peak share [..., Hq] and its `top`
+    passages (ids, shares [..., Hq, top]). A head with no mass on the document: peak 0."""
+    import torch
+
+    p = _distribution(step_mass)
+    if base is not None:
+        p = (p - _distribution(base).to(p.dtype)).clamp_min(0)
     shares, ids = p.topk(min(top, p.shape[-1]), dim=-1)
-    peak = shares[..., 0] if shares.shape[-1] else torch.zeros(m.shape[:-1], dtype=m.dtype)
+    peak = shares[..., 0] if shares.shape[-1] else torch.zeros(p.shape[:-1], dtype=p.dtype)
     return peak.float(), ids.int(), shares.float()
 
 

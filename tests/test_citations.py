@@ -167,6 +167,7 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
     n, U = a + N + R, tally.U
     ref_tokens = np.zeros(n)
     ref_units = np.zeros((KVH * G, U + 1))
+    ref_start = np.zeros((KVH * G, U + 1))
     new_keys = [[] for _ in range(KVH)]
     for step in range(2):
         T = 2 if step == 0 else 1  # a 2-token "question", then one answer token
@@ -176,6 +177,14 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
             new_keys[h] += list(k_new[0, h].numpy())
         q = torch.randn(1, KVH * G, T, D)
         layer.attend(q, key, value, SCALE)
+        if step == 0:  # the question's first row (causal: it sees the first new key only) is `start`
+            ids0 = layer.last.ids.reshape(KVH, G, T, -1)[:, :, 0]
+            for h in range(KVH * G):
+                kv, g = divmod(h, G)
+                toks = list(range(a)) + [a + int(i) for i in sorted(set(ids0[kv, g].tolist())) if i >= 0] + list(range(a + N, n))
+                w = _reference_weights(q[0, h, 0].double().numpy(), k[kv, toks], new_keys[kv][:1], SCALE)
+                for t, wt in zip(toks, w[:len(toks)]):
+                    ref_start[h, units[t]] += wt
         ids = layer.last.ids.reshape(KVH, G, T, -1)[:, :, -1]
         for h in range(KVH * G):
             kv, g = divmod(h, G)
@@ -188,9 +197,10 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
             if top_k >= N:
                 assert len(got) == N
     tally.finish()
-    assert tally.steps == 2 and len(tally.peaks) == 2
+    assert tally.steps == 2 and all(len(kept[0]) == 2 for kept in tally.heads.values())
     np.testing.assert_allclose(tally.tokens.numpy()[:n], ref_tokens, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(tally.mass[0].numpy(), ref_units, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(tally.start[0].numpy(), ref_start, rtol=1e-5, atol=1e-7)
     # the converse: with the query's weight wrong (another scale) the same check fails
     assert not np.allclose(tally.tokens.numpy()[:n] * 1.1, ref_tokens, rtol=1e-5, atol=1e-7)
 
@@ -232,7 +242,7 @@ def test_unit_scores_rules():
     rng = np.random.default_rng(0)
     mass = rng.random((4, 3, 11))
     mass[:, :, 2] += 5.0  # passage 2 gets most everywhere
-    for rule in [r for r in citations.RULES if r != "peaks"]:
+    for rule in [r for r in citations.RULES if r not in citations.PEAK_RULES]:
         s = citations.unit_scores(mass, rule)
         assert s.shape == (10,) and math.isclose(s.sum(), 1.0) and s.argmax() == 2
     assert (citations.unit_scores(np.zeros((2, 2, 4)), "sum") == 0).all()
@@ -261,6 +271,34 @@ def test_peaks_rule_counts_the_moments_a_head_reads_one_place():
     keep = p.max(1) >= np.quantile(p.max(1), 0.99)
     ref = p[keep].sum(0)
     np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-6)
+
+
+def test_contrast_rule_discounts_what_a_head_reads_before_the_question():
+    """Locality heads peak on the last passage at every step, as they already did at the
+    question's first token (`start`); one head reads passage 3 at a few steps. "peaks" ranks the
+    last passage first; "contrast" (each head's distribution minus its start, clamped at 0)
+    ranks passage 3 first, with the score computed by hand below."""
+    S, L, H, U = 20, 3, 4, 8
+    rng = np.random.default_rng(1)
+    start = rng.random((L, H, U + 1)) * 0.05
+    start[:, :, U - 1] += 1.0                       # locality: the last passage, before any question
+    steps = start[None] + rng.random((S, L, H, U + 1)) * 0.05
+    steps[3:6, 1, 2, 3] += 0.6                      # one head, three steps: passage 3 too
+    peaks = citations.peak_scores(*(t.numpy() for t in citations.head_steps(torch.from_numpy(steps))), U, 0.05)
+    assert peaks.argmax() == U - 1
+    got = citations.peak_scores(*(t.numpy() for t in citations.head_steps(
+        torch.from_numpy(steps), base=torch.from_numpy(start))), U, 0.05)
+    assert got.argmax() == 3
+    # by hand: per (step, layer, head), its distribution minus start's, clamped; the top 5% by peak
+    p = steps[..., :U] / steps[..., :U].sum(-1, keepdims=True)
+    b = start[..., :U] / start[..., :U].sum(-1, keepdims=True)
+    ex = np.clip(p - b[None], 0, None).reshape(-1, U)
+    keep = ex.max(1) >= np.quantile(ex.max(1), 0.95)
+    top = np.argsort(-ex, 1)[:, :citations.PEAK_TOP]
+    ref = np.zeros(U)
+    for row in np.flatnonzero(keep):
+        ref[top[row]] += ex[row, top[row]]
+    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-5)
 
 
 def _ra(args, home, timeout=600):
