@@ -335,6 +335,29 @@ def test_codebase_fact_is_cited_by_file_and_line(ra_home, tmp_path):
     assert "app/config.py:" in r.stderr
 
 
+def test_pdf_question_is_cited_by_its_page(ra_home, tmp_path):
+    """Four pages of the sample PDF (R-intro pages 9-12) through real `ra ask --json`: the answer
+    to a question about `help.search` comes with a page that explains it among the top 3 sources
+    (the "peaks" rule put the last page, next to the question, in all three)."""
+    from pypdf import PdfReader, PdfWriter
+
+    w = PdfWriter()
+    for page in PdfReader(SAMPLES / "R-intro.pdf").pages[8:12]:
+        w.add_page(page)
+    pdf = tmp_path / "r-intro-9-12.pdf"
+    with open(pdf, "wb") as f:
+        w.write(f)
+    doc = load_document(str(pdf))
+    holds = {doc.page_of(i) + 1 for i in range(len(doc.text)) if doc.text.startswith("help.search", i)}
+    assert holds and 4 not in holds  # the last page does not mention it
+    r = _ra(["ask", str(pdf), "What does the help.search command do?", "--json", "-n", "48"], ra_home)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert "help" in rec["answer"].lower()
+    pages = [s["page"] for s in rec["sources"][:3]]
+    assert holds & set(pages), (holds, pages, rec["answer"])
+
+
 def test_sources_options_are_checked(ra_home):
     r = _ra(["ask", str(SAMPLES / "alice-ch1-2.txt"), "Who?", "--sources=file"], ra_home)
     assert r.returncode == 2 and "--sources" in r.stderr and "Traceback" not in r.stderr
