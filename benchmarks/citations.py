@@ -91,7 +91,7 @@ def run(cases, engine, minilm, out=None, steps_dir: Path | None = None, log=prin
     for i, case in enumerate(cases):
         doc = Document(text=case.text, name=case.name, kind="text")
         p = engine.prepare(doc)
-        tally = engine.tally(p, keep_steps=steps_dir is not None)
+        tally = engine.tally(p, keep_steps=steps_dir is not None, rules=citations.RULES)
         stats = AnswerStats()
         answer = "".join(engine.ask(p, case.question, stats, sources=5, tally=tally)).strip()
         P, _, _ = engine.passages(p)

@@ -219,11 +219,14 @@ class Tally:
     index's estimated clusters are summed per cluster and spread over their members at the end
     (`finish`), which needs the layers' indexes (`clusters`: per layer, one with order/offsets/sizes,
     or None); they count in `mass` and `tokens`, not in the per-step peaks (an estimate is spread
-    evenly: it never peaks). Per (step, layer) the "peaks" rule's `head_steps` are kept."""
+    evenly: it never peaks). Per step, the `head_steps` of each peak rule in `rules` are kept
+    (`scores` of a peak rule not kept is an error); the rules over `mass` need nothing kept."""
 
     def __init__(self, n_layers: int, q_heads: int, units: np.ndarray, static_tokens: np.ndarray,
-                 offload_start: int, n_offloaded: int, clusters=(), keep_steps: bool = False):
-        """keep_steps: also keep each step's mass (`steps_mass`, [steps, L, Hq, U + 1]; benchmarks)."""
+                 offload_start: int, n_offloaded: int, clusters=(), keep_steps: bool = False,
+                 rules=(RULE,)):
+        """keep_steps: also keep each step's mass (`steps_mass`, [steps, L, Hq, U + 1]; benchmarks);
+        rules: the rules `scores` will be asked for (benchmarks: `RULES`)."""
         import torch
 
         self.units = torch.from_numpy(np.asarray(units, np.int64))       # [n] -> [0, U]
@@ -239,7 +242,7 @@ class Tally:
         self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
         self.steps = 0
         self.keep_steps, self._kept = keep_steps, []
-        self.heads = {r: ([], [], []) for r in PEAK_RULES}  # per rule, per step: head_steps of its mass [L, Hq, ...]
+        self.heads = {r: ([], [], []) for r in rules if r in PEAK_RULES}  # per rule, per step: head_steps of its mass [L, Hq, ...]
         self._step = torch.zeros(n_layers, q_heads, self.U + 1)  # the step being recorded
         self.start = torch.zeros(n_layers, q_heads, self.U + 1)  # the question's first token's mass ("contrast")
         self._open = False
@@ -319,6 +322,8 @@ class Tally:
     def scores(self, rule: str = RULE):
         """One score per passage, float64 [U] summing to 1 (see `unit_scores`, `peak_scores`)."""
         if rule in PEAK_RULES:
+            if rule not in self.heads:
+                raise ValueError(f"this tally does not keep the {rule!r} rule's steps (rules=...)")
             stack = lambda xs: np.stack([x.numpy() for x in xs]) if xs else np.zeros((0, 0))
             return peak_scores(*(stack(xs) for xs in self.heads[rule]), self.U)
         return unit_scores(self.mass.numpy(), rule)

@@ -459,10 +459,10 @@ class Engine:
             self._passages[key] = (p, citations.token_units(offsets, p), offsets)
         return self._passages[key]
 
-    def tally(self, prepared: Prepared, keep_steps: bool = False):
+    def tally(self, prepared: Prepared, keep_steps: bool = False, rules=None):
         """A core/citations.Tally for one answer about `prepared` (None for full attention: its
-        weights are SDPA's, never seen)."""
-        from .citations import Tally
+        weights are SDPA's, never seen); rules: those it can score (default: the shipped one)."""
+        from .citations import RULE, Tally
 
         if prepared.settings.attention != "retrieval":
             return None
@@ -471,7 +471,7 @@ class Engine:
         _, units, _ = self.passages(prepared)
         static = np.arange(b, e.n_tokens) if e.remapped else np.r_[np.arange(a), np.arange(b, e.n_tokens)]
         clusters = [r.index if hasattr(r.index, "order") else None for r in prepared.retrievers]  # cluster index
-        return Tally(e.n_layers, self.q_heads, units, static, a, b - a, clusters, keep_steps)
+        return Tally(e.n_layers, self.q_heads, units, static, a, b - a, clusters, keep_steps, rules or (RULE,))
 
     def ask(self, prepared: Prepared, question: str, stats: AnswerStats | None = None, on_logits=None,
             history: list | None = None, sources: int = 0, tally=None):

@@ -144,7 +144,7 @@ def _layer_with_tally(KVH, G, a, N, R, D, top_k, seed, index="flat", tmp_path=No
     units = np.arange(n) // 3
     units[1] = units.max() + 1  # a token mapped nowhere (the template)
     tally = citations.Tally(1, KVH * G, units, np.r_[np.arange(a), np.arange(a + N, n)], a, N,
-                            [idx if index != "flat" else None])
+                            [idx if index != "flat" else None], rules=citations.RULES)
     layer = DocumentLayer(StaticKV(static_k[None], static_v[None], a + R + 2), Retriever(k_off, v_off, idx),
                           ExactPositions(), top_k, n, 0, tally)
     return layer, tally, k, units, idx
@@ -197,7 +197,8 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
             if top_k >= N:
                 assert len(got) == N
     tally.finish()
-    assert tally.steps == 2 and all(len(kept[0]) == 2 for kept in tally.heads.values())
+    assert tally.steps == 2 and set(tally.heads) == set(citations.PEAK_RULES)
+    assert all(len(kept[0]) == 2 for kept in tally.heads.values())
     np.testing.assert_allclose(tally.tokens.numpy()[:n], ref_tokens, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(tally.mass[0].numpy(), ref_units, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(tally.start[0].numpy(), ref_start, rtol=1e-5, atol=1e-7)
