@@ -50,14 +50,16 @@ def local_attention(q, k, v, scale: float, causal_offset: int | None = None):
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type != "cpu" or q.dtype != torch.float32 or op is None:
         return partial_attention(q, k[:, None], v[:, None], scale, causal_offset)
+    # the G query heads of a KV head go in as G * T rows of one head (row g * T + t), so the kernel
+    # reads each K/V once and nothing is copied; the causal mask is the same for every g
     mask = None
+    if causal_offset is not None and causal_offset >= S - 1:
+        causal_offset = None  # every query sees every key (a decode step)
     if causal_offset is not None:  # additive mask: query t sees key j <= causal_offset + t
         t = torch.arange(T)[:, None]
         j = torch.arange(S)[None, :]
-        mask = torch.zeros(T, S).masked_fill(j > causal_offset + t, float("-inf"))
-    kx = k[:, None].expand(KVH, G, S, D).reshape(1, KVH * G, S, D)  # the kernel wants one K per query head
-    vx = v[:, None].expand(KVH, G, S, v.shape[-1]).reshape(1, KVH * G, S, v.shape[-1])
-    o, lse = op(q.reshape(1, KVH * G, T, D), kx, vx, 0.0, False, attn_mask=mask, scale=scale)
+        mask = torch.zeros(T, S).masked_fill(j > causal_offset + t, float("-inf")).repeat(G, 1)
+    o, lse = op(q.reshape(1, KVH, G * T, D), k[None], v[None], 0.0, False, attn_mask=mask, scale=scale)
     return o.view(KVH, G, T, -1), lse.view(KVH, G, T)
 
 

@@ -47,22 +47,37 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 200
 
 
+def top_k(scores, k: int):
+    """The k largest of each row of scores [..., N] (CPU, fp32), in no particular order -> (ids
+    int64, values). numpy's introselect (argpartition): about 2x torch.topk on decode-step rows
+    (benchmarks/decode_profile.py); among equal scores at the boundary either may be kept."""
+    import torch
+
+    s = scores.numpy()
+    ids = np.argpartition(s, s.shape[-1] - k, axis=-1)[..., s.shape[-1] - k:]
+    return torch.from_numpy(ids), torch.from_numpy(np.take_along_axis(s, ids, -1))
+
+
 class FlatLayerIndex:
     """Exact top-k over all offloaded keys of one layer. keys: [KVH, N, D] (any float dtype, CPU;
-    a memory map is read, into an fp32 copy kept for later questions, at the first search)."""
+    a memory map is read, into an fp32 copy kept for later questions, at the first search). The
+    copy is laid out [KVH, D, N]: one plain matrix product per KV head, q [M, D] x [D, N], is
+    about 1.7x a batched product over the [N, D] rows for decode-sized M (benchmarks/decode_profile.py)."""
 
     def __init__(self, keys):
-        self.source, self.keys = keys, None
+        self.source, self.keys_t = keys, None
 
     def search(self, q, k: int):
         import torch
 
-        if self.keys is None:
-            src = self.source
-            self.keys = src.float() if isinstance(src, torch.Tensor) else torch.from_numpy(src).float()
-        scores = torch.bmm(q.to("cpu", torch.float32), self.keys.transpose(1, 2))  # [KVH, M, N]
-        top = scores.topk(k, dim=-1, sorted=False)
-        return top.indices, top.values
+        if self.keys_t is None:
+            src = self.source if isinstance(self.source, torch.Tensor) else torch.from_numpy(self.source)
+            self.keys_t = src.float().transpose(1, 2).contiguous()  # [KVH, D, N] fp32
+        q = q.to("cpu", torch.float32)                              # [KVH, M, D]
+        scores = q.new_empty(q.shape[0], q.shape[1], self.keys_t.shape[-1])
+        for h in range(q.shape[0]):
+            torch.mm(q[h], self.keys_t[h], out=scores[h])           # [M, N]
+        return top_k(scores, k)
 
 
 class HnswLayerIndex:

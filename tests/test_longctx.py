@@ -49,19 +49,22 @@ def test_rope_rotations_are_exact_and_relative(tiny):
     assert torch.allclose(q_post @ k_post, q_glob @ k, atol=1e-4)
 
 
-def test_fused_local_attention_equals_naive():
+@pytest.mark.parametrize("T,off", [(7, None), (7, 13), (7, 19), (1, 19), (1, None), (1, 5)])
+def test_fused_local_attention_equals_naive(T, off):
     """The fused CPU kernel path of local_attention against the naive reference softmax and an
-    explicit log-sum-exp (if this torch build lacked the kernel, local_attention would fall back
-    to the naive code and the test would compare a function with itself: it refuses to)."""
+    explicit log-sum-exp, GQA groups of 3, causal or not, a decode step (T = 1, every key seen),
+    over K/V that are a slice of a bigger buffer (as StaticKV's). If this torch build lacked the
+    kernel, local_attention would fall back to the naive code and the test would compare a
+    function with itself: it refuses to."""
     assert getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None) is not None
-    q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 20, 16), torch.randn(2, 20, 16)
-    for off in (None, 13):
-        o, lse = local_attention(q, k, v, 0.25, off)
-        ref = reference_attention(q, k[:, None], v[:, None], 0.25, off)
-        scores = (q @ k[:, None].transpose(-1, -2)) * 0.25
-        if off is not None:
-            scores = scores.masked_fill(~torch.ones(7, 20, dtype=torch.bool).tril(off), float("-inf"))
-        assert torch.allclose(o, ref, atol=1e-5) and torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
+    q = torch.randn(2, 3, T, 16)
+    k, v = torch.randn(2, 32, 16)[:, :20], torch.randn(2, 32, 16)[:, :20]  # strided views
+    o, lse = local_attention(q, k, v, 0.25, off)
+    ref = reference_attention(q, k[:, None], v[:, None], 0.25, off)
+    scores = (q @ k[:, None].transpose(-1, -2)) * 0.25
+    if off is not None:
+        scores = scores.masked_fill(~torch.ones(T, 20, dtype=torch.bool).tril(off), float("-inf"))
+    assert torch.allclose(o, ref, atol=1e-5) and torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
 
 
 @pytest.mark.parametrize("ordered", [True, False])
