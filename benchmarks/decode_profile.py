@@ -85,7 +85,7 @@ def main() -> None:
         shapes = [s for s in ev.input_shapes if isinstance(s, list) and s]
         if group == "linear layers" and any(s[-1] == vocab for s in shapes):
             group = "vocabulary projection"
-        elif group == "linear layers" and len(shapes) == 2 and shapes[1][0] == head_dim:
+        elif group == "linear layers" and len(shapes) >= 2 and len(shapes[1]) == 2 and shapes[1][0] == head_dim:
             group = GROUPS["aten::bmm"]  # the flat index's per-head q [M, D] x keys [D, N]
         if group:
             by_group[group] += ev.self_cpu_time_total
