@@ -36,12 +36,13 @@ step bench_ask python benchmarks/bench_ask.py
 step repeat_vs_length python benchmarks/repeat_vs_length.py --sizes 1000,2000,4000,7500
 step store_cost python benchmarks/store_cost.py
 step serve_ask python benchmarks/serve_ask.py
+step decode_profile python benchmarks/decode_profile.py
 step citations_dev python benchmarks/citations.py needle --seeds 3 --home "$OUT/cit_home" --steps "$OUT/cit_dev" --jsonl "$OUT/cit_dev.jsonl"
 step citations_rules python benchmarks/citations.py rules --steps "$OUT/cit_dev"
 step citations_needle python benchmarks/citations.py needle --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_needle.jsonl"
 step citations_ruler python benchmarks/citations.py ruler --lengths 2000,4000,7500 --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_ruler.jsonl"
 step citations_qa python benchmarks/citations.py qa --home "$OUT/cit_home" --jsonl "$OUT/cit_qa.jsonl"
-step citations_cost python benchmarks/citations.py cost --length 7500 --runs 3 --max-tokens 64
+step citations_cost python benchmarks/citations.py cost --length 7500 --runs 5 --max-tokens 64
 
 # accuracy against full attention on the same cached KV
 step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl "$OUT/needle.jsonl"

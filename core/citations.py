@@ -262,30 +262,32 @@ class Tally:
             pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse[:, :, -1, None])  # [KVH, G, C]
             prev = self.cluster_mass.get(layer)
             self.cluster_mass[layer] = pe if prev is None else prev + pe
-        tok, p = self._shares(T - 1, q, k_static, lse, sel, scale)
-        self._step[layer].scatter_add_(1, self.units[tok], p)                     # this step's mass per passage
-        self.tokens.index_add_(0, tok.reshape(-1), p.reshape(-1).double())
+        self._add(T - 1, q, k_static, lse, sel, scale, self._step[layer], True)  # this step's mass per passage
         if self.steps == 1 and T > 1:
-            tok, p = self._shares(0, q, k_static, lse, sel, scale)
-            self.start[layer].scatter_add_(1, self.units[tok], p)
+            self._add(0, q, k_static, lse, sel, scale, self.start[layer], False)
         self._open = True
 
-    def _shares(self, row: int, q, k_static, lse, sel, scale: float):
-        """(document tokens [Hq, S + K], their shares of the merged softmax [Hq, S + K]) for one
-        query row: the static document rows' and the retrieved keys' (-inf logits at a pad: 0)."""
+    def _add(self, row: int, q, k_static, lse, sel, scale: float, out, tokens: bool) -> None:
+        """Add one query row's shares of the merged softmax to `out` [Hq, U + 1] (per passage) and,
+        with `tokens`, to `tokens` (per document token): the static document rows' (their logits
+        computed again here) and the retrieved keys' (-inf logits at a pad: 0)."""
         import torch
 
         KVH, G, T, D = q.shape
         S = len(self.static_tokens)
-        logits = [torch.matmul(q[:, :, row], k_static[:, :S].float().transpose(1, 2))]  # [KVH, G, S]
-        tokens = [self.static_tokens.expand(KVH, G, S)]
+        lse_row = lse[:, :, row].float().reshape(KVH * G, 1)
+        logits = torch.matmul(q[:, :, row], k_static[:, :S].float().transpose(1, 2))  # [KVH, G, S]
+        p = torch.exp(logits.reshape(KVH * G, S) * scale - lse_row)                  # [Hq, S]
+        out.index_add_(1, self.static_units, p)
+        if tokens:
+            self.tokens.index_add_(0, self.static_tokens, p.sum(0).double())
         if sel is not None:
             K = sel.logits.shape[-1]
-            logits.append(sel.logits[:, :, row])                                  # [KVH, G, K]
-            tokens.append(sel.ids.reshape(KVH, G, T, K)[:, :, row].clamp_min(0) + self.offload_start)
-        tok = torch.cat(tokens, -1).reshape(KVH * G, -1)
-        p = torch.exp(torch.cat(logits, -1).reshape(KVH * G, -1) * scale - lse[:, :, row].float().reshape(KVH * G, 1))
-        return tok, p
+            ids = sel.ids.reshape(KVH, G, T, K)[:, :, row].reshape(KVH * G, K).clamp_min(0)
+            p = torch.exp(sel.logits[:, :, row].reshape(KVH * G, K) * scale - lse_row)  # [Hq, K]
+            out.scatter_add_(1, self.offload_units[ids], p)
+            if tokens:
+                self.tokens.index_add_(0, ids.reshape(-1) + self.offload_start, p.reshape(-1).double())
 
     def _flush(self) -> None:
         """Add the step just finished to `mass` and keep its head_steps (all layers at once)."""

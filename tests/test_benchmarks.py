@@ -59,3 +59,14 @@ def test_run_all_covers_every_benchmarks_md_command():
     assert "gpu_check" in sh  # needs a GPU: run_all.sh says so instead of running it
     r = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "run_all.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_decode_profile_smoke(smol, ra_home):
+    """benchmarks/decode_profile.py on a short document: it answers from the store and splits the
+    profiled answer into its parts (shares only; no time is asserted)."""
+    r = subprocess.run([sys.executable, "benchmarks/decode_profile.py", "--chars", "3000", "--tokens", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ms/token (the baseline)" in r.stdout
+    for part in ("linear layers", "retrieval scores", "vocabulary projection", "rest ("):
+        assert f"| {part}" in r.stdout, r.stdout
