@@ -246,6 +246,8 @@ class Tally:
         self._step = torch.zeros(n_layers, q_heads, self.U + 1)  # the step being recorded
         self.start = torch.zeros(n_layers, q_heads, self.U + 1)  # the question's first token's mass ("contrast")
         self._open = False
+        self._rows, self._start_rows = [], []  # the step's query rows per layer (see _row)
+        self._kdoc, self._keys, self.scale = [], None, 1.0  # per layer: the static document keys [KVH, D, S]
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -262,37 +264,61 @@ class Tally:
             pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse[:, :, -1, None])  # [KVH, G, C]
             prev = self.cluster_mass.get(layer)
             self.cluster_mass[layer] = pe if prev is None else prev + pe
-        self._add(T - 1, q, k_static, lse, sel, scale, self._step[layer], True)  # this step's mass per passage
+        if len(self._kdoc) == layer:  # the static document rows do not change during an answer
+            self._kdoc.append(k_static[:, :len(self.static_tokens)].float().transpose(1, 2).contiguous())
+        self._rows.append(self._row(T - 1, q, lse, sel))  # this step's query row, added up in _flush
         if self.steps == 1 and T > 1:
-            self._add(0, q, k_static, lse, sel, scale, self.start[layer], False)
+            self._start_rows.append(self._row(0, q, lse, sel))
+        self.scale = scale
         self._open = True
 
-    def _add(self, row: int, q, k_static, lse, sel, scale: float, out, tokens: bool) -> None:
-        """Add one query row's shares of the merged softmax to `out` [Hq, U + 1] (per passage) and,
-        with `tokens`, to `tokens` (per document token): the static document rows' (their logits
-        computed again here) and the retrieved keys' (-inf logits at a pad: 0)."""
+    @staticmethod
+    def _row(row: int, q, lse, sel):
+        """What one layer's query row adds, kept until the step ends: (q [KVH, G, D], lse [KVH, G],
+        retrieved ids [KVH, G, K] (-1: a pad) and logits [KVH, G, K] (-inf at a pad), or None)."""
+        KVH, G, T, D = q.shape
+        if sel is None:
+            return q[:, :, row], lse[:, :, row].float(), None, None
+        K = sel.logits.shape[-1]
+        return q[:, :, row], lse[:, :, row].float(), sel.ids.reshape(KVH, G, T, K)[:, :, row], sel.logits[:, :, row]
+
+    def _add(self, rows, out, tokens: bool) -> None:
+        """Add every layer's query row's shares of the merged softmax to `out` [L, Hq, U + 1] (per
+        passage) and, with `tokens`, to `tokens` (per document token), all layers at once: the
+        static document rows' (their logits computed again here, from the keys kept in `_kdoc`)
+        and the retrieved keys' (a pad: logit -inf, share 0)."""
         import torch
 
-        KVH, G, T, D = q.shape
-        S = len(self.static_tokens)
-        lse_row = lse[:, :, row].float().reshape(KVH * G, 1)
-        logits = torch.matmul(q[:, :, row], k_static[:, :S].float().transpose(1, 2))  # [KVH, G, S]
-        p = torch.exp(logits.reshape(KVH * G, S) * scale - lse_row)                  # [Hq, S]
-        out.index_add_(1, self.static_units, p)
+        L = len(rows)
+        if self._keys is None or self._keys.shape[0] != len(self._kdoc):
+            self._keys = torch.stack(self._kdoc)                                  # [L, KVH, D, S]
+        q = torch.stack([r[0] for r in rows])                                     # [L, KVH, G, D]
+        lse = torch.stack([r[1] for r in rows])[..., None]                        # [L, KVH, G, 1]
+        Hq = q.shape[1] * q.shape[2]
+        p = torch.exp(torch.matmul(q, self._keys[:L]) * self.scale - lse).reshape(L, Hq, -1)  # [L, Hq, S]
+        out[:L].index_add_(2, self.static_units, p)
         if tokens:
-            self.tokens.index_add_(0, self.static_tokens, p.sum(0).double())
-        if sel is not None:
-            K = sel.logits.shape[-1]
-            ids = sel.ids.reshape(KVH, G, T, K)[:, :, row].reshape(KVH * G, K).clamp_min(0)
-            p = torch.exp(sel.logits[:, :, row].reshape(KVH * G, K) * scale - lse_row)  # [Hq, K]
-            out.scatter_add_(1, self.offload_units[ids], p)
-            if tokens:
-                self.tokens.index_add_(0, ids.reshape(-1) + self.offload_start, p.reshape(-1).double())
+            self.tokens.index_add_(0, self.static_tokens, p.double().sum((0, 1)))
+        if rows[0][2] is None:
+            return
+        K = max(r[2].shape[-1] for r in rows)  # the clustered index retrieves unequal numbers
+        pad = lambda x, value: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=value)
+        ids = torch.stack([pad(r[2], -1) for r in rows]).clamp_min(0).reshape(L, Hq, K)
+        logits = torch.stack([pad(r[3], float("-inf")) for r in rows])          # [L, KVH, G, K]
+        p = torch.exp(logits * self.scale - lse).reshape(L, Hq, K)
+        out[:L].scatter_add_(2, self.offload_units[ids], p)
+        if tokens:
+            self.tokens.index_add_(0, ids.reshape(-1) + self.offload_start, p.reshape(-1).double())
 
     def _flush(self) -> None:
         """Add the step just finished to `mass` and keep its head_steps (all layers at once)."""
         if not self._open:
             return
+        if self._start_rows:
+            self._add(self._start_rows, self.start, False)
+            self._start_rows = []
+        self._add(self._rows, self._step, True)
+        self._rows = []
         self.mass += self._step
         for rule, kept in self.heads.items():
             for xs, x in zip(kept, head_steps(self._step, base=self.start if rule == "contrast" else None)):

@@ -51,7 +51,10 @@ def _from_numpy(a: np.ndarray, device):
     """The inverse of `_to_numpy`."""
     import torch
 
-    t = torch.from_numpy(a).to(device)
+    # a copy in torch's own (64-byte aligned) memory, as a fresh run's tensors are: without MKL's
+    # conditional numerical reproducibility its results can depend on the alignment of the inputs,
+    # and a resumed prefill must write the same bytes as an uninterrupted one
+    t = torch.from_numpy(a).to(device, copy=True)
     return t.view(torch.bfloat16) if a.dtype == np.int16 else t
 
 # settings fixed when the engine loads its model: a document cannot be opened with others
