@@ -8,8 +8,9 @@ serve and llama.cpp benchmarks' document) prefilled once into a temporary RA_HOM
 question answered twice from the store: once plain (ms per answer token, the baseline of the
 table) and once under the profiler (its overhead makes that run slower: read the shares, not the
 profiled milliseconds). Operators are summed by their self CPU time into groups: the model's
-linear layers, the vocabulary projection, the retrieval search (flat: the score matmul and top-k),
-gathering retrieved K/V, the attention of the static zone, the merge, and the rest.
+linear layers, the vocabulary projection, the flat index's scores (and torch's top-k where it is
+used), gathering retrieved K/V, the attention of the static zone, and the rest; it also counts the
+aten operators per answer step.
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def main() -> None:
         if group:
             by_group[group] += ev.self_cpu_time_total
         by_op[ev.key] += ev.self_cpu_time_total
+    n_ops = sum(ev.count for ev in prof.key_averages() if ev.key.startswith("aten::"))
     total = wall * 1e6
     by_group["rest (Python, norms, small ops)"] = total - sum(by_group.values())
 
@@ -97,7 +99,8 @@ def main() -> None:
     print(f"model: SmolLM2-135M-Instruct (embedded), weights {args.dtype}; document {n_doc:,} tokens; "
           f"attention {args.attention}, index {args.index}; {args.tokens} answer tokens")
     print(f"decode, not profiled: {per_token_ms(plain):.1f} ms/token (the baseline); profiled: "
-          f"{per_token_ms(prof_st):.1f} ms/token; answer {answer.strip()[:60]!r}\n")
+          f"{per_token_ms(prof_st):.1f} ms/token; {n_ops / prof_st.answer_tokens:,.0f} aten operators "
+          f"per answer step; answer {answer.strip()[:60]!r}\n")
     print("| part of the answer | share of the profiled answer |")
     print("|---|---:|")
     for group, us in sorted(by_group.items(), key=lambda kv: -kv[1]):

@@ -247,7 +247,7 @@ class Tally:
         self.start = torch.zeros(n_layers, q_heads, self.U + 1)  # the question's first token's mass ("contrast")
         self._open = False
         self._rows, self._start_rows = [], []  # the step's query rows per layer (see _row)
-        self._kdoc, self._keys, self.scale = [], None, 1.0  # per layer: the static document keys [KVH, D, S]
+        self._kdoc, self._keys, self.scale = [], None, 1.0  # the static document keys: per layer [KVH, D, S], then stacked
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -264,7 +264,7 @@ class Tally:
             pe = torch.exp(sel.estimate.logits[:, :, -1].double() * scale - lse[:, :, -1, None])  # [KVH, G, C]
             prev = self.cluster_mass.get(layer)
             self.cluster_mass[layer] = pe if prev is None else prev + pe
-        if len(self._kdoc) == layer:  # the static document rows do not change during an answer
+        if self._keys is None and len(self._kdoc) == layer:  # the static document rows do not change during an answer
             self._kdoc.append(k_static[:, :len(self.static_tokens)].float().transpose(1, 2).contiguous())
         self._rows.append(self._row(T - 1, q, lse, sel))  # this step's query row, added up in _flush
         if self.steps == 1 and T > 1:
@@ -290,8 +290,8 @@ class Tally:
         import torch
 
         L = len(rows)
-        if self._keys is None or self._keys.shape[0] != len(self._kdoc):
-            self._keys = torch.stack(self._kdoc)                                  # [L, KVH, D, S]
+        if self._keys is None:  # every layer has been recorded once: stack their keys, once
+            self._keys, self._kdoc = torch.stack(self._kdoc), None                # [L, KVH, D, S]
         q = torch.stack([r[0] for r in rows])                                     # [L, KVH, G, D]
         lse = torch.stack([r[1] for r in rows])[..., None]                        # [L, KVH, G, 1]
         Hq = q.shape[1] * q.shape[2]

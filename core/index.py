@@ -49,8 +49,9 @@ HNSW_EF_SEARCH = 200
 
 def top_k(scores, k: int):
     """The k largest of each row of scores [..., N] (CPU, fp32), in no particular order -> (ids
-    int64, values). numpy's introselect (argpartition): about 2x torch.topk on decode-step rows
-    (benchmarks/decode_profile.py); among equal scores at the boundary either may be kept."""
+    int64, values), by numpy's introselect (argpartition), which took less time than torch.topk
+    on decode-step rows here (BENCHMARKS.md, the decode step); among equal scores at the boundary
+    either may be kept."""
     import torch
 
     s = scores.numpy()
@@ -61,8 +62,9 @@ def top_k(scores, k: int):
 class FlatLayerIndex:
     """Exact top-k over all offloaded keys of one layer. keys: [KVH, N, D] (any float dtype, CPU;
     a memory map is read, into an fp32 copy kept for later questions, at the first search). The
-    copy is laid out [KVH, D, N]: one plain matrix product per KV head, q [M, D] x [D, N], is
-    about 1.7x a batched product over the [N, D] rows for decode-sized M (benchmarks/decode_profile.py)."""
+    copy is laid out [KVH, D, N]: one plain matrix product per KV head, q [M, D] x [D, N], which
+    for decode-sized M beat a batched product over the [N, D] rows here (BENCHMARKS.md, the
+    decode step)."""
 
     def __init__(self, keys):
         self.source, self.keys_t = keys, None
