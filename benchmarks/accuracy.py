@@ -58,6 +58,7 @@ class Config:
     index: str = "flat"
     retrieve: float = DEFAULTS.retrieve   # the cluster index's budgets (core/cluster.py)
     estimate: float = DEFAULTS.estimate
+    scan_max: int = DEFAULTS.scan_max
 
 
 def index_config(spec: str, top_k: int) -> Config:
@@ -67,8 +68,8 @@ def index_config(spec: str, top_k: int) -> Config:
     kw = {"top_k": top_k}
     for o in opts:
         name, value = o.split("=")
-        field_name = {"k": "top_k", "r": "retrieve", "e": "estimate"}[name]
-        kw[field_name] = int(value) if name == "k" else float(value)
+        field_name = {"k": "top_k", "r": "retrieve", "e": "estimate", "s": "scan_max"}[name]
+        kw[field_name] = int(value) if name in ("k", "s") else float(value)
     name = f"ra k={kw['top_k']}" + ("" if kind == "flat" else f" {kind}") + "".join(f" {o}" for o in opts if not o.startswith("k="))
     return Config(name, index=kind, **kw)
 
@@ -236,7 +237,7 @@ def run(cases: list[Case], configs: list[Config], engine, max_tokens: int, out=N
         for cfg in configs:
             settings = engine.settings.but(attention=cfg.attention, top_k=cfg.top_k, sink=cfg.sink, recent=cfg.recent,
                                            max_tokens=max_tokens, index=cfg.index, retrieve=cfg.retrieve,
-                                           estimate=cfg.estimate)
+                                           estimate=cfg.estimate, scan_max=cfg.scan_max)
             p = engine.prepare(doc, settings)  # a cache hit after the first config
             index_s[cfg.name] = round(p.index_s, 2)  # building this config's index (0 once built)
             answers[cfg.name] = "".join(engine.ask(p, case.question)).strip()

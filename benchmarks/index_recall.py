@@ -241,9 +241,10 @@ def evaluate(work: Path, n_keys: int, layers: list[int], build_positions: int, h
                     t = time.perf_counter()
                     z = ix.zones(q1, 100, D ** -0.5)  # timed: the search (as for the other indexes)
                     el += time.perf_counter() - t
-                    parts = [attention_from_scores(z.scores, values32[heads, z.ids.clamp_min(0)], D ** -0.5)]
+                    vals = values32[heads, z.ids.clamp_min(0)]
+                    parts = [attention_from_scores(z.scores, vals, D ** -0.5)]
                     if z.estimate is not None:
-                        parts.append(estimated_attention(z.estimate, D ** -0.5))
+                        parts.append(estimated_attention(z.estimate, D ** -0.5, vals))
                     o = merge(parts)[0]
                     zs.append((z, o, parts[0][0]))
                 ids = [z.ids for z, _, _ in zs]  # per step [KVH, G, K_i]

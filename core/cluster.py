@@ -5,14 +5,18 @@ segmented spherical k-means over mean-centred keys (segments of `segment` tokens
 seeds evenly spaced). A decoding query scores every cluster by its estimated attention mass,
 scale * q.c + log |C| (c: the mean of the cluster's keys, |C| its size), and splits them:
 
-  retrieval   the best clusters: every member key attended exactly (ids + exact logits)
-  estimation  the next clusters: not read; each member is taken to be the cluster's mean key, so
-              the cluster adds |C| exp(scale q.c) to the softmax denominator and
-              exp(scale q.c) * (sum of its values) to the numerator (`estimated_attention`)
+  retrieval   keys attended exactly (ids + exact logits). Up to `scan_max` offloaded keys per head
+              the true top-k (every key scored, as the flat index); past it every member of the
+              best clusters (at least k keys' worth and the fraction `retrieve` of the clusters)
+  estimation  the next clusters by mass: not read; each member not already retrieved is taken to
+              sit at the cluster's mean key c, so the cluster adds n exp(scale q.c) to the softmax
+              denominator and exp(scale q.c) * (sum of those members' values) to the numerator, n
+              its members not retrieved (`estimated_attention`; the retrieved members' values are
+              subtracted from the stored value sum, so no key counts twice)
   dropped     the rest
 
-Retrieving every cluster is exactly full attention; `estimated_reference` is the naive dense
-softmax the estimation zone is tested against. The choice is a dense matmul over a small table
+Retrieving every key is exactly full attention; `estimated_reference` is the naive dense softmax
+the two zones are tested against. Choosing the clusters is a dense matmul over a small table
 (N / size centroids), which runs as well on a GPU as on the CPU.
 
 Persisted per index directory (all .npy, memory-mapped, no pickle), L layers, KVH heads, C
@@ -134,59 +138,73 @@ def build_cluster_dir(keys, values, n_layers: int, out: Path, progress=None,
 @dataclass
 class Estimate:
     """The estimated clusters of each query, dense over a layer's C clusters (a matmul over a small
-    table, no gather): logits [..., M, C] unscaled q.c, -inf outside the query's estimated set;
-    log_counts [..., 1, C] log of the cluster sizes; vsums [..., C, Dv] sums of their values."""
+    table, no gather): logits [..., M, C] unscaled q.c, -inf outside the query's estimated set (and
+    where every member was retrieved); log_counts [..., 1 or M, C] log of the members not
+    retrieved; vsums [..., C, Dv] the clusters' value sums; overlap [..., M, K] or None: for each
+    retrieved key (in the Selection's order), its cluster if that cluster is estimated, else -1
+    (its value is taken back out of the cluster's sum)."""
 
     logits: object
     log_counts: object
     vsums: object
+    overlap: object = None
 
     def grouped(self, G: int, T: int, device) -> "Estimate":
         """Rows M = G*T (query head g, token t) as [KVH, G, T, C], on `device`."""
         KVH, _, C = self.logits.shape
-        return Estimate(self.logits.to(device).reshape(KVH, G, T, C), self.log_counts.to(device)[:, None],
-                        self.vsums.to(device)[:, None])
+        rows = lambda t: t.to(device).reshape(KVH, G, T, *t.shape[2:]) if t.shape[1] > 1 else t.to(device)[:, None]
+        return Estimate(self.logits.to(device).reshape(KVH, G, T, C), rows(self.log_counts),
+                        self.vsums.to(device)[:, None],
+                        None if self.overlap is None else self.overlap.to(device).reshape(KVH, G, T, -1))
+
+    def permuted(self, perm) -> "Estimate":
+        """The same estimate for the retrieved keys reordered by perm [KVH, M, K] (a sort)."""
+        return self if self.overlap is None else Estimate(self.logits, self.log_counts, self.vsums,
+                                                          self.overlap.gather(-1, perm))
 
 
-def estimated_attention(est: Estimate, scale: float):
-    """Partial softmax (o [..., Dv], lse [...]) of the estimated clusters, every member taken to be
-    its cluster's mean key: lse = log sum_j |C_j| exp(s_j), o = sum_j exp(s_j - lse) Vsum_j with
-    s_j = scale * q.c_j. A query with no estimated cluster gets o = 0, lse = -inf."""
+def estimated_attention(est: Estimate, scale: float, values=None):
+    """Partial softmax (o [..., Dv], lse [...]) of the estimated clusters, every member not
+    retrieved taken to be its cluster's mean key: lse = log sum_j n_j exp(s_j), o = sum_j
+    exp(s_j - lse) (Vsum_j - values of j's retrieved members), s_j = scale * q.c_j. values
+    [..., K, Dv]: the retrieved keys' values, needed when est.overlap is set. A query with no
+    estimated cluster gets o = 0, lse = -inf."""
     import torch
 
     s = est.logits * scale                                             # -inf: not estimated
     lse = torch.logsumexp(s + est.log_counts, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     w = torch.exp(s - safe[..., None])                                 # 0 outside the set
-    return torch.matmul(w, est.vsums), lse
+    o = torch.matmul(w, est.vsums)
+    if est.overlap is not None:                                        # retrieved members: out of the sums
+        back = w.gather(-1, est.overlap.clamp_min(0)) * (est.overlap >= 0)  # [..., K]
+        o = o - torch.matmul(back[..., None, :], values)[..., 0, :]
+    return o, lse
 
 
-def estimated_reference(q, keys, values, labels, retrieved, estimated, scale: float):
+def estimated_reference(q, keys, values, labels, exact, estimated, scale: float):
     """Naive reference of the retrieval + estimation zones for one query: a dense softmax over the
-    retrieved clusters' keys, plus every member of an estimated cluster replaced by the mean of its
-    cluster's keys with the mean of its values; every other key removed.
+    exactly attended keys `exact` (ids), plus every other member of an estimated cluster with its
+    own value but its cluster's mean key (the mean over all its members); every other key removed.
 
-    q [D]; keys [N, D], values [N, Dv]; labels [N]; retrieved, estimated: cluster ids.
+    q [D]; keys [N, D], values [N, Dv]; labels [N]; exact: key ids; estimated: cluster ids.
     Returns (o [Dv], lse) as a float64 computation written out key by key."""
+    exact, estimated = set(int(i) for i in exact), set(int(j) for j in estimated)
     ks, vs = [], []
-    for j in list(retrieved) + list(estimated):
-        members = [i for i in range(len(labels)) if labels[i] == j]
-        if not members:
-            continue
-        if j in retrieved:
-            ks += [keys[i] for i in members]
-            vs += [values[i] for i in members]
+    for i in range(len(labels)):
+        if i in exact:
+            ks.append(np.asarray(keys[i], np.float64))
+        elif int(labels[i]) in estimated:
+            ks.append(np.mean([keys[m] for m in range(len(labels)) if labels[m] == labels[i]], axis=0, dtype=np.float64))
         else:
-            km = np.mean([keys[i] for i in members], axis=0, dtype=np.float64)
-            vm = np.mean([values[i] for i in members], axis=0, dtype=np.float64)
-            ks += [km] * len(members)
-            vs += [vm] * len(members)
+            continue
+        vs.append(np.asarray(values[i], np.float64))
     if not ks:
         return np.zeros(values.shape[1]), -math.inf
-    logits = np.array([float(np.dot(np.asarray(q, np.float64), np.asarray(k, np.float64))) * scale for k in ks])
+    logits = np.array([float(np.dot(np.asarray(q, np.float64), k)) * scale for k in ks])
     m = logits.max()
     w = np.exp(logits - m)
-    return (w[:, None] * np.asarray(vs, np.float64)).sum(0) / w.sum(), m + math.log(w.sum())
+    return (w[:, None] * np.asarray(vs)).sum(0) / w.sum(), m + math.log(w.sum())
 
 
 # ----------------------------------------------------------------------------- searching
@@ -205,12 +223,15 @@ class Zones:
 class ClusterLayerIndex:
     """One layer's clusters (memory-mapped tables) over its offloaded keys [KVH, N, D].
 
-    `zones(q [KVH, M, D], k, scale)`: every member of the best clusters, at least k keys' worth
-    and at least the fraction `retrieve` of the clusters, attended exactly; the next fraction
-    `estimate` of the clusters estimated."""
+    `zones(q [KVH, M, D], k, scale)`: the retrieval zone, then the estimated clusters (the next
+    fraction `estimate` of all clusters by mass). The retrieval zone is the true top-k (at least k
+    keys and the fraction `retrieve` of them; a flat scan) while N <= scan_max, else every member
+    of the best clusters (at least k keys' worth and the fraction `retrieve` of the clusters)."""
 
-    def __init__(self, tables: dict, keys, retrieve: float = 0.0, estimate: float = 0.0):
+    def __init__(self, tables: dict, keys, retrieve: float = 0.0, estimate: float = 0.0, scan_max: int = 0):
         import torch
+
+        from .index import FlatLayerIndex
 
         self.retrieve, self.estimate = retrieve, estimate
         small = lambda a, dtype: torch.from_numpy(np.array(a, dtype))  # read into memory: N / 16 rows
@@ -222,13 +243,24 @@ class ClusterLayerIndex:
         self.vsums = _mapped(tables["vsums"])                           # [KVH, C, Dv]
         self.keys = _mapped(keys)                                       # [KVH, N, D] the store's keys
         self.c = self.cent.shape[1]
-        self.size = max(1.0, self.keys.shape[1] / max(1, self.c))
+        self.n = self.keys.shape[1]
+        self.size = max(1.0, self.n / max(1, self.c))
+        self.scan = FlatLayerIndex(keys) if self.n <= scan_max else None  # the retrieval zone's top-k
+        self.labels = None                                              # [KVH, N] each key's cluster (scan only)
+        if self.scan is not None:
+            cluster_of_slot = torch.repeat_interleave(torch.arange(self.c).expand(self.order.shape[0], -1).reshape(-1),
+                                                      self.sizes.reshape(-1)).reshape(self.order.shape)
+            self.labels = torch.empty_like(self.order).scatter_(1, self.order, cluster_of_slot)
 
     def budgets(self, k: int) -> tuple[int, int]:
-        """(clusters retrieved, clusters estimated) for a budget of k keys and the two fractions."""
-        r = min(self.c, max(1, math.ceil(k / self.size), math.ceil(self.retrieve * self.c)))
+        """(clusters retrieved, clusters estimated) for a budget of k keys and the two fractions
+        (retrieved: 0 when the retrieval zone is a scan, whose keys are `scan_k(k)`)."""
+        r = 0 if self.scan is not None else min(self.c, max(1, math.ceil(k / self.size), math.ceil(self.retrieve * self.c)))
         e = min(self.c - r, math.ceil(self.estimate * self.c))
         return r, e
+
+    def scan_k(self, k: int) -> int:
+        return min(self.n, max(k, math.ceil(self.retrieve * self.n)))
 
     def zones(self, q, k: int, scale: float) -> Zones:
         import torch
@@ -240,16 +272,27 @@ class ClusterLayerIndex:
         mass = logits * scale + self.log_sizes[:, None, :]              # log of the estimated mass
         best = mass.topk(r + e, dim=-1).indices                         # [KVH, M, r + e], best first
         heads = torch.arange(KVH)[:, None, None]
-        ids, scores = self._members(q, best[..., :r], heads)
-        est = None
-        if e > 0:
-            chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(2, best[..., r:], True)
-            est = Estimate(logits.masked_fill(~chosen, float("-inf")), self.log_sizes[:, None, :], self.vsums)
-        return Zones(ids, scores, est)
+        if self.scan is not None:
+            ids, scores = self.scan.search(q, self.scan_k(k))
+        else:
+            ids, scores = self._members(q, best[..., :r], heads)
+        if e == 0:
+            return Zones(ids, scores, None)
+        chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(2, best[..., r:], True)
+        if self.scan is None:  # whole clusters retrieved: none of them is estimated
+            return Zones(ids, scores, Estimate(logits.masked_fill(~chosen, float("-inf")),
+                                               self.log_sizes[:, None, :], self.vsums))
+        lab = self.labels[heads, ids]                                   # [KVH, M, K] each retrieved key's cluster
+        overlap = torch.where(chosen.gather(2, lab), lab, -1)
+        left = self.sizes[:, None, :].expand(KVH, M, self.c).clone()    # members not retrieved
+        left.scatter_add_(2, overlap.clamp_min(0), -(overlap >= 0).long())
+        keep = chosen & (left > 0)
+        return Zones(ids, scores, Estimate(logits.masked_fill(~keep, float("-inf")), torch.log(left.float()),
+                                           self.vsums, overlap))
 
     def search(self, q, k: int):
-        """The plain index contract: every member of the best clusters (at least k keys' worth) with
-        exact logits; -1 / -inf pad rows of different lengths."""
+        """The plain index contract: the retrieval zone's keys with exact logits (-1 / -inf pad
+        rows of different lengths)."""
         z = self.zones(q, k, 1.0 / math.sqrt(q.shape[-1]))  # (ranking only: the default scale)
         return z.ids, z.scores
 
@@ -284,7 +327,7 @@ def _mapped(array):
 
 
 def open_cluster_layer(index_dir: Path, layer: int, keys, retrieve: float = 0.0,
-                       estimate: float = 0.0) -> ClusterLayerIndex:
+                       estimate: float = 0.0, scan_max: int = 0) -> ClusterLayerIndex:
     tables = {name: np.load(index_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)[layer]
               for name in ("centroids", "sizes", "vsums", "order", "offsets")}
-    return ClusterLayerIndex(tables, keys, retrieve, estimate)
+    return ClusterLayerIndex(tables, keys, retrieve, estimate, scan_max)

@@ -202,7 +202,7 @@ KINDS: dict[str, IndexKind] = {k.name: k for k in (
     # .v2: grouped directions, 24-bit ids (core/graph.py)
     IndexKind("graph", _build_graph, _open_graph, format=".v2", needs_fp16=True),
     # tripartite: retrieved + estimated clusters (core/cluster.py)
-    IndexKind("cluster", _build_cluster, _open_cluster, options=("retrieve", "estimate")),
+    IndexKind("cluster", _build_cluster, _open_cluster, options=("retrieve", "estimate", "scan_max")),
 )}
 
 

@@ -143,8 +143,10 @@ class RemappedPositions:
         d = self.scheme.distance
         z = retriever.zones(self.rope.rotate(q, d - pos).reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K]
         ids, K = z.ids, z.ids.shape[-1]
+        est = z.estimate
         if self.scheme.ordered:
-            ids = ids.sort(dim=-1).values  # document order (pads, -1, first: the farthest slots)
+            ids, perm = ids.sort(dim=-1)  # document order (pads, -1, first: the farthest slots)
+            est = est and est.permuted(perm)
             k_sel = retriever.gather_keys(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, D)
             logits = ordered_scores(q, k_sel, pos, self.rope, d)
             logits = logits.masked_fill((ids < 0).to(q.device).reshape(KVH, G, T, K), float("-inf"))
@@ -152,7 +154,7 @@ class RemappedPositions:
             logits = z.scores.to(q.device).reshape(KVH, G, T, K)
         values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
         # estimated clusters stay in the search frame (all at `distance`)
-        return Selection(ids, logits, values, z.estimate and z.estimate.grouped(G, T, q.device))
+        return Selection(ids, logits, values, est and est.grouped(G, T, q.device))
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         if static.glob_k.shape[1] == 0:
@@ -212,7 +214,7 @@ class DocumentLayer(CacheLayerMixin):
         if sel is not None:
             parts.append(attention_from_scores(sel.logits, sel.values, scale))
             if sel.estimate is not None:
-                parts.append(estimated_attention(sel.estimate, scale))
+                parts.append(estimated_attention(sel.estimate, scale, sel.values))
         o, lse = merge(parts)
         if self.tally is not None:  # each key's share of the merged softmax, from the logits above
             self.tally.record(self.layer, q, key[0], lse, sel, scale)

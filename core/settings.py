@@ -73,6 +73,8 @@ class Settings:
     top_k: int = 100               # offloaded keys retrieved per query head and step
     retrieve: float = 0.018        # cluster index: at least this fraction of clusters attended exactly
     estimate: float = 0.232        # cluster index: this fraction of clusters next estimated (core/cluster.py)
+    scan_max: int = 16_384         # cluster index: up to this many offloaded keys per head, the exactly attended
+                                   # keys are the true top-k (every key scored); past it, the best clusters
     sink: int = 128                # first document tokens kept static
     recent: int = 512              # last document tokens kept static
     chunk_size: int = 1024         # prefill chunk, in tokens
@@ -100,7 +102,7 @@ class Settings:
         one_of("attention", self.attention, ATTENTIONS)
         one_of("index", self.index, ("auto",) + tuple(KINDS))
         one_of("kv_dtype", self.kv_dtype, KV_DTYPES)
-        for name, low in (("top_k", 1), ("sink", 0), ("recent", 0), ("chunk_size", 16), ("max_tokens", 1)):
+        for name, low in (("top_k", 1), ("sink", 0), ("recent", 0), ("chunk_size", 16), ("max_tokens", 1), ("scan_max", 0)):
             if getattr(self, name) < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
         for name in ("retrieve", "estimate"):

@@ -1,8 +1,8 @@
 """The clustered index and the estimation zone (core/cluster.py) against naive references.
 
 The references are written out key by key in float64 numpy: the cluster masses from the keys and
-labels, and one dense softmax per query over the keys a zone claims to cover (the retrieved
-clusters' own keys, each estimated cluster's members replaced by its mean key and mean value).
+labels, and one dense softmax per query over the keys a zone claims to cover (the retrieved keys
+as they are, each estimated cluster's other members at its mean key with their own values).
 """
 import math
 from dataclasses import replace
@@ -86,26 +86,33 @@ def test_clusters_group_similar_keys():
         assert len(set(labels[truth == j])) == 1
 
 
-@pytest.mark.parametrize("k, retrieve, estimate", [
-    (1, 0.0, 0.0),      # one cluster retrieved, nothing estimated
-    (20, 0.0, 0.3),     # a key budget, then estimation
-    (1, 0.25, 0.5),     # fractions
-    (1, 1.0, 0.5),      # everything retrieved: the estimated zone is empty
-    (1, 0.0, 1.0),      # one retrieved, all the rest estimated
+@pytest.mark.parametrize("k, retrieve, estimate, scan", [
+    (1, 0.0, 0.0, False),      # one cluster retrieved, nothing estimated
+    (20, 0.0, 0.3, False),     # a key budget, then estimation
+    (1, 0.25, 0.5, False),     # fractions
+    (1, 1.0, 0.5, False),      # everything retrieved: the estimated zone is empty
+    (1, 0.0, 1.0, False),      # one retrieved, all the rest estimated
+    (9, 0.0, 0.0, True),       # the true top-9 (a scan), nothing estimated
+    (9, 0.0, 0.4, True),       # the true top-9, then estimated clusters, some holding a top-9 key
+    (1, 0.1, 1.0, True),       # the top 10% of keys, every other key estimated
+    (173, 0.0, 1.0, True),     # every key retrieved: estimated clusters have no member left
 ])
-def test_zones_equal_naive_reference(tmp_path, k, retrieve, estimate):
+def test_zones_equal_naive_reference(tmp_path, k, retrieve, estimate, scan):
     L, KVH, N, D, M = 1, 2, 173, 8, 5  # odd sizes; 3 segments of 64 (the tail joins), clusters of ~7
     keys, values = _kv(L, KVH, N, D, seed=1)
     _build(tmp_path, keys, values, size=7, segment=64)
-    idx = open_cluster_layer(tmp_path, 0, keys[0], retrieve=retrieve, estimate=estimate)
+    idx = open_cluster_layer(tmp_path, 0, keys[0], retrieve=retrieve, estimate=estimate, scan_max=N if scan else 0)
     q = torch.from_numpy(np.random.default_rng(2).standard_normal((KVH, M, D)).astype(np.float32))
     z = idx.zones(q, k, SCALE)
     r, e = idx.budgets(k)
     assert (z.estimate is None) == (e == 0)
+    if scan and e and k < N:  # some top-k keys sit in estimated clusters: the case the overlap handles
+        assert (z.estimate.overlap >= 0).any()
     heads = torch.arange(KVH)[:, None, None]
     parts = [attention_from_scores(z.scores, torch.from_numpy(values[0])[heads, z.ids.clamp_min(0)], SCALE)]
     if z.estimate is not None:
-        parts.append(estimated_attention(z.estimate, SCALE))
+        sel_values = torch.from_numpy(values[0])[heads, z.ids.clamp_min(0)]
+        parts.append(estimated_attention(z.estimate, SCALE, sel_values))
     o, lse = merge(parts)
     for h in range(KVH):
         labels = _labels(idx, h)
@@ -118,8 +125,13 @@ def test_zones_equal_naive_reference(tmp_path, k, retrieve, estimate):
             ranked = np.argsort(-np.array(mass), kind="stable")
             retrieved, estimated = ranked[:r].tolist(), ranked[r:r + e].tolist()
             got = set(z.ids[h, m][z.ids[h, m] >= 0].tolist())
-            assert got == set(np.flatnonzero(np.isin(labels, retrieved)).tolist())
-            o_ref, lse_ref = estimated_reference(qn, keys[0, h], values[0, h], labels, retrieved, estimated, SCALE)
+            if scan:  # the true top-k of the exact logits
+                n_exact = min(N, max(k, math.ceil(retrieve * N)))
+                want = np.argsort(-(keys[0, h].astype(np.float64) @ qn), kind="stable")[:n_exact]
+            else:     # every member of the best clusters
+                want = np.flatnonzero(np.isin(labels, retrieved))
+            assert got == set(want.tolist())
+            o_ref, lse_ref = estimated_reference(qn, keys[0, h], values[0, h], labels, got, estimated, SCALE)
             np.testing.assert_allclose(o[h, m].numpy(), o_ref, rtol=1e-4, atol=1e-5)
             assert abs(float(lse[h, m]) - lse_ref) < 1e-4
 
@@ -132,24 +144,24 @@ def test_estimate_with_no_cluster_is_an_empty_zone():
     assert (o == 0).all() and torch.isinf(lse).all()
 
 
-def _layer(tmp_path, policy, retrieve, estimate, k_static, v_static, k_off, v_off, glob=(None, None)):
+def _layer(tmp_path, policy, retrieve, estimate, k_static, v_static, k_off, v_off, glob=(None, None), scan_max=0):
     keys, values = k_off.numpy()[None], v_off.numpy()[None]
     _build(tmp_path, keys, values, size=5, segment=32)
-    index = kind("cluster").open(tmp_path, 0, keys[0], retrieve=retrieve, estimate=estimate)
+    index = kind("cluster").open(tmp_path, 0, keys[0], retrieve=retrieve, estimate=estimate, scan_max=scan_max)
     retriever = Retriever(keys[0], values[0], index)
     static = StaticKV(k_static[None], v_static[None], k_static.shape[1] + 1, *glob)
     return DocumentLayer(static, retriever, policy, 1, k_off.shape[1] + k_static.shape[1]), index
 
 
 def _stand_ins(index, h, ids_row, est_clusters, keys, values):
-    """The dense key set a zone claims: retrieved keys, then each estimated cluster's members
-    replaced by its mean key (value: mean value). Returns keys, values, and which are estimated."""
+    """The dense key set a zone claims: retrieved keys, then each estimated cluster's other
+    members at its mean key (with their own values). Returns keys, values, and which are estimated."""
     labels = _labels(index, h)
     ks, vs, is_est = [keys[h, i] for i in ids_row], [values[h, i] for i in ids_row], [False] * len(ids_row)
     for j in est_clusters:
-        members = np.flatnonzero(labels == j)
-        ks += [keys[h, members].mean(0)] * len(members)
-        vs += [values[h, members].mean(0)] * len(members)
+        members = [i for i in np.flatnonzero(labels == j) if i not in set(ids_row)]
+        ks += [keys[h, np.flatnonzero(labels == j)].mean(0)] * len(members)
+        vs += [values[h, i] for i in members]
         is_est += [True] * len(members)
     return ks, vs, is_est
 
@@ -161,8 +173,9 @@ def _estimated_clusters(index, q_rows, k):
     return mass.topk(r + e, dim=-1).indices[..., r:]
 
 
-@pytest.mark.parametrize("retrieve, estimate", [(1.0, 0.0), (0.2, 0.4), (0.0, 1.0)])
-def test_document_layer_with_estimation_equals_dense_reference(tmp_path, retrieve, estimate):
+@pytest.mark.parametrize("retrieve, estimate, scan_max", [(1.0, 0.0, 0), (0.2, 0.4, 0), (0.0, 1.0, 0),
+                                                      (0.1, 0.5, 10_000), (1.0, 1.0, 10_000)])
+def test_document_layer_with_estimation_equals_dense_reference(tmp_path, retrieve, estimate, scan_max):
     """Static zone + retrieved clusters + estimated clusters, through DocumentLayer, == one dense
     float64 softmax per query over the static keys and the stand-ins; with every cluster retrieved
     that is full attention."""
@@ -170,7 +183,7 @@ def test_document_layer_with_estimation_equals_dense_reference(tmp_path, retriev
     rng = np.random.default_rng(5)
     k_st, v_st = (torch.from_numpy(rng.standard_normal((KVH, S, D)).astype(np.float32)) for _ in range(2))
     k_off, v_off = (torch.from_numpy(rng.standard_normal((KVH, N, D)).astype(np.float32)) for _ in range(2))
-    layer, index = _layer(tmp_path, ExactPositions(), retrieve, estimate, k_st, v_st, k_off, v_off)
+    layer, index = _layer(tmp_path, ExactPositions(), retrieve, estimate, k_st, v_st, k_off, v_off, scan_max=scan_max)
     k_new, v_new = torch.randn(1, KVH, 1, D), torch.randn(1, KVH, 1, D)
     key, value = layer.update(k_new, v_new)
     q = torch.randn(1, KVH * G, 1, D)
@@ -190,8 +203,8 @@ def test_document_layer_with_estimation_equals_dense_reference(tmp_path, retriev
             assert len(ids) == N  # every key, exactly: full attention
 
 
-@pytest.mark.parametrize("ordered", [False, True])
-def test_remapped_estimation_equals_reference_in_the_global_frame(tmp_path, ordered):
+@pytest.mark.parametrize("ordered, scan_max", [(False, 0), (True, 0), (True, 10_000)])
+def test_remapped_estimation_equals_reference_in_the_global_frame(tmp_path, ordered, scan_max):
     """Past the window (pre-RoPE keys): retrieved keys at the scheme's distances, estimated
     clusters at `distance` (the frame the index is searched in), sinks beyond; checked against
     core/longctx.remapped_reference, which builds every key at its distance."""
@@ -207,7 +220,7 @@ def test_remapped_estimation_equals_reference_in_the_global_frame(tmp_path, orde
     k_pre, v = torch.randn(KVH, n, D), torch.randn(KVH, n, D)
     k_loc = rope.rotate(k_pre[:, b:], torch.arange(b, n))
     layer, index = _layer(tmp_path, RemappedPositions(rope, scheme), 0.1, 0.3, k_loc, v[:, b:],
-                          k_pre[:, a:b].contiguous(), v[:, a:b].contiguous(), (k_pre[:, :a], v[:, :a]))
+                          k_pre[:, a:b].contiguous(), v[:, a:b].contiguous(), (k_pre[:, :a], v[:, :a]), scan_max)
     layer.n_document = n
     k_new, v_new = torch.randn(KVH, 1, D), torch.randn(KVH, 1, D)
     key, value = layer.update(rope.rotate(k_new, torch.tensor([n]))[None], v_new[None])
