@@ -233,20 +233,21 @@ def run(cases: list[Case], configs: list[Config], engine, max_tokens: int, out=N
     t0 = time.perf_counter()
     for i, case in enumerate(cases):
         doc = Document(text=case.text, name=case.name, kind="text")
-        answers, index_s = {}, {}
+        answers, index_s, prefill_s = {}, {}, 0.0
         for cfg in configs:
             settings = engine.settings.but(attention=cfg.attention, top_k=cfg.top_k, sink=cfg.sink, recent=cfg.recent,
                                            max_tokens=max_tokens, index=cfg.index, retrieve=cfg.retrieve,
                                            estimate=cfg.estimate, scan_max=cfg.scan_max)
             p = engine.prepare(doc, settings)  # a cache hit after the first config
             index_s[cfg.name] = round(p.index_s, 2)  # building this config's index (0 once built)
+            prefill_s = max(prefill_s, p.prefill_s)  # the case's prefill (the first config's; 0 on a hit)
             answers[cfg.name] = "".join(engine.ask(p, case.question)).strip()
         full = answers.get(FULL.name)
         for cfg in configs:
             a = answers[cfg.name]
             row = {"task": case.task, "case": case.name, "length": case.length, "depth": case.depth,
                    "seed": case.seed, "tokens": p.entry.n_tokens, "config": cfg.name, "expected": case.expected,
-                   "answer": a, "passed": passed(a, case.expected), "index_s": index_s[cfg.name],
+                   "answer": a, "passed": passed(a, case.expected), "index_s": index_s[cfg.name], "prefill_s": round(prefill_s, 2),
                    "same_as_full": (a == full) if full is not None else None}
             rows.append(row)
             if out:

@@ -219,7 +219,9 @@ class Tally:
     index's estimated clusters are summed per cluster and spread over their members at the end
     (`finish`), which needs the layers' indexes (`clusters`: per layer, one with order/offsets/sizes,
     or None); they count in `mass` and `tokens`, not in the per-step peaks (an estimate is spread
-    evenly: it never peaks). Per step, the `head_steps` of each peak rule in `rules` are kept
+    evenly: it never peaks). Where the retrieved keys are a scan's top-k, a few of them can sit in
+    an estimated cluster: the estimate is spread over all its members, those included, so they get
+    one more member's share of it than the attention gave them (the tally is for ranking passages). Per step, the `head_steps` of each peak rule in `rules` are kept
     (`scores` of a peak rule not kept is an error); the rules over `mass` need nothing kept."""
 
     def __init__(self, n_layers: int, q_heads: int, units: np.ndarray, static_tokens: np.ndarray,

@@ -225,19 +225,24 @@ class Engine:
         return max(s.query_samples, min(8192, n_tokens // 25))
 
     def index_kind(self, entry: Entry, s: Settings) -> str:
-        """The index for this entry: as asked, or for `auto` exact flat search on short documents
-        and the query-aware graph on long ones (fp16 stores, which are the default). Documents past
-        the model's window (remapped positions) keep exact search: there the graph at its default
-        width missed passcodes exact search finds (2 of whole Alice's 3; BENCHMARKS.md).
-
-        "Long" is `s.graph_min_keys` offloaded keys per head (16K): benchmarks/index_recall.py
-        measured flat at ~6 ms per 1K keys per decode step (all layers) against ~110 ms for the
-        graph at 100K keys; below ~16K keys exact search costs about as little and is exact."""
+        """The index for this entry: as asked, or for `auto`:
+          - a document inside the model's window with fewer than `s.graph_min_keys` (16K) offloaded
+            keys per head: the clustered index, whose exact zone there is the true top-k (a scan
+            of every key) and which estimates the next clusters (core/cluster.py). On the needle
+            grid its answers equal full attention's more often than exact top-k alone
+            (BENCHMARKS.md, "The clustered index");
+          - a longer one: the query-aware graph (fp16 stores, the default; else flat);
+          - a document past the model's window (remapped positions): exact flat search, where the
+            graph at its default width missed passcodes exact search finds (2 of whole Alice's 3)
+            and the cluster index (its exact zone then whole clusters) found 1 of 3."""
         if s.index != "auto":
             return s.index
+        if entry.remapped:
+            return "flat"
         a, b = entry.split(*self.static_sizes(entry, s))
-        long = b - a >= s.graph_min_keys and entry.keys.dtype == np.float16
-        return "graph" if long and not entry.remapped else "flat"
+        if b - a >= s.graph_min_keys:
+            return "graph" if entry.keys.dtype == np.float16 else "flat"
+        return "cluster"
 
     def _build_entry(self, doc: Document, key: StoreKey, s: Settings) -> None:
         from . import longctx

@@ -15,9 +15,10 @@ over the retrieved keys needs only their values.
         SmolLM2's real keys: 0.50 -> 0.89 at ef=100, 0.96 at ef=200).
   graph the query-aware graph of core/graph.py (built from the document's prefill queries).
 
-  cluster segmented spherical k-means clusters (core/cluster.py): the best clusters are attended
-        exactly, the next ones estimated from their centroids and value sums (tripartite
-        attention); the choice is a dense score over N / 16 centroids.
+  cluster segmented spherical k-means clusters (core/cluster.py): the true top-k (up to 16K keys
+        per head, a scan) or the best clusters are attended exactly, the next clusters estimated
+        from their centroids and value sums (tripartite attention); the clusters are chosen by a
+        dense score over N / 16 centroids. `auto` uses it for documents inside the window.
 
 Index kinds are a registry (`KINDS`): each has one `build(keys, values, queries, n_layers, out,
 progress, start_layer)` (layer by layer, so an interrupted build resumes) and one `open(index_dir, layer, keys, **options)`, where keys(layer) / values(layer) /

@@ -155,6 +155,7 @@ class PlanInput:
     top_k: int = 100
     retrieve: float = 0.018
     index: str = "cluster"      # cluster | flat (what the host holds while answering)
+    scan_max: int = 16_384      # cluster index: up to this many offloaded keys per head it also scans every key
     query_samples: int = 512
 
 
@@ -184,6 +185,8 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
         host_index = heads * offloaded * D * 4
     else:  # core/cluster.ClusterLayerIndex: fp32 centroids + log sizes, int64 sizes/offsets/order; value sums mapped
         host_index = heads * (clusters * (D * 4 + 4 + 8 + 8) + offloaded * 8)
+        if offloaded <= x.scan_max:  # its exact zone is a scan: an fp32 copy of the keys, and each key's cluster
+            host_index += heads * offloaded * (D * 4 + 8)
     queries = L * shape.q_heads * max(x.query_samples, min(8192, n // 25)) * D * x.store_bytes
     index_disk = 0 if x.index == "flat" else heads * (clusters * (2 * D * 4 + 4 + 8) + offloaded * 4)
     disk = shape.kv_per_token(x.store_bytes) * n + queries + index_disk + n * 8

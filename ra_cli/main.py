@@ -61,11 +61,11 @@ DTYPE = typer.Option(D.dtype, envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 o
 ATTENTION = typer.Option(D.attention, envvar="RA_ATTENTION",
                          help="retrieval, or full (exact attention over the same cached KV).")
 INDEX = typer.Option(D.index, envvar="RA_INDEX",
-                     help="Offloaded-key index: auto (flat under 16K keys or past the window, else graph), flat (exact), hnsw, graph, "
-                          "cluster (tripartite: clusters attended or estimated).")
+                     help="Offloaded-key index: auto (cluster under 16K keys, flat past the window, else graph), flat (exact), hnsw, "
+                          "graph, cluster (tripartite: top keys attended, the next clusters estimated).")
 TOP_K = typer.Option(D.top_k, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
 RETRIEVE = typer.Option(D.retrieve, envvar="RA_RETRIEVE", min=0.0, max=1.0,
-                        help="Cluster index: least fraction of the clusters attended exactly (and at least --top-k keys).")
+                        help="Cluster index: least fraction of the keys (of the clusters, past 16K keys) attended exactly, and at least --top-k.")
 ESTIMATE = typer.Option(D.estimate, envvar="RA_ESTIMATE", min=0.0, max=1.0,
                         help="Cluster index: fraction of the clusters next estimated from their centroids (0: none).")
 SINK = typer.Option(D.sink, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")
