@@ -37,6 +37,7 @@ step repeat_vs_length python benchmarks/repeat_vs_length.py --sizes 1000,2000,40
 step store_cost python benchmarks/store_cost.py
 step serve_ask python benchmarks/serve_ask.py
 step decode_profile python benchmarks/decode_profile.py
+step index_cost python benchmarks/index_cost.py --indexes flat,cluster --runs 5
 step citations_dev python benchmarks/citations.py needle --seeds 3 --home "$OUT/cit_home" --steps "$OUT/cit_dev" --jsonl "$OUT/cit_dev.jsonl"
 step citations_rules python benchmarks/citations.py rules --steps "$OUT/cit_dev"
 step citations_needle python benchmarks/citations.py needle --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_needle.jsonl"
@@ -53,12 +54,22 @@ step ruler python benchmarks/accuracy.py ruler --home "$OUT/acc_home" --jsonl "$
 step qa python benchmarks/accuracy.py qa --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
-# the clustered index (issue 16): the grid at RetroInfer's budgets, a budget sweep at 7.5K, the grid at R=0.1 E=0.4
-step needle_cluster python benchmarks/accuracy.py needle --seeds 3 --indexes flat,cluster \
+# the clustered index (issue 16): the grid with scan top-k + estimated clusters (R=0.018 E=0.232;
+# the default R=0.1 E=1 in the _short and _rest steps), budgets at 7.5K; then whole clusters as the exact zone (s=0): RetroInfer's
+# budgets on the grid, a sweep at 7.5K, the grid at R=0.1 E=0.4
+step needle_cluster python benchmarks/accuracy.py needle --seeds 3 --indexes flat,cluster:r=0.018:e=0.232 \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster.jsonl"
+step needle_cluster_rest python benchmarks/accuracy.py needle --lengths 1000,6000,7500 --seeds 3 \
+    --indexes cluster:r=0.1:e=1 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_rest.jsonl"
+step needle_cluster_scan_sweep python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 \
+    --indexes flat,cluster:r=0:e=1,cluster:r=0:e=0.232 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_scan.jsonl"
+step needle_cluster_scan_short python benchmarks/accuracy.py needle --lengths 2000,4000 --seeds 3 \
+    --indexes cluster:e=1,cluster:r=0.1:e=1 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_short.jsonl"
+step needle_cluster_whole python benchmarks/accuracy.py needle --seeds 3 --indexes flat,cluster:s=0 \
+    --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_whole.jsonl"
 step needle_cluster_sweep python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 \
-    --indexes cluster:e=0,cluster:r=0.05,cluster:r=0.1:e=0.4 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_sweep.jsonl"
-step needle_cluster_r01 python benchmarks/accuracy.py needle --seeds 3 --indexes cluster:r=0.1:e=0.4 \
+    --indexes cluster:s=0:e=0,cluster:s=0:r=0.05,cluster:s=0:r=0.1:e=0.4 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_sweep.jsonl"
+step needle_cluster_r01 python benchmarks/accuracy.py needle --seeds 3 --indexes cluster:s=0:r=0.1:e=0.4 \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_r01.jsonl"
 
 # the query-aware index and decode latency vs length (KV captured from real text past 8K)

@@ -153,7 +153,7 @@ class PlanInput:
     sink: int = 128
     recent: int = 512
     top_k: int = 100
-    retrieve: float = 0.018
+    retrieve: float = 0.1
     index: str = "cluster"      # cluster | flat (what the host holds while answering)
     scan_max: int = 16_384      # cluster index: up to this many offloaded keys per head it also scans every key
     query_samples: int = 512
