@@ -27,13 +27,15 @@ def test_needle_found_from_the_persisted_store_in_a_new_process(smol, ra_home, t
     doc = tmp_path / "haystack.txt"
     doc.write_text(haystack_with_needle("48213"))
     q = "What is the secret passcode?"
-    first = ra("ask", str(doc), q, "--top-k", "100", "-n", "24")
+    # exact top-100 (flat) finds this needle; full attention itself does not (it repeats "The Secret
+    # Passcode:"), and neither does the default clustered index, which answers as full attention does
+    first = ra("ask", str(doc), q, "--index", "flat", "--top-k", "100", "-n", "24")
     assert first.returncode == 0, first.stderr
     assert "prefilled" in first.stderr and "cache hit" not in first.stderr
     n_tokens = int(first.stderr.split("prefilled ")[1].split(" tokens")[0].replace(",", ""))
     assert 5500 < n_tokens < 7500
     assert "48213" in first.stdout
-    second = ra("ask", str(doc), q, "--top-k", "100", "-n", "24")  # a new process
+    second = ra("ask", str(doc), q, "--index", "flat", "--top-k", "100", "-n", "24")  # a new process
     assert second.returncode == 0, second.stderr
     assert f"cache hit: reused {n_tokens:,} document tokens" in second.stderr
     assert "prefilled" not in second.stderr
