@@ -64,11 +64,11 @@ step needle_cluster_rest python benchmarks/accuracy.py needle --lengths 1000,600
 step needle_cluster_scan_sweep python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 \
     --indexes flat,cluster:r=0:e=1,cluster:r=0:e=0.232 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_scan.jsonl"
 step needle_cluster_scan_short python benchmarks/accuracy.py needle --lengths 2000,4000 --seeds 3 \
-    --indexes cluster:e=1,cluster:r=0.1:e=1 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_short.jsonl"
-step needle_cluster_whole python benchmarks/accuracy.py needle --seeds 3 --indexes flat,cluster:s=0 \
+    --indexes cluster:r=0.018:e=1,cluster:r=0.1:e=1 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_short.jsonl"
+step needle_cluster_whole python benchmarks/accuracy.py needle --seeds 3 --indexes flat,cluster:s=0:r=0.018:e=0.232 \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_whole.jsonl"
 step needle_cluster_sweep python benchmarks/accuracy.py needle --lengths 7500 --seeds 3 \
-    --indexes cluster:s=0:e=0,cluster:s=0:r=0.05,cluster:s=0:r=0.1:e=0.4 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_sweep.jsonl"
+    --indexes cluster:s=0:r=0.018:e=0,cluster:s=0:r=0.05:e=0.232,cluster:s=0:r=0.1:e=0.4 --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_sweep.jsonl"
 step needle_cluster_r01 python benchmarks/accuracy.py needle --seeds 3 --indexes cluster:s=0:r=0.1:e=0.4 \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_cluster_r01.jsonl"
 
