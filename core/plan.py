@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .settings import DEFAULTS
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
@@ -149,14 +150,14 @@ class PlanInput:
     capacity: int = 512         # question + answer tokens after the document
     dtype_bytes: int = 2        # model weights and device K/V (bf16 on CUDA)
     store_bytes: int = 2        # stored K/V (fp16)
-    chunk: int = 1024           # prefill chunk
-    sink: int = 128
-    recent: int = 512
-    top_k: int = 100
-    retrieve: float = 0.1
+    chunk: int = DEFAULTS.chunk_size  # prefill chunk; the rest as ra's Settings (one place for the defaults)
+    sink: int = DEFAULTS.sink
+    recent: int = DEFAULTS.recent
+    top_k: int = DEFAULTS.top_k
+    retrieve: float = DEFAULTS.retrieve
     index: str = "cluster"      # cluster | flat (what the host holds while answering)
-    scan_max: int = 16_384      # cluster index: up to this many offloaded keys per head it also scans every key
-    query_samples: int = 512
+    scan_max: int = DEFAULTS.scan_max  # cluster index: up to this many offloaded keys per head it also scans every key
+    query_samples: int = DEFAULTS.query_samples
 
 
 def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
