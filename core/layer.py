@@ -95,7 +95,6 @@ class Retriever:
         self.v = torch.from_numpy(values)
         self.index = index
         self.n = keys.shape[1]
-        self.heads = torch.arange(keys.shape[0])[:, None, None]
 
     def zones(self, q, k: int, scale: float) -> Zones:
         if hasattr(self.index, "zones"):
@@ -104,11 +103,24 @@ class Retriever:
         return Zones(ids, scores, None)
 
     def gather_values(self, ids):
-        """ids: [KVH, M, K] (-1: a pad, read as row 0) -> [KVH, M, K, D] (store dtype, CPU)."""
-        return self.v[self.heads, ids.clamp_min(0)]
+        """ids: [KVH, M, K] (-1: a pad, read as row 0) -> [KVH, M, K, D] (fp32, CPU)."""
+        return gather_rows(self.v, ids)
 
     def gather_keys(self, ids):
-        return self.k[self.heads, ids.clamp_min(0)]
+        return gather_rows(self.k, ids)
+
+
+def gather_rows(rows, ids, dtype=torch.float32):
+    """rows [KVH, N, D] (any dtype, CPU; a memory map is fine), ids [KVH, M, K] (-1: a pad, read
+    as row 0) -> rows[h, ids[h]] as [KVH, M, K, D] in `dtype`: one index_select per head into a
+    preallocated buffer, then one conversion (faster here than one advanced-index gather over
+    [KVH, M, K] and a conversion per caller: see the commit that introduced it)."""
+    KVH, M, K = ids.shape
+    flat = ids.clamp_min(0).reshape(KVH, M * K)
+    out = rows.new_empty(KVH, M * K, rows.shape[-1])
+    for h in range(KVH):
+        torch.index_select(rows[h], 0, flat[h], out=out[h])
+    return out.to(dtype).reshape(KVH, M, K, -1)
 
 
 class ExactPositions:
@@ -120,7 +132,7 @@ class ExactPositions:
         z = retriever.zones(q.reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K], CPU
         ids, K = z.ids, z.ids.shape[-1]
         logits = z.scores.to(q.device).reshape(KVH, G, T, K)
-        values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
+        values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
         return Selection(ids, logits, values, z.estimate and z.estimate.grouped(G, T, q.device))
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
@@ -147,12 +159,12 @@ class RemappedPositions:
         if self.scheme.ordered:
             ids, perm = ids.sort(dim=-1)  # document order (pads, -1, first: the farthest slots)
             est = est and est.permuted(perm)
-            k_sel = retriever.gather_keys(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, D)
+            k_sel = retriever.gather_keys(ids).to(q.device).reshape(KVH, G, T, K, D)
             logits = ordered_scores(q, k_sel, pos, self.rope, d)
             logits = logits.masked_fill((ids < 0).to(q.device).reshape(KVH, G, T, K), float("-inf"))
         else:
             logits = z.scores.to(q.device).reshape(KVH, G, T, K)
-        values = retriever.gather_values(ids).to(q.device, torch.float32).reshape(KVH, G, T, K, -1)
+        values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
         # estimated clusters stay in the search frame (all at `distance`)
         return Selection(ids, logits, values, est and est.grouped(G, T, q.device))
 
