@@ -269,24 +269,25 @@ class ClusterLayerIndex:
         KVH, M, D = q.shape
         r, e = self.budgets(k)
         logits = torch.bmm(q, self.cent.transpose(1, 2))                # [KVH, M, C] unscaled q.c
-        mass = logits * scale + self.log_sizes[:, None, :]              # log of the estimated mass
-        best = mass.topk(r + e, dim=-1).indices                         # [KVH, M, r + e], best first
-        heads = torch.arange(KVH)[:, None, None]
+        chosen = None                                                   # [KVH, M, C] estimated; None: all
+        if r + e < self.c or self.scan is None:                         # rank the clusters by estimated mass
+            best = (logits * scale + self.log_sizes[:, None, :]).topk(r + e, dim=-1).indices  # best first
+            chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(2, best[..., r:], True)
         if self.scan is not None:
             ids, scores = self.scan.search(q, self.scan_k(k))
         else:
-            ids, scores = self._members(q, best[..., :r], heads)
+            ids, scores = self._members(q, best[..., :r], torch.arange(KVH)[:, None, None])
         if e == 0:
             return Zones(ids, scores, None)
-        chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(2, best[..., r:], True)
         if self.scan is None:  # whole clusters retrieved: none of them is estimated
             return Zones(ids, scores, Estimate(logits.masked_fill(~chosen, float("-inf")),
                                                self.log_sizes[:, None, :], self.vsums))
-        lab = self.labels[heads, ids]                                   # [KVH, M, K] each retrieved key's cluster
-        overlap = torch.where(chosen.gather(2, lab), lab, -1)
+        lab = self.labels.gather(1, ids.clamp_min(0).reshape(KVH, -1)).reshape(ids.shape)  # [KVH, M, K] their clusters
+        estimated = ids >= 0 if chosen is None else (ids >= 0) & chosen.gather(2, lab)
+        overlap = torch.where(estimated, lab, -1)
         left = self.sizes[:, None, :].expand(KVH, M, self.c).clone()    # members not retrieved
-        left.scatter_add_(2, overlap.clamp_min(0), -(overlap >= 0).long())
-        keep = chosen & (left > 0)
+        left.scatter_add_(2, overlap.clamp_min(0), -estimated.long())
+        keep = left > 0 if chosen is None else chosen & (left > 0)
         return Zones(ids, scores, Estimate(logits.masked_fill(~keep, float("-inf")), torch.log(left.float()),
                                            self.vsums, overlap))
 
