@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import books, code, insert_at, make_engine, passed  # noqa: E402
+from accuracy import books, code, index_config, insert_at, make_engine, passed  # noqa: E402
 
 # questions about Alice whose answers a string match can check (any one expected string passes)
 PLOT = [  # (question, expected, the chapter that holds the answer: the --control document)
@@ -99,12 +99,22 @@ class Timer:
             self.log(f"  prefill {done:,}/{total:,} tokens, {done / el:.0f} tok/s, ~{el / done * (total - done) / 60:.1f} min left")
 
 
-def configs(spec: str):
-    """'ra:100,ra:1000,full' -> [(name, attention, top_k)]"""
+def configs(spec: str, index: str = "flat"):
+    """'ra:100,full,cluster:r=0:e=1:s=65536' -> [(name, Settings changes)]: ra:K is retrieval with
+    top-K over `index` (the --index option); an index spec as accuracy.py's --indexes takes (a
+    kind with budgets: cluster:r=..:e=..:s=..:k=..) is retrieval over that index; full is plain
+    positions over the whole cached KV."""
     out = []
     for item in spec.split(","):
         kind, _, k = item.partition(":")
-        out.append((item, "full" if kind == "full" else "retrieval", int(k or 100)))
+        if kind == "full":
+            out.append((item, {"attention": "full"}))
+        elif kind == "ra":
+            out.append((item, {"attention": "retrieval", "top_k": int(k or 100), "index": index}))
+        else:
+            c = index_config(item, 100)
+            out.append((item, {"attention": "retrieval", "top_k": c.top_k, "index": c.index, "retrieve": c.retrieve,
+                               "estimate": c.estimate, "scan_max": c.scan_max}))
     return out
 
 
@@ -118,10 +128,10 @@ def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out,
     p = engine.prepare(doc, base.but(attention="retrieval", top_k=100))
     hit, profile = p.cache_hit, (None if p.cache_hit else timer.points)
     rows = []
-    for cname, attention, k in cfgs:
-        if attention == "full" and p.entry.n_tokens > full_max:
+    for cname, changes in cfgs:
+        if changes["attention"] == "full" and p.entry.n_tokens > full_max:
             continue
-        p = engine.prepare(doc, base.but(attention=attention, top_k=k))
+        p = engine.prepare(doc, base.but(**changes))
         t = time.perf_counter()
         answer = "".join(engine.ask(p, question)).strip()
         row = {**extra, "case": name, "tokens": p.entry.n_tokens, "remapped": p.entry.remapped, "config": cname,
@@ -203,7 +213,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="8000,16000,32000,64000,whole")
     ap.add_argument("--depths", default="10,50,90")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default="ra:100,full", help="ra:K (retrieval, top-K) and full, comma-separated")
+    ap.add_argument("--configs", default="ra:100,full",
+                    help="ra:K (retrieval, top-K over --index), full, or an index with budgets as accuracy.py's "
+                         "--indexes takes (cluster:r=0:e=1:s=65536), comma-separated")
     ap.add_argument("--full-max", type=int, default=16500, help="run `full` only up to this many tokens")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--index", default="flat",
@@ -221,7 +233,7 @@ def main(argv=None) -> None:
         return
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     out = open(args.jsonl, "a") if args.jsonl else None
-    cfgs = configs(args.configs)
+    cfgs = configs(args.configs, args.index)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp)

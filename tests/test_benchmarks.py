@@ -71,3 +71,16 @@ def test_decode_profile_smoke(smol, ra_home):
     assert "ms/token (the baseline)" in r.stdout
     for part in ("linear layers", "retrieval scores", "vocabulary projection", "rest ("):
         assert f"| {part}" in r.stdout, r.stdout
+
+
+def test_long_context_configs_name_an_index_and_its_budgets():
+    """long_context.py's --configs: ra:K over --index, full, or an index with budgets (the same
+    spec as accuracy.py's --indexes), so a patched command is never needed to compare indexes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from long_context import configs
+
+    got = dict(configs("ra:100,full,cluster:s=65536:r=0:e=1", index="flat"))
+    assert got["ra:100"] == {"attention": "retrieval", "top_k": 100, "index": "flat"}
+    assert got["full"] == {"attention": "full"}
+    assert got["cluster:s=65536:r=0:e=1"] == {"attention": "retrieval", "top_k": 100, "index": "cluster",
+                                             "retrieve": 0.0, "estimate": 1.0, "scan_max": 65536}
