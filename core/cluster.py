@@ -236,6 +236,7 @@ class ClusterLayerIndex:
         self.retrieve, self.estimate = retrieve, estimate
         small = lambda a, dtype: torch.from_numpy(np.array(a, dtype))  # read into memory: N / 16 rows
         self.cent = small(tables["centroids"], np.float32)              # [KVH, C, D]
+        self.cent_t = self.cent.transpose(1, 2).contiguous()            # [KVH, D, C]: one bmm per step
         self.sizes = small(tables["sizes"], np.int64)                   # [KVH, C]
         self.log_sizes = torch.log(self.sizes.float())                  # -inf: an empty cluster
         self.offsets = small(tables["offsets"], np.int64)               # [KVH, C + 1]
@@ -268,20 +269,19 @@ class ClusterLayerIndex:
         q = q.to("cpu", torch.float32)                                  # [KVH, M, D]
         KVH, M, D = q.shape
         r, e = self.budgets(k)
-        logits = torch.bmm(q, self.cent.transpose(1, 2))                # [KVH, M, C] unscaled q.c
-        chosen = None                                                   # [KVH, M, C] estimated; None: all
-        if r + e < self.c or self.scan is None:                         # rank the clusters by estimated mass
-            best = (logits * scale + self.log_sizes[:, None, :]).topk(r + e, dim=-1).indices  # best first
-            chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(2, best[..., r:], True)
-        if self.scan is not None:
-            ids, scores = self.scan.search(q, self.scan_k(k))
-        else:
-            ids, scores = self._members(q, best[..., :r], torch.arange(KVH)[:, None, None])
-        if e == 0:
-            return Zones(ids, scores, None)
-        if self.scan is None:  # whole clusters retrieved: none of them is estimated
+        logits = torch.bmm(q, self.cent_t)                              # [KVH, M, C] unscaled q.c
+        mass = logits * scale + self.log_sizes[:, None, :]              # estimated mass of each cluster
+        if self.scan is None:                                           # whole clusters retrieved
+            best, chosen = ranked(mass, r, e)
+            ids, scores = self._members(q, best)
+            if e == 0:
+                return Zones(ids, scores, None)
             return Zones(ids, scores, Estimate(logits.masked_fill(~chosen, float("-inf")),
                                                self.log_sizes[:, None, :], self.vsums))
+        ids, scores = self.scan.search(q, self.scan_k(k))               # the true top-k
+        if e == 0:
+            return Zones(ids, scores, None)
+        chosen = None if e == self.c else ranked(mass, 0, e)[1]         # None: every cluster estimated
         lab = self.labels.gather(1, ids.clamp_min(0).reshape(KVH, -1)).reshape(ids.shape)  # [KVH, M, K] their clusters
         estimated = ids >= 0 if chosen is None else (ids >= 0) & chosen.gather(2, lab)
         overlap = torch.where(estimated, lab, -1)
@@ -297,23 +297,56 @@ class ClusterLayerIndex:
         z = self.zones(q, k, 1.0 / math.sqrt(q.shape[-1]))  # (ranking only: the default scale)
         return z.ids, z.scores
 
-    def _members(self, q, chosen, heads):
-        """ids [KVH, M, K] (-1 padded) and exact logits of every member of the chosen clusters."""
+    def _members(self, q, best):
+        """ids [KVH, M, K] (-1 padded) and exact logits of every member of the clusters best
+        [KVH, M, r]: one flat list of (row, member) pairs built in numpy (cheaper than torch's
+        advanced indexing at these sizes), then the members' keys gathered with one index_select
+        per head."""
         import torch
 
-        sz = self.sizes[heads, chosen]                                  # [KVH, M, r]
-        ends = sz.cumsum(-1)
-        total = ends[..., -1]                                           # [KVH, M]
-        K = int(total.max())
-        j = torch.arange(K).expand(*total.shape, K).contiguous()        # slot j of each row
-        p = torch.searchsorted(ends, j, right=True).clamp_max(chosen.shape[-1] - 1)  # its cluster
-        start = (ends - sz).gather(2, p)
-        pos = self.offsets[heads, chosen.gather(2, p)] + (j - start)    # into `order`
-        valid = j < total[..., None]
-        ids = torch.where(valid, self.order[heads, pos.clamp_max(self.order.shape[1] - 1)], -1)
-        k_sel = self.keys[heads, ids.clamp_min(0)].float()              # [KVH, M, K, D]
-        scores = torch.matmul(k_sel, q[..., None])[..., 0]              # [KVH, M, K]
-        return ids, scores.masked_fill(~valid, float("-inf"))
+        from .index import gather_rows
+
+        KVH, M, r = best.shape
+        b = best.numpy()
+        heads = np.arange(KVH)[:, None, None]
+        sz = self.sizes.numpy()[heads, b].reshape(-1)                   # [R * r] members of each chosen cluster
+        st = self.offsets.numpy()[heads, b].reshape(-1)                 # where they start in `order`
+        per_row = sz.reshape(KVH * M, r).sum(-1)                        # [R] members per query row
+        K = max(1, int(per_row.max()))
+        slot = np.repeat(np.arange(sz.size), sz)                        # each member's (row, cluster) slot
+        j = np.arange(slot.size)
+        pos = st[slot] + j - (np.cumsum(sz) - sz)[slot]                 # its place in `order`
+        row = slot // r
+        col = j - (np.cumsum(per_row) - per_row)[row]                   # its column in the row
+        ids = np.full((KVH * M, K), -1, dtype=np.int64)
+        ids[row, col] = self.order.numpy()[row // M, pos]
+        ids = torch.from_numpy(ids.reshape(KVH, M, K))
+        scores = torch.matmul(gather_rows(self.keys, ids), q[..., None])[..., 0]  # [KVH, M, K]
+        return ids, scores.masked_fill(ids < 0, float("-inf"))
+
+
+def ranked(mass, r: int, e: int):
+    """Clusters by estimated mass [KVH, M, C]: (best [KVH, M, r] the r largest, int64, in no
+    particular order; estimated [KVH, M, C] bool, the next e). numpy's introselect, not a sort:
+    which of equal masses at a boundary is taken is unspecified."""
+    import torch
+
+    m = -mass.numpy()
+    C = m.shape[-1]
+    if r + e >= C:                                                      # the r + e largest
+        top = np.broadcast_to(np.arange(C), m.shape).copy()
+    else:
+        top = np.argpartition(m, r + e - 1, axis=-1)[..., :r + e] if r + e else np.zeros(m.shape[:-1] + (0,), np.int64)
+    estimated = np.zeros(m.shape, dtype=bool)
+    if r == 0:
+        best = np.zeros(m.shape[:-1] + (0,), np.int64)
+        np.put_along_axis(estimated, top, True, -1)
+        return torch.from_numpy(best), torch.from_numpy(estimated)
+    mt = np.take_along_axis(m, top, -1)
+    inner = np.argpartition(mt, r - 1, axis=-1) if r < top.shape[-1] else np.broadcast_to(np.arange(r), mt.shape)
+    best = np.take_along_axis(top, inner[..., :r], -1)
+    np.put_along_axis(estimated, np.take_along_axis(top, inner[..., r:], -1), True, -1)
+    return torch.from_numpy(best.astype(np.int64)), torch.from_numpy(estimated)
 
 
 def _mapped(array):

@@ -60,6 +60,21 @@ def top_k(scores, k: int):
     return torch.from_numpy(ids), torch.from_numpy(np.take_along_axis(s, ids, -1))
 
 
+def gather_rows(rows, ids, dtype=None):
+    """rows [KVH, N, D] (any dtype, CPU; a memory map is fine), ids [KVH, M, K] (-1: a pad, read
+    as row 0) -> rows[h, ids[h]] as [KVH, M, K, D] in `dtype` (default float32): one index_select
+    per head into a preallocated buffer, then one conversion (faster here than one advanced-index
+    gather over [KVH, M, K] and a conversion per caller: see the commit that introduced it)."""
+    import torch
+
+    KVH, M, K = ids.shape
+    flat = ids.clamp_min(0).reshape(KVH, M * K)
+    out = rows.new_empty(KVH, M * K, rows.shape[-1])
+    for h in range(KVH):
+        torch.index_select(rows[h], 0, flat[h], out=out[h])
+    return out.to(dtype or torch.float32).reshape(KVH, M, K, -1)
+
+
 class FlatLayerIndex:
     """Exact top-k over all offloaded keys of one layer. keys: [KVH, N, D] (any float dtype, CPU;
     a memory map is read, into an fp32 copy kept for later questions, at the first search). The

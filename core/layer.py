@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import attention_from_scores, local_attention, merge, partial_attention
 from .cluster import Estimate, Zones, estimated_attention
+from .index import gather_rows
 from .longctx import Rope, ordered_scores
 from .settings import RemapScheme
 
@@ -108,19 +109,6 @@ class Retriever:
 
     def gather_keys(self, ids):
         return gather_rows(self.k, ids)
-
-
-def gather_rows(rows, ids, dtype=torch.float32):
-    """rows [KVH, N, D] (any dtype, CPU; a memory map is fine), ids [KVH, M, K] (-1: a pad, read
-    as row 0) -> rows[h, ids[h]] as [KVH, M, K, D] in `dtype`: one index_select per head into a
-    preallocated buffer, then one conversion (faster here than one advanced-index gather over
-    [KVH, M, K] and a conversion per caller: see the commit that introduced it)."""
-    KVH, M, K = ids.shape
-    flat = ids.clamp_min(0).reshape(KVH, M * K)
-    out = rows.new_empty(KVH, M * K, rows.shape[-1])
-    for h in range(KVH):
-        torch.index_select(rows[h], 0, flat[h], out=out[h])
-    return out.to(dtype).reshape(KVH, M, K, -1)
 
 
 class ExactPositions:
