@@ -74,6 +74,11 @@ step needle_cluster_r01 python benchmarks/accuracy.py needle --seeds 3 --indexes
 
 # the query-aware index and decode latency vs length (KV captured from real text past 8K)
 step index_recall python benchmarks/index_recall.py --work "$OUT/index_recall" --plot benchmarks/index_recall.png
+# the clustered index at 100K keys per head: build vs the prefill (capture) of the same run, search vs the graph
+step index_recall_cluster python benchmarks/index_recall.py --work "$OUT/index_recall_cluster" \
+    --indexes graph,hnsw-centred,cluster --cluster-budgets 0.018:0.232,0.018:1,0.05:1,0.1:1
+step index_recall_cluster_b python benchmarks/index_recall.py --work "$OUT/index_recall_cluster" \
+    --indexes graph,cluster --ef 175 --cluster-budgets 0.018:0.232,0.018:1,0.005:0.232,0.005:1,0.01:0.232,0.1:1
 step decode_scaling python benchmarks/decode_scaling.py --sizes 1024,4096,16384,32768,65536,131072 --steps 8 \
     --hnsw-max 16384 --rss-min 16384 --prefill-rate 150 --work "$OUT/decode_scaling" \
     --plot benchmarks/decode_scaling.png --json "$OUT/decode_scaling.json"
@@ -89,6 +94,9 @@ step long_64k python benchmarks/long_context.py needle --book frankenstein --len
     --configs ra:100 "${L[@]}"
 step long_first16k python benchmarks/long_context.py needle --book frankenstein --lengths whole --depths 10 \
     --first 16000 --configs ra:100 "${L[@]}"
+step long_cluster python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
+    --configs ra:100,cluster:s=1000000:r=0:e=1,cluster:s=1000000:r=0:e=0.232,cluster:s=0:r=0.018:e=1,cluster:s=0:r=0.018:e=0.232,cluster:s=0:r=0.05:e=1 \
+    --home "$OUT/long_home" --jsonl "$OUT/alice_cluster.jsonl"
 step long_graph python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
     --configs ra:100 --index graph --home "$OUT/long_home" --jsonl "$OUT/long_graph.jsonl"
 step long_report python benchmarks/long_context.py report --jsonl "$OUT/long.jsonl"

@@ -234,7 +234,9 @@ class Engine:
           - a longer one: the query-aware graph (fp16 stores, the default; else flat);
           - a document past the model's window (remapped positions): exact flat search, where the
             graph at its default width missed passcodes exact search finds (2 of whole Alice's 3)
-            and the cluster index (its exact zone then whole clusters) found 1 of 3."""
+            and the clustered index found 0 to 2 of the 3 at every budget tried, with a scan or
+            whole clusters as its exact zone: its estimate changes the answers there
+            (BENCHMARKS.md, "The clustered index")."""
         if s.index != "auto":
             return s.index
         if entry.remapped:
