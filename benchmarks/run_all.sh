@@ -130,7 +130,8 @@ else
     echo "== llama_cpp_peer: skipped (pip install llama-cpp-python to run it)" >&2
 fi
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    echo "== gpu_check: needs --tokenizer DIR (a converted model directory); see BENCHMARKS.md" >&2
+    # issue 17's device check: 8B-shaped random model, 128K tokens, 24 GiB cap (~6.5 min on an H100)
+    step gpu_check python benchmarks/gpu_check.py
 else
     echo "== gpu_check: skipped (no CUDA device)" >&2
 fi

@@ -437,7 +437,7 @@ class Engine:
                 dl.update(k, to_dev(e.values[layer])[None])
                 layers.append(dl)
             return RaCache(layers)
-        policy = RemappedPositions(rope, prepared.scheme) if rope is not None else ExactPositions()
+        policy = RemappedPositions(rope, prepared.scheme, s.trace) if rope is not None else ExactPositions(s.trace)
         layers = []
         for layer in range(e.n_layers):
             if rope is not None:
@@ -451,7 +451,7 @@ class Engine:
                 v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
                 static = StaticKV(to_dev(k)[None], to_dev(v)[None], k.shape[1] + capacity)
             retriever = prepared.retrievers[layer] if prepared.retrievers else None
-            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens, layer, tally))
+            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens, layer, tally, s.trace))
         return RaCache(layers)
 
     def passages(self, prepared: Prepared):

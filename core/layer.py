@@ -19,12 +19,20 @@ A decoding query [KVH, G, T, D] (its query heads grouped by the KV head they sha
 them once with core/attention.merge. A new way to retrieve keys is a Retriever, a new way to place
 them a PositionPolicy, a new zone one more partial in that list. With k covering every offloaded
 key the layer equals full attention (tests/test_exactness.py, tests/test_longctx.py).
+
+With `trace` on (Settings.trace), profiler ranges name a decode step's parts for
+benchmarks/gpu_check.py: `ra.select` the index's search, `ra.copy` gathering the selected rows and
+moving them to the compute device, `ra.attend` the partials and their merge. They change no
+result; off (the default), none is entered: an idle torch.profiler range still costs ~10 us, and a
+step would enter ~150 of them.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import attention_from_scores, local_attention, merge, partial_attention
@@ -32,6 +40,11 @@ from .cluster import Estimate, Zones, estimated_attention
 from .index import gather_rows
 from .longctx import Rope, ordered_scores
 from .settings import RemapScheme
+
+
+def span(name: str, on: bool):
+    """A torch.profiler range named `name` when `on` (Settings.trace), else no range at all."""
+    return record_function(name) if on else nullcontext()
 
 
 class StaticKV:
@@ -115,13 +128,19 @@ class ExactPositions:
     """Keys stored post-RoPE at their true positions: search with the query itself; the index's
     logits are the attention logits; every static key is in StaticKV's true-position rows."""
 
+    def __init__(self, trace: bool = False):
+        self.trace = trace
+
     def select(self, q, pos, retriever: Retriever, k: int, scale: float) -> Selection:
         KVH, G, T, D = q.shape
-        z = retriever.zones(q.reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K], CPU
+        with span("ra.select", self.trace):
+            z = retriever.zones(q.reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K], CPU
         ids, K = z.ids, z.ids.shape[-1]
-        logits = z.scores.to(q.device).reshape(KVH, G, T, K)
-        values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
-        return Selection(ids, logits, values, z.estimate and z.estimate.grouped(G, T, q.device))
+        with span("ra.copy", self.trace):
+            logits = z.scores.to(q.device).reshape(KVH, G, T, K)
+            values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
+            estimate = z.estimate and z.estimate.grouped(G, T, q.device)
+        return Selection(ids, logits, values, estimate)
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         return []
@@ -135,26 +154,33 @@ class RemappedPositions:
     in document order just beyond it (the latest at `distance`, the earliest at distance + K - 1)
     and the sinks at distance + K; without, every retrieved key and the sinks at `distance`."""
 
-    def __init__(self, rope: Rope, scheme: RemapScheme):
-        self.rope, self.scheme = rope, scheme
+    def __init__(self, rope: Rope, scheme: RemapScheme, trace: bool = False):
+        self.rope, self.scheme, self.trace = rope, scheme, trace
 
     def select(self, q, pos, retriever: Retriever, k: int, scale: float) -> Selection:
         KVH, G, T, D = q.shape
         d = self.scheme.distance
-        z = retriever.zones(self.rope.rotate(q, d - pos).reshape(KVH, -1, D), k, scale)  # [KVH, G*T, K]
+        q_search = self.rope.rotate(q, d - pos).reshape(KVH, -1, D)
+        with span("ra.select", self.trace):
+            z = retriever.zones(q_search, k, scale)  # [KVH, G*T, K]
         ids, K = z.ids, z.ids.shape[-1]
         est = z.estimate
         if self.scheme.ordered:
             ids, perm = ids.sort(dim=-1)  # document order (pads, -1, first: the farthest slots)
             est = est and est.permuted(perm)
-            k_sel = retriever.gather_keys(ids).to(q.device).reshape(KVH, G, T, K, D)
-            logits = ordered_scores(q, k_sel, pos, self.rope, d)
-            logits = logits.masked_fill((ids < 0).to(q.device).reshape(KVH, G, T, K), float("-inf"))
+            with span("ra.copy", self.trace):
+                k_sel = retriever.gather_keys(ids).to(q.device).reshape(KVH, G, T, K, D)
+            with span("ra.attend", self.trace):
+                logits = ordered_scores(q, k_sel, pos, self.rope, d)
+                logits = logits.masked_fill((ids < 0).to(q.device).reshape(KVH, G, T, K), float("-inf"))
         else:
-            logits = z.scores.to(q.device).reshape(KVH, G, T, K)
-        values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
-        # estimated clusters stay in the search frame (all at `distance`)
-        return Selection(ids, logits, values, est and est.grouped(G, T, q.device))
+            with span("ra.copy", self.trace):
+                logits = z.scores.to(q.device).reshape(KVH, G, T, K)
+        with span("ra.copy", self.trace):
+            values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
+            # estimated clusters stay in the search frame (all at `distance`)
+            estimate = est and est.grouped(G, T, q.device)
+        return Selection(ids, logits, values, estimate)
 
     def global_partials(self, q, pos, static: StaticKV, k_retrieved: int, scale: float) -> list:
         if static.glob_k.shape[1] == 0:
@@ -170,9 +196,10 @@ class DocumentLayer(CacheLayerMixin):
     by core/attention.ra_attention."""
 
     def __init__(self, static: StaticKV, retriever: Retriever | None, policy, top_k: int, n_document: int,
-                 layer: int = 0, tally=None):
+                 layer: int = 0, tally=None, trace: bool = False):
         super().__init__()
         self.static, self.retriever, self.policy, self.top_k = static, retriever, policy, top_k
+        self.trace = trace  # profiler ranges (see the module docstring)
         self.layer, self.tally = layer, tally  # tally: a core/citations.Tally (attention mass for sources), or None
         self.n_document = n_document  # logical length of the document (static + offloaded)
         self.n_new = 0                # tokens after the document, so far
@@ -206,16 +233,18 @@ class DocumentLayer(CacheLayerMixin):
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
         end = self.get_seq_length()
         pos = torch.arange(end - T, end, device=q.device)
-        parts = [self.static.partial(q, key, value, scale)]
+        with span("ra.attend", self.trace):
+            parts = [self.static.partial(q, key, value, scale)]
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
-        sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None
+        sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy
         self.last = sel
-        parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
-        if sel is not None:
-            parts.append(attention_from_scores(sel.logits, sel.values, scale))
-            if sel.estimate is not None:
-                parts.append(estimated_attention(sel.estimate, scale, sel.values))
-        o, lse = merge(parts)
+        with span("ra.attend", self.trace):
+            parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
+            if sel is not None:
+                parts.append(attention_from_scores(sel.logits, sel.values, scale))
+                if sel.estimate is not None:
+                    parts.append(estimated_attention(sel.estimate, scale, sel.values))
+            o, lse = merge(parts)
         if self.tally is not None:  # each key's share of the merged softmax, from the logits above
             self.tally.record(self.layer, q, key[0], lse, sel, scale)
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()

@@ -89,6 +89,8 @@ class Settings:
     rebuild: bool = True           # a damaged cache entry is rebuilt (False: an error)
     checkpoint_s: float = 30.0     # a layer-by-layer prefill checkpoints (for resume) at most this often
     confirm_tokens: int = 1_000_000  # prefills longer than this need a yes (a prompt, or --yes)
+    trace: bool = False            # name a decode step's parts (ra.select / ra.copy / ra.attend) for
+                                   # torch.profiler (benchmarks/gpu_check.py); off, they cost nothing
     remap: RemapScheme = field(default_factory=RemapScheme)  # documents past the model's window
 
     def check(self) -> "Settings":
