@@ -386,11 +386,16 @@ class Engine:
 
         from .plan import PlanInput, Shape, plan, refusal
 
-        free, _ = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info()
+        available = free + torch.cuda.memory_allocated()
+        # a process capped with torch.cuda.set_per_process_memory_fraction gets no more than its cap
+        # (mem_get_info does not see it; the getter is missing from older torch builds)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+        available = min(available, int(fraction * total))
         p = plan(Shape.from_config(self.model.config.to_dict()),
                  PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(self.dtype).bits // 8,
                            chunk=s.chunk_size, sink=s.sink, recent=s.recent, top_k=s.top_k))
-        why = refusal(p, s.attention, free + torch.cuda.memory_allocated())
+        why = refusal(p, s.attention, available)
         if why:
             raise DocumentTooLong(why)
 
