@@ -50,8 +50,8 @@ step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl 
 step needle_report python benchmarks/accuracy.py report --jsonl "$OUT/needle.jsonl"
 step sweep python benchmarks/accuracy.py sweep --home "$OUT/acc_home" --lengths 2000,4000 --seeds 1 \
     --depths 0,75 --jsonl "$OUT/sweep.jsonl"
-step ruler python benchmarks/accuracy.py ruler --home "$OUT/acc_home" --jsonl "$OUT/ruler.jsonl"
-step qa python benchmarks/accuracy.py qa --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
+step ruler python benchmarks/accuracy.py ruler --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/ruler.jsonl"
+step qa python benchmarks/accuracy.py qa --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
 # the clustered index (issue 16): the grid with scan top-k + estimated clusters (R=0.018 E=0.232;
