@@ -79,6 +79,8 @@ step index_recall_cluster python benchmarks/index_recall.py --work "$OUT/index_r
     --indexes graph,hnsw-centred,cluster --cluster-budgets 0.018:0.232,0.018:1,0.05:1,0.1:1
 step index_recall_cluster_b python benchmarks/index_recall.py --work "$OUT/index_recall_cluster" \
     --indexes graph,cluster --ef 175 --cluster-budgets 0.018:0.232,0.018:1,0.005:0.232,0.005:1,0.01:0.232,0.1:1
+step index_recall_cluster_c python benchmarks/index_recall.py --work "$OUT/index_recall_cluster" \
+    --indexes graph,cluster --ef 175 --cluster-budgets 0.003:0.232,0.004:0.232,0.005:0.232
 step decode_scaling python benchmarks/decode_scaling.py --sizes 1024,4096,16384,32768,65536,131072 --steps 8 \
     --hnsw-max 16384 --rss-min 16384 --prefill-rate 150 --work "$OUT/decode_scaling" \
     --plot benchmarks/decode_scaling.png --json "$OUT/decode_scaling.json"
