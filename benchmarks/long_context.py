@@ -23,6 +23,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +103,9 @@ class Timer:
 def configs(spec: str, index: str = "flat"):
     """'ra:100,full,cluster:r=0:e=1:s=65536' -> [(name, Settings changes)]: ra:K is retrieval with
     top-K over `index` (the --index option); an index spec as accuracy.py's --indexes takes (a
-    kind with budgets: cluster:r=..:e=..:s=..:k=..) is retrieval over that index; full is plain
-    positions over the whole cached KV."""
+    kind with budgets: cluster:r=..:e=..:s=..:k=..; d=N places the estimated clusters at distance
+    N, RemapScheme.estimate_distance) is retrieval over that index; full is plain positions over
+    the whole cached KV."""
     out = []
     for item in spec.split(","):
         kind, _, k = item.partition(":")
@@ -111,10 +113,13 @@ def configs(spec: str, index: str = "flat"):
             out.append((item, {"attention": "full"}))
         elif kind == "ra":
             out.append((item, {"attention": "retrieval", "top_k": int(k or 100), "index": index}))
-        else:
-            c = index_config(item, 100)
+        else:  # d=N: the estimated clusters' distance (RemapScheme.estimate_distance), not an index budget
+            opts = item.split(":")
+            dist = [int(o[2:]) for o in opts if o.startswith("d=")]
+            c = index_config(":".join(o for o in opts if not o.startswith("d=")), 100)
             out.append((item, {"attention": "retrieval", "top_k": c.top_k, "index": c.index, "retrieve": c.retrieve,
-                               "estimate": c.estimate, "scan_max": c.scan_max}))
+                               "estimate": c.estimate, "scan_max": c.scan_max,
+                               **({"estimate_distance": dist[0]} if dist else {})}))
     return out
 
 
@@ -131,6 +136,9 @@ def run_case(engine, timer, name, text, question, expected, cfgs, full_max, out,
     for cname, changes in cfgs:
         if changes["attention"] == "full" and p.entry.n_tokens > full_max:
             continue
+        if "estimate_distance" in changes:
+            changes = {**changes, "remap": replace(base.remap, estimate_distance=changes["estimate_distance"])}
+            del changes["estimate_distance"]
         p = engine.prepare(doc, base.but(**changes))
         t = time.perf_counter()
         answer = "".join(engine.ask(p, question)).strip()

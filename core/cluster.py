@@ -263,7 +263,10 @@ class ClusterLayerIndex:
     def scan_k(self, k: int) -> int:
         return min(self.n, max(k, math.ceil(self.retrieve * self.n)))
 
-    def zones(self, q, k: int, scale: float) -> Zones:
+    def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
+        """q_estimate [KVH, M, D]: the query the estimated clusters' logits are taken with (a
+        remapped document's decode may place them at another distance); default q. Which clusters
+        are retrieved and estimated is always decided with q."""
         import torch
 
         q = q.to("cpu", torch.float32)                                  # [KVH, M, D]
@@ -271,6 +274,8 @@ class ClusterLayerIndex:
         r, e = self.budgets(k)
         logits = torch.bmm(q, self.cent_t)                              # [KVH, M, C] unscaled q.c
         mass = logits * scale + self.log_sizes[:, None, :]              # estimated mass of each cluster
+        if q_estimate is not None:                                      # the estimate's own frame
+            logits = torch.bmm(q_estimate.to("cpu", torch.float32), self.cent_t)
         if self.scan is None:                                           # whole clusters retrieved
             best, chosen = ranked(mass, r, e)
             ids, scores = self._members(q, best)

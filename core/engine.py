@@ -176,7 +176,8 @@ class Engine:
                     entry = self.store.open(key)
         scheme = None
         if entry.remapped:
-            scheme = decode_scheme or replace(entry.manifest.scheme, ordered=s.remap.ordered)
+            scheme = decode_scheme or replace(entry.manifest.scheme, ordered=s.remap.ordered,
+                                              estimate_distance=s.remap.estimate_distance)
             self.notice(f"{doc.name}: {entry.n_tokens:,} tokens, past the model's {self.max_positions:,}-token "
                         f"window: remapped positions (local window + retrieved keys beyond a fixed distance)")
         sizes = self.static_sizes(entry, s)

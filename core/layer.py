@@ -110,9 +110,9 @@ class Retriever:
         self.index = index
         self.n = keys.shape[1]
 
-    def zones(self, q, k: int, scale: float) -> Zones:
+    def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
         if hasattr(self.index, "zones"):
-            return self.index.zones(q, k, scale)
+            return self.index.zones(q, k, scale, q_estimate)
         ids, scores = self.index.search(q, k)
         return Zones(ids, scores, None)
 
@@ -161,8 +161,10 @@ class RemappedPositions:
         KVH, G, T, D = q.shape
         d = self.scheme.distance
         q_search = self.rope.rotate(q, d - pos).reshape(KVH, -1, D)
+        d_est = self.scheme.estimate_distance  # estimated clusters: at `distance` (0) or there
+        q_est = self.rope.rotate(q, d_est - pos).reshape(KVH, -1, D) if d_est else None
         with span("ra.select", self.trace):
-            z = retriever.zones(q_search, k, scale)  # [KVH, G*T, K]
+            z = retriever.zones(q_search, k, scale, q_est)  # [KVH, G*T, K]
         ids, K = z.ids, z.ids.shape[-1]
         est = z.estimate
         if self.scheme.ordered:
@@ -178,7 +180,7 @@ class RemappedPositions:
                 logits = z.scores.to(q.device).reshape(KVH, G, T, K)
         with span("ra.copy", self.trace):
             values = retriever.gather_values(ids).to(q.device).reshape(KVH, G, T, K, -1)
-            # estimated clusters stay in the search frame (all at `distance`)
+            # estimated clusters: all at `distance` (the search frame) or at scheme.estimate_distance
             estimate = est and est.grouped(G, T, q.device)
         return Selection(ids, logits, values, estimate)
 

@@ -19,6 +19,9 @@ KV_DTYPES = ("float16", "float32")
 ATTENTIONS = ("retrieval", "full")
 
 
+DECODE_ONLY = ("ordered", "estimate_distance")  # RemapScheme fields the stored KV does not depend on
+
+
 @dataclass(frozen=True)
 class RemapScheme:
     """Remapped positions for a document past the model's window (InfLLM-style; core/longctx.py).
@@ -31,6 +34,8 @@ class RemapScheme:
     span, spans   far keys are summarised in spans of `span` tokens (min/max per dimension); the
                   `spans` spans of highest bound are scored exactly
     ordered       decoding: retrieved keys in document order beyond `distance` (else all at it)
+    estimate_distance  decoding: where a clustered index's estimated clusters sit (0: at `distance`,
+                  the frame they were chosen in)
     """
 
     sink: int = 128
@@ -41,11 +46,13 @@ class RemapScheme:
     span: int = 64
     spans: int = 32
     ordered: bool = True
+    estimate_distance: int = 0
 
     @property
     def name(self) -> str:
         """The scheme's name in the store key: two entries share KV only if it is equal. `ordered`
-        is a decode-time choice (the stored KV does not depend on it), so it is not in the name."""
+        and `estimate_distance` are decode-time choices (the stored KV does not depend on them), so
+        they are not in the name."""
         return (f"remap-s{self.sink}-l{self.local}-d{self.distance}-k{self.prefill_topk}-b{self.block}"
                 f"-p{self.span}x{self.spans}")
 
@@ -57,7 +64,7 @@ class RemapScheme:
         return cls(*map(int, m.groups()))
 
     def as_manifest(self) -> dict:
-        return {"scheme": self.name, "keys": "pre-rope", **{k: v for k, v in asdict(self).items() if k != "ordered"}}
+        return {"scheme": self.name, "keys": "pre-rope", **{k: v for k, v in asdict(self).items() if k not in DECODE_ONLY}}
 
 
 @dataclass(frozen=True)

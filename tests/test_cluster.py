@@ -203,18 +203,20 @@ def test_document_layer_with_estimation_equals_dense_reference(tmp_path, retriev
             assert len(ids) == N  # every key, exactly: full attention
 
 
-@pytest.mark.parametrize("ordered, scan_max", [(False, 0), (True, 0), (True, 10_000)])
-def test_remapped_estimation_equals_reference_in_the_global_frame(tmp_path, ordered, scan_max):
+@pytest.mark.parametrize("ordered, scan_max, estimate_distance",
+                         [(False, 0, 0), (True, 0, 0), (True, 10_000, 0), (True, 10_000, 3000), (False, 0, 3000)])
+def test_remapped_estimation_equals_reference_in_the_global_frame(tmp_path, ordered, scan_max, estimate_distance):
     """Past the window (pre-RoPE keys): retrieved keys at the scheme's distances, estimated
-    clusters at `distance` (the frame the index is searched in), sinks beyond; checked against
-    core/longctx.remapped_reference, which builds every key at its distance."""
+    clusters at `distance` (the frame the index is searched in) or at `estimate_distance`, sinks
+    beyond; checked against core/longctx.remapped_reference, which builds every key at its
+    distance. The clusters are chosen in the search frame either way."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tiny = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     rope = Rope(tiny)
-    scheme = replace(RemapScheme(), ordered=ordered)
+    scheme = replace(RemapScheme(), ordered=ordered, estimate_distance=estimate_distance)
     d = scheme.distance
     KVH, G, D, n, a, b = 2, 2, 16, 90, 3, 80  # sinks [0, 3), offloaded [3, 80), local [80, 90)
     k_pre, v = torch.randn(KVH, n, D), torch.randn(KVH, n, D)
@@ -235,10 +237,11 @@ def test_remapped_estimation_equals_reference_in_the_global_frame(tmp_path, orde
         ids = sorted(layer.last.ids[kv, g][layer.last.ids[kv, g] >= 0].tolist())
         ks, vs, is_est = _stand_ins(index, kv, ids, est[kv, g].tolist(), off_k, off_v)
         n_ret = len(ids)
+        d_est = estimate_distance or d  # the estimated clusters' stand-ins
         if ordered:  # the i-th retrieved key (document order) at d + n_ret - 1 - i; the sinks at d + K
-            dist = [d + K] * a + [d + n_ret - 1 - i for i in range(n_ret)] + [d] * (len(ks) - n_ret)
+            dist = [d + K] * a + [d + n_ret - 1 - i for i in range(n_ret)] + [d_est] * (len(ks) - n_ret)
         else:
-            dist = [d] * (a + len(ks))
+            dist = [d] * (a + n_ret) + [d_est] * (len(ks) - n_ret)
         glob_k = torch.cat([k_pre[kv, :a], torch.tensor(np.array(ks))])[None, None]
         glob_v = torch.cat([v[kv, :a], torch.tensor(np.array(vs))])[None, None]
         ref = remapped_reference(q[h][None], torch.tensor([n]), key[0, kv][None], value[0, kv][None],
