@@ -97,8 +97,15 @@ step long_64k python benchmarks/long_context.py needle --book frankenstein --len
 step long_first16k python benchmarks/long_context.py needle --book frankenstein --lengths whole --depths 10 \
     --first 16000 --configs ra:100 "${L[@]}"
 step long_cluster python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
-    --configs ra:100,cluster:s=1000000:r=0:e=1,cluster:s=1000000:r=0:e=0.232,cluster:s=0:r=0.018:e=1,cluster:s=0:r=0.018:e=0.232,cluster:s=0:r=0.05:e=1 \
+    --configs ra:100,cluster:s=1000000:r=0:e=1:d=0,cluster:s=1000000:r=0:e=0.232:d=0,cluster:s=0:r=0.018:e=1:d=0,cluster:s=0:r=0.018:e=0.232:d=0,cluster:s=0:r=0.05:e=1:d=0 \
     --home "$OUT/long_home" --jsonl "$OUT/alice_cluster.jsonl"
+step long_cluster_distance python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
+    --configs cluster:s=1000000:r=0:e=1:d=0,cluster:s=1000000:r=0:e=1:d=2400,cluster:s=1000000:r=0:e=1:d=4096,cluster:s=1000000:r=0:e=1:d=6144,cluster:s=1000000:r=0:e=0.232:d=6144,cluster:s=1000000:r=0:e=1:d=8000 \
+    --home "$OUT/long_home" --jsonl "$OUT/est_distance.jsonl"
+E=(--configs ra:100,cluster:s=1000000:r=0:e=1:d=0,cluster:s=1000000:r=0:e=1:d=2400,cluster:s=1000000:r=0:e=1:d=4096 \
+   --home "$OUT/long_home" --jsonl "$OUT/heldout_est.jsonl")
+step heldout_est_alice python benchmarks/long_context.py needle --book alice --lengths whole --depths 30,70 --seed 1 "${E[@]}"
+step heldout_est_sherlock python benchmarks/long_context.py needle --book sherlock --lengths 16000,32000 --depths 25,75 "${E[@]}"
 step long_graph python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
     --configs ra:100 --index graph --home "$OUT/long_home" --jsonl "$OUT/long_graph.jsonl"
 step long_report python benchmarks/long_context.py report --jsonl "$OUT/long.jsonl"

@@ -235,8 +235,8 @@ class Engine:
           - a longer one: the query-aware graph (fp16 stores, the default; else flat);
           - a document past the model's window (remapped positions): exact flat search, where the
             graph at its default width missed passcodes exact search finds (2 of whole Alice's 3)
-            and the clustered index found 0 to 2 of the 3 at every budget tried, with a scan or
-            whole clusters as its exact zone: its estimate changes the answers there
+            and the clustered index finds what flat finds (7 of 9 needles each) with its estimated
+            clusters at RemapScheme.estimate_distance, no more, at the estimate's extra cost
             (BENCHMARKS.md, "The clustered index")."""
         if s.index != "auto":
             return s.index

@@ -35,7 +35,9 @@ class RemapScheme:
                   `spans` spans of highest bound are scored exactly
     ordered       decoding: retrieved keys in document order beyond `distance` (else all at it)
     estimate_distance  decoding: where a clustered index's estimated clusters sit (0: at `distance`,
-                  the frame they were chosen in)
+                  the frame they were chosen in). 4,096, beyond every retrieved key and sink: on 9
+                  needles past the window 7 found, as with flat top-100, against 2 at `distance`
+                  (BENCHMARKS.md, "The clustered index")
     """
 
     sink: int = 128
@@ -46,7 +48,7 @@ class RemapScheme:
     span: int = 64
     spans: int = 32
     ordered: bool = True
-    estimate_distance: int = 0
+    estimate_distance: int = 4096
 
     @property
     def name(self) -> str:
