@@ -42,10 +42,6 @@ GROUPS = {
 }
 
 
-def per_token_ms(st: AnswerStats) -> float:
-    return 1000 * (st.answer_s - st.first_token_s) / max(st.answer_tokens - 1, 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chars", type=int, default=26000)
@@ -98,8 +94,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"model: SmolLM2-135M-Instruct (embedded), weights {args.dtype}; document {n_doc:,} tokens; "
           f"attention {args.attention}, index {args.index}; {args.tokens} answer tokens")
-    print(f"decode, not profiled: {per_token_ms(plain):.1f} ms/token (the baseline); profiled: "
-          f"{per_token_ms(prof_st):.1f} ms/token; {n_ops / prof_st.answer_tokens:,.0f} aten operators "
+    print(f"decode, not profiled: {plain.ms_per_token:.1f} ms/token (the baseline); profiled: "
+          f"{prof_st.ms_per_token:.1f} ms/token; {n_ops / prof_st.answer_tokens:,.0f} aten operators "
           f"per answer step; answer {answer.strip()[:60]!r}\n")
     print("| part of the answer | share of the profiled answer |")
     print("|---|---:|")

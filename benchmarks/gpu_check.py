@@ -113,11 +113,6 @@ def gib(x: float) -> str:
     return "n/a (no GPU)" if math.isnan(x) else f"{x:.2f} GiB"
 
 
-def per_token_ms(st: AnswerStats) -> float:
-    """Decode ms/token: the answer after its first token (which also runs the question)."""
-    return 1000 * (st.answer_s - st.first_token_s) / max(st.answer_tokens - 1, 1)
-
-
 # ----------------------------------------------------------------------------- inputs
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -322,7 +317,7 @@ def retrieval(e: Engine, doc: Document, device: str) -> dict:
         say(f"retrieval attention decode: out of GPU memory: {str(err).splitlines()[0]}")
         out["refused"] = f"OutOfMemoryError while decoding: {err}"
         return out
-    out.update(ms_per_token=per_token_ms(st), first_token_s=st.first_token_s, answer_tokens=st.answer_tokens,
+    out.update(ms_per_token=st.ms_per_token, first_token_s=st.first_token_s, answer_tokens=st.answer_tokens,
                question_tokens=st.question_tokens, peak_decode_gib=peak_gib(device))
     say(f"decode, retrieval attention ({p.index_kind}, k={p.settings.top_k}): {out['ms_per_token']:,.1f} ms/token over "
         f"{st.answer_tokens} tokens (first token, with the {st.question_tokens}-token question: {st.first_token_s:.2f} s); "
@@ -345,7 +340,7 @@ def full(e: Engine, doc: Document, s: Settings, device: str) -> dict:
     except (DocumentTooLong, torch.cuda.OutOfMemoryError) as err:
         say(f"full attention: {type(err).__name__} even uncapped: {str(err).splitlines()[0]}")
         return {"oom": f"{type(err).__name__}: {err}"}
-    out = {"oom": None, "ms_per_token": per_token_ms(st), "first_token_s": st.first_token_s,
+    out = {"oom": None, "ms_per_token": st.ms_per_token, "first_token_s": st.first_token_s,
            "peak_gib": peak_gib(device), "cache_hit": p.cache_hit}
     say(f"decode, full attention (uncapped, {'the same cached KV' if p.cache_hit else 'prefilled now'}): "
         f"{out['ms_per_token']:,.1f} ms/token (first token {st.first_token_s:.2f} s); peak GPU memory "

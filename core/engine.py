@@ -90,6 +90,11 @@ class AnswerStats:
     sources: list | None = None    # with ask(sources=N): the passages the answer attended to (core/citations.Source)
     tally: object = None           # ... and the attention mass they were ranked from (core/citations.Tally)
 
+    @property
+    def ms_per_token(self) -> float:
+        """Decode ms per answer token: the answer after its first token (which also runs the question)."""
+        return 1000 * (self.answer_s - self.first_token_s) / max(self.answer_tokens - 1, 1)
+
 
 class Engine:
     """One loaded model and the store; opens documents (`prepare`) and answers about them (`ask`)."""
