@@ -123,7 +123,7 @@ class Engine:
             self.device = models.pick_device(s.device)
             self.dtype = models.pick_dtype(s.dtype, self.device)
             self.model, self.tokenizer = models.load(self.ref, self.home / "models", self.device, self.dtype,
-                                                     s.trust_remote_code, self.notice)
+                                                     s.trust_remote_code, self.notice, self.progress)
         else:
             self.model, self.tokenizer, identity = loaded
             self.ref = models.ModelRef(identity, "loaded", identity, identity)

@@ -79,40 +79,71 @@ def resolve(spec: str | None) -> ModelRef:
     raise ModelError(f"unknown model {spec!r}: give a .gguf file, a model directory or a Hugging Face id")
 
 
-def converted_dir(ref: ModelRef, models_root: Path) -> Path:
-    """Where a GGUF's dequantized copy lives (created by `load` on first use)."""
-    return models_root / f"{Path(ref.path).stem}-{ref.identity.split(':')[1][:12]}"
+def converted_dir(ref: ModelRef, models_root: Path, dtype: str = "float32") -> Path:
+    """Where a GGUF's dequantized copy in `dtype` lives (created by `load` on first use)."""
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return models_root / f"{Path(ref.path).stem}-{ref.identity.split(':')[1][:12]}{suffix}"
 
 
-def _convert_gguf(ref: ModelRef, models_root: Path, notice=None) -> Path:
+def _host_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None (not checked)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _convert_gguf(ref: ModelRef, models_root: Path, dtype: str = "float32", notice=None, progress=None,
+                  room: tuple[int, int | None] | None = None) -> Path:
+    """The model directory of a GGUF in `dtype`, converted tensor by tensor (core/gguf_convert.py)
+    on first use; refuses up front, with the numbers, a conversion the disk or memory cannot hold.
+    room: (free disk, available host memory) in bytes; default: measured."""
+    import shutil
+
     from filelock import FileLock
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    final = converted_dir(ref, models_root)
+    from . import gguf_convert
+    from .units import human_size as human_bytes
+
+    final = converted_dir(ref, models_root, dtype)
     if (final / "ra-model.json").exists():
         return final
     models_root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(models_root / f".{final.name}.lock")):
         if (final / "ra-model.json").exists():
             return final
+        try:
+            need = gguf_convert.needs(ref.path, dtype)
+        except Exception as e:  # gguf-py's reader on a damaged file: ValueError, IndexError, ...
+            raise ModelError(f"cannot read {Path(ref.path).name} as a GGUF model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        free, avail = room or (shutil.disk_usage(models_root).free, _host_available())
+        if need.disk_bytes > free:
+            raise ModelError(f"converting {Path(ref.path).name} to {dtype} needs {human_bytes(need.disk_bytes)} of "
+                             f"disk in {models_root}, {human_bytes(free)} free")
+        if avail is not None and need.host_bytes > avail:
+            raise ModelError(f"converting {Path(ref.path).name} needs {human_bytes(need.host_bytes)} of host memory "
+                             f"(one shard and its largest tensor), {human_bytes(avail)} available")
         if notice:
-            notice(f"converting {Path(ref.path).name} once (dequantizing takes a while; later loads are fast)")
-        src, name = str(Path(ref.path).parent), Path(ref.path).name
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype="float32")
-        # transformers refuses to save a model it loaded from GGUF; after dequantizing it is a
-        # plain float model, so drop the quantizer marker and save it as such (safetensors)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+            notice(f"converting {Path(ref.path).name} to {dtype} once, tensor by tensor "
+                   f"({human_bytes(need.disk_bytes)}; later loads are fast)")
         tmp = models_root / f".{final.name}.tmp-{os.getpid()}"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "ra-model.json").write_text(json.dumps({"source": ref.path, "identity": ref.identity}))
-        os.rename(tmp, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            mib = lambda done, total: progress("convert", done >> 20, total >> 20) if progress else None
+            try:
+                gguf_convert.convert(ref.path, tmp, dtype, progress=mib)
+            except ModelError:
+                raise
+            except Exception as e:
+                raise ModelError(f"cannot convert {Path(ref.path).name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            (tmp / "ra-model.json").write_text(json.dumps({"source": ref.path, "identity": ref.identity,
+                                                           "dtype": dtype}))
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing behind
     return final
 
 
@@ -144,7 +175,7 @@ def pick_dtype(dtype: str, device: str):
 
 
 def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
-         notice=None):
+         notice=None, progress=None):
     """-> (model, tokenizer), the model in eval mode on `device` using the "ra" attention."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -155,7 +186,11 @@ def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trus
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs is noise here
     hf_logging.set_verbosity_error()
 
-    path = str(_convert_gguf(ref, models_root, notice)) if ref.kind == "gguf" else ref.path
+    if ref.kind == "gguf":  # converted in the dtype it runs in: an 8B model in bf16 needs half the disk
+        kept = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+        path = str(_convert_gguf(ref, models_root, kept, notice, progress))
+    else:
+        path = ref.path
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
 class Progress:
     """rich progress bars on stderr for the engine's progress(stage, done, total) callback."""
 
-    LABELS = {"prefill": "prefill (tokens)", "index": "index (layers)"}
+    LABELS = {"prefill": "prefill (tokens)", "index": "index (layers)", "convert": "convert model (MiB)"}
 
     def __init__(self, console, enabled: bool):
         self.console, self.enabled, self.bars, self.tasks = console, enabled, None, {}
