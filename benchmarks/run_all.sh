@@ -37,6 +37,9 @@ step repeat_vs_length python benchmarks/repeat_vs_length.py --sizes 1000,2000,40
 step store_cost python benchmarks/store_cost.py
 step serve_ask python benchmarks/serve_ask.py
 step decode_profile python benchmarks/decode_profile.py
+# host memory of converting a GGUF (issue 17): the embedded file, and its blocks repeated 8 times (878M parameters)
+step gguf_convert python benchmarks/gguf_convert.py --shards 2048,64
+step gguf_convert_x8 python benchmarks/gguf_convert.py --blocks-times 8 --shards 2048,256
 step index_cost python benchmarks/index_cost.py --indexes flat,cluster --runs 5
 step citations_dev python benchmarks/citations.py needle --seeds 3 --home "$OUT/cit_home" --steps "$OUT/cit_dev" --jsonl "$OUT/cit_dev.jsonl"
 step citations_rules python benchmarks/citations.py rules --steps "$OUT/cit_dev"

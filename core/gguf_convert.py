@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHARD_BYTES = 2 << 30   # a safetensors shard is written out once it holds this much
+PIECE_BYTES = 64 << 20  # a big tensor is dequantized this many fp32 bytes of rows at a time
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -32,10 +33,13 @@ class Needs:
     disk_bytes: int       # the shards (every tensor in the target dtype) + small files
     host_bytes: int       # one shard in memory + the largest tensor in fp32 (dequantized) and cast
     largest_tensor: int   # elements of the largest tensor
+    params: int           # elements of all tensors
 
 
 def needs(path: str | Path, dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> Needs:
-    """Disk and peak host memory `convert` needs for the GGUF at `path` (metadata only: fast)."""
+    """Disk and peak host memory `convert` needs for the GGUF at `path` (its tensor table only:
+    fast). Host: one shard, plus the largest tensor dequantized (fp32) and cast, plus one piece's
+    temporaries; the metadata, the tokenizer and the libraries (a few hundred MiB) come on top."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -44,7 +48,31 @@ def needs(path: str | Path, dtype: str = "float32", shard_bytes: int = SHARD_BYT
     largest = max(sizes, default=0)
     total = sum(sizes) * item
     shard = min(total, shard_bytes + largest * item)  # a shard is written once it passes shard_bytes
-    return Needs(disk_bytes=total + (64 << 20), host_bytes=shard + largest * (4 + item), largest_tensor=largest)
+    return Needs(disk_bytes=total + (64 << 20), host_bytes=shard + largest * (4 + item) + 3 * PIECE_BYTES,
+                 largest_tensor=largest, params=sum(sizes))
+
+
+def dequantized(tensor, piece_bytes: int = PIECE_BYTES):
+    """One GGUF tensor (a gguf-py ReaderTensor) as a numpy array, fp32 for quantized types. A big
+    tensor is dequantized a slice of rows at a time into one preallocated array (quantized blocks
+    never span rows, so the result is the same): gguf-py's dequantize holds a few temporaries the
+    size of its output, which for an 8B model's embedding would be several GiB."""
+    import numpy as np
+    from gguf import dequantize
+
+    data = tensor.data
+    rows = data.shape[0] if data.ndim > 1 else 1
+    per_row = max(1, int(tensor.n_elements) // rows) * 4
+    step = max(1, piece_bytes // per_row)
+    if data.ndim < 2 or rows <= step:
+        return dequantize(data, tensor.tensor_type)
+    out = None
+    for a in range(0, rows, step):
+        part = dequantize(data[a:a + step], tensor.tensor_type)
+        if out is None:
+            out = np.empty((rows,) + part.shape[1:], part.dtype)
+        out[a:a + len(part)] = part
+    return out
 
 
 def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: int = SHARD_BYTES,
@@ -54,7 +82,7 @@ def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: in
     progress(done_bytes, total_bytes) is called after each tensor (bytes of the GGUF read)."""
     import numpy as np
     import torch
-    from gguf import GGUFReader, dequantize
+    from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
@@ -66,11 +94,13 @@ def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: in
     src, name = str(path.parent), path.name
     target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
-    # the config and tokenizer as transformers reads them from the GGUF's metadata (no tensors)
-    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    # the config and tokenizer as transformers reads them from the GGUF's metadata (no tensors);
+    # the config from the same parse AutoConfig.from_pretrained(gguf_file=) makes (one parse less)
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    fields = dict(parsed["config"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     config.dtype = target
     AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(out)
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     reader = GGUFReader(str(path))
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
@@ -98,7 +128,7 @@ def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: in
         shards[-1], filled[0] = {}, 0
 
     for t in reader.tensors:
-        weights = dequantize(t.data, t.tensor_type)  # numpy, fp32 (or the file's own float type)
+        weights = dequantized(t)  # numpy, fp32 (or the file's own float type)
         result = processor.process(weights=weights, name=t.name, tensor_key_mapping=names, parsed_parameters=parsed)
         done += int(t.n_bytes)
         if result.name in names:

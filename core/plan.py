@@ -227,6 +227,10 @@ def explain(p: dict) -> str:
         f"full attention: peak {g(f['peak_bytes'])}{verdict(f)}",
         f"  weights {g(f['weights_bytes'])} + K/V {g(f['kv_bytes'])} + chunk {g(f['activation_bytes'])}",
     ]
+    c = p.get("conversion")
+    if c:  # a .gguf: converted once, tensor by tensor (core/gguf_convert.py)
+        lines.append(f"first use converts the GGUF to {c['dtype']}: host memory {g(c['host_bytes'])} at peak, "
+                     f"disk {g(c['disk_bytes'])}")
     return "\n".join(lines)
 
 

@@ -228,9 +228,10 @@ def models():
         rows.append((m.DEFAULT_MODEL, f"not installed: {e}"))
     root = _home() / "models"
     for d in sorted(root.glob("*/ra-model.json")) if root.is_dir() else []:
-        src = json.loads(d.read_text()).get("source", "")
+        info = json.loads(d.read_text())
+        src = info.get("source", "")
         if not src.endswith(m.EMBEDDED_FILE):
-            rows.append((src, f"GGUF, converted copy in {d.parent}"))
+            rows.append((src, f"GGUF, converted copy ({info.get('dtype', 'float32')}) in {d.parent}"))
     rows += [(name, "Hugging Face cache") for name in _hf_models()]
     default = configured or m.DEFAULT_MODEL
     for name, what in rows:

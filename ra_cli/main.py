@@ -344,6 +344,12 @@ def plan(
     cap = parse_size(gpu_memory) if gpu_memory else None
     p = make_plan(shape, PlanInput(tokens, dtype_bytes=DTYPE_BYTES[dtype], index=index), cap)
     p["source"] = source
+    if source.endswith(".gguf"):  # ra converts a GGUF once, tensor by tensor, into the dtype it runs in
+        from dataclasses import asdict
+
+        from core.gguf_convert import needs
+
+        p["conversion"] = {"dtype": dtype, **asdict(needs(source, dtype))}
     typer.echo(json.dumps(p) if as_json else explain(p))
 
 

@@ -1,5 +1,7 @@
 """The tensor-by-tensor GGUF conversion (core/gguf_convert.py) against transformers' own loading
 of the same file, and what `load` does before and after converting."""
+import os
+
 import pytest
 
 
@@ -32,6 +34,13 @@ def test_fp32_conversion_equals_transformers_own_bit_for_bit(smol, reference_sta
         assert torch.equal(got[name], t), name
     d = models.converted_dir(models.resolve(None), models_dir)
     assert json.loads((d / "ra-model.json").read_text())["dtype"] == "float32"
+    from transformers import AutoConfig  # the config as transformers reads it from the GGUF itself
+
+    src = models.resolve(None).path
+    own = AutoConfig.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src)).to_dict()
+    saved = json.loads((d / "config.json").read_text())
+    assert {k: v for k, v in own.items() if k not in ("dtype", "architectures", "transformers_version")} == \
+        {k: v for k, v in saved.items() if k not in ("dtype", "architectures", "transformers_version")}
     assert not [p for p in d.parent.iterdir() if ".tmp-" in p.name]
 
 
@@ -96,3 +105,28 @@ def test_a_damaged_gguf_is_one_line_and_leaves_nothing(tmp_path, content):
     assert "\n" not in str(e.value) and "bad.gguf" in str(e.value)
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
     assert bad.read_bytes() == content  # the source is never touched
+
+
+def test_the_benchmarks_bigger_gguf_repeats_the_blocks(tmp_path):
+    """benchmarks/gguf_convert.py --blocks-times K: K times the blocks, the rest as it was."""
+    import sys
+
+    from gguf import GGUFReader
+
+    from conftest import ROOT
+    from core import model as models
+    from core.gguf_convert import needs
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gguf_convert import repeated_blocks
+
+    src = models.resolve(None).path
+    out = tmp_path / "x2.gguf"
+    repeated_blocks(src, str(out), 2)
+    a, b = GGUFReader(src), GGUFReader(str(out))
+    assert int(b.fields["llama.block_count"].contents()) == 2 * int(a.fields["llama.block_count"].contents())
+    blocks = sum(int(t.n_elements) for t in a.tensors if t.name.startswith("blk."))
+    assert needs(out).params == needs(src).params + blocks
+    assert b.fields["tokenizer.ggml.tokens"].contents() == a.fields["tokenizer.ggml.tokens"].contents()
+    last = {t.name: t for t in b.tensors}["blk.59.attn_q.weight"]
+    assert (last.data == {t.name: t for t in a.tensors}["blk.29.attn_q.weight"].data).all()

@@ -102,3 +102,19 @@ def test_refusal_names_the_numbers_and_the_way_out():
     why = refusal(p, "full", 24 * 2**30)
     assert "131,072 tokens need about 31.2 GiB" in why and "retrieval attention would need 16.6 GiB" in why
     assert "retrieval attention would" not in (refusal(p, "full", 10 * 2**30) or "")
+
+
+def test_plan_of_a_gguf_says_what_converting_it_takes(smol):
+    """The conversion's disk is every tensor in the dtype asked for; no torch import for it."""
+    from core.model import embedded_gguf
+
+    model = smol[0]
+    r = CliRunner().invoke(app, ["plan", str(embedded_gguf()), "--tokens", "1000", "--dtype", "float32", "--json"])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.output)["conversion"]
+    params = sum(p.numel() for p in model.parameters())  # the embedding counted once (tied)
+    assert c["dtype"] == "float32" and c["params"] == params
+    assert params * 4 <= c["disk_bytes"] <= params * 4 + (64 << 20)
+    assert c["largest_tensor"] < c["params"] and c["host_bytes"] > c["largest_tensor"] * 8
+    human = CliRunner().invoke(app, ["plan", str(embedded_gguf()), "--tokens", "1000"])
+    assert "first use converts the GGUF to bfloat16" in human.output
