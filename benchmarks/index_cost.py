@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_ask import QUESTION, alice_start, machine  # noqa: E402
-from benchmarks.decode_profile import per_token_ms  # noqa: E402
 from core import data_home  # noqa: E402
 from core import model as models  # noqa: E402
 from core.engine import AnswerStats, Engine, Settings  # noqa: E402
@@ -52,7 +51,7 @@ def main(argv=None) -> None:
             for k in kinds if run % 2 == 0 else kinds[::-1]:
                 st = AnswerStats()
                 "".join(engine.ask(prepared[k], QUESTION, st))
-                ms[k].append(per_token_ms(st))
+                ms[k].append(st.ms_per_token)
                 print(f"run {run + 1}, {k}: {ms[k][-1]:.1f} ms/token", file=sys.stderr)
         n_doc = prepared[kinds[0]].entry.n_tokens
     print(f"machine: {machine()}")

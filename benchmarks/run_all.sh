@@ -41,6 +41,8 @@ step decode_profile python benchmarks/decode_profile.py
 step gguf_convert python benchmarks/gguf_convert.py --shards 2048,64
 step gguf_convert_x8 python benchmarks/gguf_convert.py --blocks-times 8 --shards 2048,256
 step index_cost python benchmarks/index_cost.py --indexes flat,cluster --runs 5
+# the exact kind (every offloaded key attended), what auto picks inside the window since issue 16's last change
+step index_cost_exact python benchmarks/index_cost.py --indexes flat,cluster,exact --runs 5
 step citations_dev python benchmarks/citations.py needle --seeds 3 --home "$OUT/cit_home" --steps "$OUT/cit_dev" --jsonl "$OUT/cit_dev.jsonl"
 step citations_rules python benchmarks/citations.py rules --steps "$OUT/cit_dev"
 step citations_needle python benchmarks/citations.py needle --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_needle.jsonl"
@@ -55,6 +57,8 @@ step sweep python benchmarks/accuracy.py sweep --home "$OUT/acc_home" --lengths 
     --depths 0,75 --jsonl "$OUT/sweep.jsonl"
 step ruler python benchmarks/accuracy.py ruler --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/ruler.jsonl"
 step qa python benchmarks/accuracy.py qa --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
+step ruler_exact python benchmarks/accuracy.py ruler --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/ruler_exact.jsonl"
+step qa_exact python benchmarks/accuracy.py qa --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/qa_exact.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
 # the clustered index (issue 16): the grid with scan top-k + estimated clusters (R=0.018 E=0.232;

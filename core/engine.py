@@ -232,11 +232,11 @@ class Engine:
 
     def index_kind(self, entry: Entry, s: Settings) -> str:
         """The index for this entry: as asked, or for `auto`:
-          - a document inside the model's window with fewer than `s.graph_min_keys` (16K) offloaded
-            keys per head: the clustered index, whose exact zone there is the true top-k (a scan
-            of every key) and which estimates the next clusters (core/cluster.py). On the needle
-            grid its answers equal full attention's more often than exact top-k alone
-            (BENCHMARKS.md, "The clustered index");
+          - a document inside the model's window with fewer than `s.graph_min_keys` (16K)
+            offloaded keys per head: `exact`, every offloaded key attended (one fused partial; core/layer.py).
+            Where every key is read anyway this costs less per step than the flat scan's top-k or
+            the clustered index's scan + estimate, and its answers are full attention's
+            (BENCHMARKS.md, "exact");
           - a longer one: the query-aware graph (fp16 stores, the default; else flat);
           - a document past the model's window (remapped positions): exact flat search, where the
             graph at its default width missed passcodes exact search finds (2 of whole Alice's 3)
@@ -244,13 +244,16 @@ class Engine:
             clusters at RemapScheme.estimate_distance, no more, at the estimate's extra cost
             (BENCHMARKS.md, "The clustered index")."""
         if s.index != "auto":
+            if s.index == "exact" and entry.remapped:
+                raise UsageError("--index exact attends every key at its true position: it is for documents inside "
+                                 "the model's window (this one is past it; use auto, flat, cluster or graph)")
             return s.index
         if entry.remapped:
             return "flat"
         a, b = entry.split(*self.static_sizes(entry, s))
         if b - a >= s.graph_min_keys:
             return "graph" if entry.keys.dtype == np.float16 else "flat"
-        return "cluster"
+        return "exact"
 
     def _build_entry(self, doc: Document, key: StoreKey, s: Settings) -> None:
         from . import longctx

@@ -15,10 +15,15 @@ over the retrieved keys needs only their values.
         SmolLM2's real keys: 0.50 -> 0.89 at ef=100, 0.96 at ef=200).
   graph the query-aware graph of core/graph.py (built from the document's prefill queries).
 
+  exact no index: every offloaded key is attended exactly (core/layer.Retriever.partial: one fused
+        attention partial over fp32 copies of the offloaded K/V, as the static zone's). Where ra
+        would score every key anyway (flat, the clustered index's scan) this costs less than
+        scoring, selecting and gathering (BENCHMARKS.md, "exact"), and it is full attention.
+        `auto` uses it for documents inside the window up to `scan_max` offloaded keys per head.
   cluster segmented spherical k-means clusters (core/cluster.py): the true top-k (up to 16K keys
         per head, a scan) or the best clusters are attended exactly, the next clusters estimated
         from their centroids and value sums (tripartite attention); the clusters are chosen by a
-        dense score over N / 16 centroids. `auto` uses it for documents inside the window.
+        dense score over N / 16 centroids.
 
 Index kinds are a registry (`KINDS`): each has one `build(keys, values, queries, n_layers, out,
 progress, start_layer)` (layer by layer, so an interrupted build resumes) and one `open(index_dir, layer, keys, **options)`, where keys(layer) / values(layer) /
@@ -98,6 +103,14 @@ class FlatLayerIndex:
         return top_k(scores, k)
 
 
+class ExactLayerIndex(FlatLayerIndex):
+    """The `exact` kind: nothing to search. A Retriever over it attends every offloaded key
+    (`Retriever.partial`); `search` (every key's exact logit, the flat scan) serves tests and
+    benchmarks that ask an index for its top-k."""
+
+    exact = True
+
+
 class HnswLayerIndex:
     """hnswlib graphs over one layer's mean-centred keys, one per KV head. means: [KVH, D]."""
 
@@ -165,6 +178,12 @@ def _build_flat(keys, values, queries, n_layers, out, progress, start_layer=0):
     (out / "index.json").write_text(json.dumps({"kind": "flat"}))
 
 
+def _build_exact(keys, values, queries, n_layers, out, progress, start_layer=0):
+    if progress:
+        progress(n_layers, n_layers)
+    (out / "index.json").write_text(json.dumps({"kind": "exact"}))
+
+
 def _build_hnsw(keys, values, queries, n_layers, out, progress, start_layer=0):
     _build_means(keys, n_layers, out, progress, hnsw=True, start_layer=start_layer)
     (out / "index.json").write_text(json.dumps({"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}))
@@ -214,6 +233,8 @@ class IndexKind:
 
 KINDS: dict[str, IndexKind] = {k.name: k for k in (
     IndexKind("flat", _build_flat, lambda d, layer, keys: FlatLayerIndex(keys)),
+    # every offloaded key attended exactly: no files but index.json
+    IndexKind("exact", _build_exact, lambda d, layer, keys: ExactLayerIndex(keys)),
     IndexKind("hnsw", _build_hnsw, _open_hnsw),
     # .v2: grouped directions, 24-bit ids (core/graph.py)
     IndexKind("graph", _build_graph, _open_graph, format=".v2", needs_fp16=True),

@@ -102,13 +102,34 @@ class Retriever:
 
     `zones(q [KVH, M, D], k, scale) -> Zones`: the index's retrieved keys (ids, exact logits,
     [KVH, M, K]: K = k for flat, hnsw and graph; for the clustered index every member of the best
-    clusters, -1 / -inf padded) and, where the index estimates (core/cluster.py), its estimate."""
+    clusters, -1 / -inf padded) and, where the index estimates (core/cluster.py), its estimate.
+    Over the `exact` kind (`exact` True) nothing is selected: `partial` attends every key."""
 
     def __init__(self, keys, values, index):
         self.k = torch.from_numpy(keys)
         self.v = torch.from_numpy(values)
         self.index = index
         self.n = keys.shape[1]
+        self.exact = getattr(index, "exact", False)
+        self._k32 = self._v32 = None  # fp32 copies for `partial`, made at its first call
+
+    def partial(self, q, scale: float):
+        """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: the fused kernel over fp32
+        copies of the offloaded K/V (read from the store once, kept for later questions)."""
+        if self._k32 is None:
+            self._k32, self._v32 = self.k.float().contiguous(), self.v.float().contiguous()
+        o, lse = local_attention(q.to("cpu", torch.float32), self._k32, self._v32, scale)
+        return o.to(q.device), lse.to(q.device)
+
+    def everything(self, q) -> "Selection":
+        """Every offloaded key as a Selection (ids, exact logits; no values): what the `exact`
+        kind attended, for a tally (citations)."""
+        KVH, G, T, D = q.shape
+        if self._k32 is None:
+            self._k32, self._v32 = self.k.float().contiguous(), self.v.float().contiguous()
+        logits = torch.matmul(q.to("cpu", torch.float32), self._k32[:, None].transpose(-1, -2))  # [KVH, G, T, N]
+        ids = torch.arange(self.n).expand(KVH, G * T, self.n)
+        return Selection(ids, logits.to(q.device), None)
 
     def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
         if hasattr(self.index, "zones"):
@@ -238,11 +259,17 @@ class DocumentLayer(CacheLayerMixin):
         with span("ra.attend", self.trace):
             parts = [self.static.partial(q, key, value, scale)]
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
-        sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy
+        if k > 0 and self.retriever.exact:  # the `exact` kind: every offloaded key, nothing selected
+            with span("ra.attend", self.trace):
+                parts.append(self.retriever.partial(q, scale))
+            sel = self.retriever.everything(q) if self.tally is not None else None
+            k = 0
+        else:
+            sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy
         self.last = sel
         with span("ra.attend", self.trace):
             parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
-            if sel is not None:
+            if sel is not None and k > 0:
                 parts.append(attention_from_scores(sel.logits, sel.values, scale))
                 if sel.estimate is not None:
                     parts.append(estimated_attention(sel.estimate, scale, sel.values))

@@ -155,7 +155,7 @@ class PlanInput:
     recent: int = DEFAULTS.recent
     top_k: int = DEFAULTS.top_k
     retrieve: float = DEFAULTS.retrieve
-    index: str = "cluster"      # cluster | flat (what the host holds while answering)
+    index: str = "cluster"      # cluster | flat | exact (what the host holds while answering)
     scan_max: int = DEFAULTS.scan_max  # cluster index: up to this many offloaded keys per head it also scans every key
     query_samples: int = DEFAULTS.query_samples
 
@@ -184,12 +184,14 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
     heads = L * KVH
     if x.index == "flat":
         host_index = heads * offloaded * D * 4
+    elif x.index == "exact":  # fp32 copies of the offloaded K and V (core/layer.Retriever.partial)
+        host_index = heads * offloaded * D * 4 * 2
     else:  # core/cluster.ClusterLayerIndex: fp32 centroids + log sizes, int64 sizes/offsets/order; value sums mapped
         host_index = heads * (clusters * (D * 4 + 4 + 8 + 8) + offloaded * 8)
         if offloaded <= x.scan_max:  # its exact zone is a scan: an fp32 copy of the keys, and each key's cluster
             host_index += heads * offloaded * (D * 4 + 8)
     queries = L * shape.q_heads * max(x.query_samples, min(8192, n // 25)) * D * x.store_bytes
-    index_disk = 0 if x.index == "flat" else heads * (clusters * (2 * D * 4 + 4 + 8) + offloaded * 4)
+    index_disk = 0 if x.index in ("flat", "exact") else heads * (clusters * (2 * D * 4 + 4 + 8) + offloaded * 4)
     disk = shape.kv_per_token(x.store_bytes) * n + queries + index_disk + n * 8
     out = {
         "model": asdict(shape), "tokens": n, "params": shape.params(),

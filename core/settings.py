@@ -78,7 +78,7 @@ class Settings:
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
     attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
     index: str = "auto"            # auto | a kind of core/index.py KINDS (auto: see Engine.index_kind)
-    graph_min_keys: int = 16_384   # `auto` picks the graph index from this many offloaded keys per head
+    graph_min_keys: int = 16_384   # `auto` picks the graph index from this many offloaded keys per head (below: exact)
     top_k: int = 100               # offloaded keys retrieved per query head and step
     retrieve: float = 0.1          # cluster index: at least this fraction of the keys (past scan_max: of the
                                    # clusters) attended exactly

@@ -61,8 +61,9 @@ DTYPE = typer.Option(D.dtype, envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 o
 ATTENTION = typer.Option(D.attention, envvar="RA_ATTENTION",
                          help="retrieval, or full (exact attention over the same cached KV).")
 INDEX = typer.Option(D.index, envvar="RA_INDEX",
-                     help="Offloaded-key index: auto (cluster under 16K keys, flat past the window, else graph), flat (exact), hnsw, "
-                          "graph, cluster (tripartite: top keys attended, the next clusters estimated).")
+                     help="Offloaded-key index: auto (exact under 16K keys, flat past the window, else graph), exact (every "
+                          "key attended), flat (exact top-k), hnsw, graph, cluster (tripartite: top keys attended, the next "
+                          "clusters estimated).")
 TOP_K = typer.Option(D.top_k, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
 RETRIEVE = typer.Option(D.retrieve, envvar="RA_RETRIEVE", min=0.0, max=1.0,
                         help="Cluster index: least fraction of the keys (of the clusters, past 16K keys) attended exactly, and at least --top-k.")
@@ -329,7 +330,7 @@ def plan(
     tokens: int = typer.Option(..., "--tokens", "-t", min=1, help="Document length in tokens."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, e.g. 24GiB."),
     dtype: str = typer.Option("bfloat16", help="Weights and device K/V: bfloat16, float16 or float32."),
-    index: str = typer.Option("cluster", help="Index the host holds while answering: cluster or flat."),
+    index: str = typer.Option("cluster", help="Index the host holds while answering: cluster, flat or exact."),
     as_json: bool = typer.Option(False, "--json", help="The plan as one JSON object."),
 ):
     """Say what a document of N tokens needs with a model (GPU, host, disk), for retrieval and full attention."""
@@ -338,8 +339,8 @@ def plan(
 
     if dtype not in DTYPE_BYTES:
         raise UsageError(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
-    if index not in ("cluster", "flat"):
-        raise UsageError(f"--index must be cluster or flat, not {index!r}")
+    if index not in ("cluster", "flat", "exact"):
+        raise UsageError(f"--index must be cluster, flat or exact, not {index!r}")
     source, shape = read_shape(model)
     cap = parse_size(gpu_memory) if gpu_memory else None
     p = make_plan(shape, PlanInput(tokens, dtype_bytes=DTYPE_BYTES[dtype], index=index), cap)

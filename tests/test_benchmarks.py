@@ -84,3 +84,14 @@ def test_long_context_configs_name_an_index_and_its_budgets():
     assert got["full"] == {"attention": "full"}
     assert got["cluster:s=65536:r=0:e=1"] == {"attention": "retrieval", "top_k": 100, "index": "cluster",
                                              "retrieve": 0.0, "estimate": 1.0, "scan_max": 65536}
+
+
+def test_every_benchmark_script_imports():
+    """Each benchmarks/*.py loads (its imports resolve): a script broken by a change elsewhere
+    fails here, not on the next benchmark run. One process, nothing run."""
+    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+    code = "import importlib, sys\nsys.path.insert(0, '.')\n" + "".join(
+        f"importlib.import_module('benchmarks.{n}')\n" for n in names)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(names) > 10

@@ -124,7 +124,7 @@ def test_code_passages_are_line_ranges_of_one_file(smol, tmp_path):
 def _layer_with_tally(KVH, G, a, N, R, D, top_k, seed, index="flat", tmp_path=None, estimate=0.0):
     """A DocumentLayer over a document of a + N + R tokens (a sinks, N offloaded, R recent) whose
     tally maps token i to passage i // 3."""
-    from core.index import FlatLayerIndex, kind
+    from core.index import ExactLayerIndex, FlatLayerIndex, kind
     from core.layer import DocumentLayer, ExactPositions, Retriever, StaticKV
 
     rng = np.random.default_rng(seed)
@@ -132,8 +132,8 @@ def _layer_with_tally(KVH, G, a, N, R, D, top_k, seed, index="flat", tmp_path=No
     k = rng.standard_normal((KVH, n, D)).astype(np.float32) + 1.5 * rng.standard_normal((KVH, 1, D)).astype(np.float32)
     v = rng.standard_normal((KVH, n, D)).astype(np.float32)
     k_off, v_off = np.ascontiguousarray(k[:, a:a + N]), np.ascontiguousarray(v[:, a:a + N])
-    if index == "flat":
-        idx = FlatLayerIndex(torch.from_numpy(k_off))
+    if index in ("flat", "exact"):
+        idx = (FlatLayerIndex if index == "flat" else ExactLayerIndex)(torch.from_numpy(k_off))
     else:
         from core.cluster import build_cluster_dir
 
@@ -144,7 +144,7 @@ def _layer_with_tally(KVH, G, a, N, R, D, top_k, seed, index="flat", tmp_path=No
     units = np.arange(n) // 3
     units[1] = units.max() + 1  # a token mapped nowhere (the template)
     tally = citations.Tally(1, KVH * G, units, np.r_[np.arange(a), np.arange(a + N, n)], a, N,
-                            [idx if index != "flat" else None], rules=citations.RULES)
+                            [idx if index == "cluster" else None], rules=citations.RULES)
     layer = DocumentLayer(StaticKV(static_k[None], static_v[None], a + R + 2), Retriever(k_off, v_off, idx),
                           ExactPositions(), top_k, n, 0, tally)
     return layer, tally, k, units, idx
@@ -157,13 +157,14 @@ def _reference_weights(q, keys_of_head, new_k, scale):
     return w / w.sum()
 
 
-@pytest.mark.parametrize("top_k", [3, 10**6])
-def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
+@pytest.mark.parametrize("top_k,index", [(3, "flat"), (10**6, "flat"), (3, "exact")])
+def test_tally_equals_softmax_weights_of_the_keys_attended(top_k, index):
     """Each document token's tallied mass, over two decoding steps, equals its weight in one
     float64 softmax over exactly the keys the step attended (static + retrieved + new tokens),
-    per head and passage; with every key retrieved that is full attention's weight."""
+    per head and passage; with every key retrieved (or the `exact` kind, whatever k) that is full
+    attention's weight."""
     KVH, G, a, N, R, D = 2, 3, 4, 20, 5, 8
-    layer, tally, k, units, _ = _layer_with_tally(KVH, G, a, N, R, D, top_k, seed=1)
+    layer, tally, k, units, _ = _layer_with_tally(KVH, G, a, N, R, D, top_k, seed=1, index=index)
     n, U = a + N + R, tally.U
     ref_tokens = np.zeros(n)
     ref_units = np.zeros((KVH * G, U + 1))
@@ -194,7 +195,7 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k):
             for t, wt in zip(toks, w[:len(toks)]):
                 ref_tokens[t] += wt
                 ref_units[h, units[t]] += wt
-            if top_k >= N:
+            if top_k >= N or index == "exact":
                 assert len(got) == N
     tally.finish()
     assert tally.steps == 2 and set(tally.heads) == set(citations.PEAK_RULES)

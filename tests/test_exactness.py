@@ -54,7 +54,7 @@ def _reference_logits(model, tok, doc, n_steps, answer_ids):
 
 def _check(model, tok, identity, home, n_chars, atol):
     doc = Document(text=book_text(n_chars), name="alice-part", kind="text")
-    s = Settings(sink=16, recent=32, chunk_size=100, top_k=10**6, kv_dtype="float32", max_tokens=6)
+    s = Settings(sink=16, recent=32, chunk_size=100, top_k=10**6, kv_dtype="float32", max_tokens=6, index="flat")
     engine = Engine(home, s, loaded=(model, tok, identity))
     prepared = engine.prepare(doc)
     n = prepared.entry.n_tokens
@@ -84,14 +84,15 @@ def test_smollm2_retrieval_equals_full(smol, tmp_path):
     _check(model, tok, identity, tmp_path, 4000, atol=5e-4)
 
 
-@pytest.mark.parametrize("index", ["flat", "graph", "cluster"])
+@pytest.mark.parametrize("index", ["flat", "graph", "cluster", "exact"])
 def test_fp16_store_retrieval_equals_full_over_the_same_store(index, smol, tmp_path):
     """With the default fp16 KV store, `--attention full` over the same cached KV is the reference.
     The graph search with k covering every key must reach all of them (positional links); the
-    cluster index with k covering every key retrieves every cluster (nothing left to estimate)."""
+    cluster index with k covering every key retrieves every cluster (nothing left to estimate);
+    the exact kind attends every key whatever k (here the default 100)."""
     model, tok, identity = smol
     doc = Document(text=book_text(3000), name="alice-part", kind="text")
-    s = Settings(sink=16, recent=32, top_k=10**6, max_tokens=5, index=index)
+    s = Settings(sink=16, recent=32, top_k=100 if index == "exact" else 10**6, max_tokens=5, index=index)
     engine = Engine(tmp_path, s, loaded=(model, tok, identity))
     ra = _answer_logits(engine, engine.prepare(doc))
     full = _answer_logits(engine, engine.prepare(doc, s.but(attention="full")))

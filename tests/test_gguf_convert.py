@@ -38,9 +38,10 @@ def test_fp32_conversion_equals_transformers_own_bit_for_bit(smol, reference_sta
 
     src = models.resolve(None).path
     own = AutoConfig.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src)).to_dict()
-    saved = json.loads((d / "config.json").read_text())
-    assert {k: v for k, v in own.items() if k not in ("dtype", "architectures", "transformers_version")} == \
-        {k: v for k, v in saved.items() if k not in ("dtype", "architectures", "transformers_version")}
+    saved = AutoConfig.from_pretrained(d).to_dict()
+    ours = ("dtype", "architectures", "transformers_version", "_name_or_path")  # set by the save, not the GGUF
+    assert {k: v for k, v in own.items() if k not in ours} == {k: v for k, v in saved.items() if k not in ours}
+    assert saved["dtype"] == "float32" and saved["architectures"] == ["LlamaForCausalLM"]
     assert not [p for p in d.parent.iterdir() if ".tmp-" in p.name]
 
 
@@ -80,7 +81,8 @@ def test_a_conversion_that_will_not_fit_is_refused_up_front(tmp_path):
     need = needs(ref.path)
     # the embedded model: 272 tensors, the largest the 49,152 x 576 embedding
     assert need.largest_tensor == 49152 * 576
-    assert need.disk_bytes > 134_000_000 * 4 and need.host_bytes < need.disk_bytes + need.largest_tensor * 8
+    assert need.disk_bytes > 134_000_000 * 4
+    assert need.largest_tensor * 8 < need.host_bytes < 2 * need.disk_bytes  # one shard (all of it here) + the largest
     root = tmp_path / "models"
     with pytest.raises(ModelError, match=r"needs .* of disk in .*, 100\.0 MiB free"):
         models._convert_gguf(ref, root, room=(100 << 20, None))
@@ -89,7 +91,7 @@ def test_a_conversion_that_will_not_fit_is_refused_up_front(tmp_path):
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
 
 
-@pytest.mark.parametrize("content", [b"not a gguf at all" * 100, "truncated"])
+@pytest.mark.parametrize("content", [b"not a gguf at all" * 100, "truncated"], ids=["junk", "truncated"])
 def test_a_damaged_gguf_is_one_line_and_leaves_nothing(tmp_path, content):
     from core import model as models
     from core.errors import ModelError

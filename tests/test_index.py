@@ -50,8 +50,8 @@ def test_hnsw_on_centred_keys_finds_the_exact_top_k_and_logits(tmp_path):
 
 def test_kinds_are_one_registry():
     """Every kind validates in one place; an unknown one is a usage error naming the choices."""
-    assert set(KINDS) == {"flat", "hnsw", "graph", "cluster"} and kind("graph").format == ".v2"
-    with pytest.raises(UsageError, match="flat, hnsw, graph, cluster"):
+    assert set(KINDS) == {"flat", "exact", "hnsw", "graph", "cluster"} and kind("graph").format == ".v2"
+    with pytest.raises(UsageError, match="flat, exact, hnsw, graph, cluster"):
         kind("ivf")
 
 

@@ -118,3 +118,19 @@ def test_plan_of_a_gguf_says_what_converting_it_takes(smol):
     assert c["largest_tensor"] < c["params"] and c["host_bytes"] > c["largest_tensor"] * 8
     human = CliRunner().invoke(app, ["plan", str(embedded_gguf()), "--tokens", "1000"])
     assert "first use converts the GGUF to bfloat16" in human.output
+
+
+def test_plan_host_bytes_of_the_exact_kind_are_what_answering_allocates(smol, tmp_path):
+    """`--index exact` keeps fp32 copies of the offloaded K/V: the plan's host bytes equal theirs."""
+    from conftest import book_text
+    from core.documents import Document
+    from core.engine import Engine, Settings
+
+    s = Settings(sink=16, recent=32, max_tokens=2, index="exact")
+    engine = Engine(tmp_path, s, loaded=smol)
+    p = engine.prepare(Document(text=book_text(1500), name="alice-part", kind="text"))
+    "".join(engine.ask(p, "Who is it about?"))
+    held = sum(r._k32.nbytes + r._v32.nbytes for r in p.retrievers)
+    _, shape = read_shape(None)
+    want = plan(shape, PlanInput(p.entry.n_tokens, sink=16, recent=32, index="exact"))["retrieval"]["host_index_bytes"]
+    assert held == want > 0

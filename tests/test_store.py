@@ -124,14 +124,14 @@ def test_second_ask_does_no_prefill_and_answers_the_same(smol, tmp_path):
         hook.remove()
 
 
-def test_auto_index_is_cluster_for_short_documents_and_graph_for_long(smol, tmp_path):
-    """`--index auto`: the clustered index (a scan + estimation) under the key threshold, the query-aware graph at or above it
+def test_auto_index_is_exact_for_short_documents_and_graph_for_long(smol, tmp_path):
+    """`--index auto`: every key attended (`exact`) under the key threshold, the query-aware graph at or above it
     (built from the entry's own prefill queries, memory-mapped files, answering works)."""
     s = Settings(sink=8, recent=16, max_tokens=4)
     engine = Engine(tmp_path, s, loaded=smol)
     assert engine.settings.index == "auto"
     p = engine.prepare(_doc())
-    assert p.index_kind == "cluster" and p.retrievers[0].index.scan is not None
+    assert p.index_kind == "exact" and p.retrievers[0].exact
     n_off = p.entry.n_tokens - 24
     p = engine.prepare(_doc(), s.but(graph_min_keys=n_off))
     assert p.index_kind == "graph" and p.cache_hit
@@ -181,6 +181,8 @@ def test_repeated_ask_on_a_cached_document_retrieves(smol, tmp_path):
     searched = []
 
     class Counting:
+        exact = False
+
         def __init__(self, r):
             self.r, self.n = r, r.n
 
