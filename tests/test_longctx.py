@@ -253,6 +253,12 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
                                                   manifest=e.manifest)
     one = s.but(graph_min_keys=1)
     assert engine.index_kind(as16(True), one) == "flat" and engine.index_kind(as16(False), one) == "graph"
+    # every key at one distance is not what `exact` means: asked for past the window, a usage error
+    from core.errors import UsageError
+
+    with pytest.raises(UsageError, match="inside the model's window"):
+        engine.index_kind(as16(True), s.but(index="exact"))
+    assert engine.index_kind(as16(False), s.but(index="exact")) == "exact"
 
 
 @pytest.fixture(scope="module")
