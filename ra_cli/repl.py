@@ -84,8 +84,9 @@ class Repl:
         rows = [("document", f"{self.doc.name} ({p.entry.n_tokens:,} tokens, "
                              f"{'from the cache' if p.cache_hit else f'prefilled in {p.prefill_s:.1f} s'})"),
                 ("model", f"{e.ref.spec} on {e.device}, loaded once in {e.load_s:.1f} s"),
-                ("attention", f"{p.settings.attention}" + (f", {p.index_kind} index, top-{p.settings.top_k}"
-                                                           if p.settings.attention == "retrieval" else "")),
+                ("attention", f"{p.settings.attention}" + (
+                    "" if p.settings.attention != "retrieval" else ", every offloaded key (exact)"
+                    if p.index_kind == "exact" else f", {p.index_kind} index, top-{p.settings.top_k}")),
                 ("questions", f"{self.asked} answered, {self.interrupted} interrupted"),
                 ("conversation", f"{len(self.history)} turns")]
         if self.last:

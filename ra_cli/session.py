@@ -119,8 +119,9 @@ class Session:
                      f"({n / max(prepared.prefill_s, 1e-9):,.0f} tokens/s); cached for next time")
         a, b = prepared.split
         if s.attention == "retrieval":
+            how = "every one attended: exact" if prepared.index_kind == "exact" else f"{prepared.index_kind} index, top-{s.top_k}"
             self.say(f"retrieval attention: {n - (b - a):,} static tokens on {self.engine.device}, {b - a:,} "
-                     f"offloaded ({prepared.index_kind} index, top-{s.top_k})")
+                     f"offloaded ({how})")
         return prepared
 
 
