@@ -37,6 +37,7 @@ step repeat_vs_length python benchmarks/repeat_vs_length.py --sizes 1000,2000,40
 step store_cost python benchmarks/store_cost.py
 step serve_ask python benchmarks/serve_ask.py
 step decode_profile python benchmarks/decode_profile.py
+step decode_profile_exact python benchmarks/decode_profile.py --index exact
 # host memory of converting a GGUF (issue 17): the embedded file, and its blocks repeated 8 times (878M parameters)
 step gguf_convert python benchmarks/gguf_convert.py --shards 2048,64
 step gguf_convert_x8 python benchmarks/gguf_convert.py --blocks-times 8 --shards 2048,256
