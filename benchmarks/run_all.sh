@@ -58,6 +58,8 @@ step sweep python benchmarks/accuracy.py sweep --home "$OUT/acc_home" --lengths 
     --depths 0,75 --jsonl "$OUT/sweep.jsonl"
 step ruler python benchmarks/accuracy.py ruler --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/ruler.jsonl"
 step qa python benchmarks/accuracy.py qa --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
+step needle_exact python benchmarks/accuracy.py needle --lengths 1000,2000 --seeds 3 --indexes exact --home "$OUT/acc_exact" --jsonl "$OUT/needle_exact.jsonl"
+step needle_exact4k python benchmarks/accuracy.py needle --lengths 4000 --seeds 3 --indexes exact --home "$OUT/acc_exact" --jsonl "$OUT/needle_exact4k.jsonl"
 step ruler_exact python benchmarks/accuracy.py ruler --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/ruler_exact.jsonl"
 step qa_exact python benchmarks/accuracy.py qa --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/qa_exact.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
