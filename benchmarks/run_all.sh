@@ -116,6 +116,8 @@ E=(--configs ra:100,cluster:s=1000000:r=0:e=1:d=0,cluster:s=1000000:r=0:e=1:d=24
    --home "$OUT/long_home" --jsonl "$OUT/heldout_est.jsonl")
 step heldout_est_alice python benchmarks/long_context.py needle --book alice --lengths whole --depths 30,70 --seed 1 "${E[@]}"
 step heldout_est_sherlock python benchmarks/long_context.py needle --book sherlock --lengths 16000,32000 --depths 25,75 "${E[@]}"
+step past_cluster python benchmarks/long_context.py needle --book frankenstein --lengths 16000,32000 --depths 10,50,90 \
+    --configs ra:100,cluster:s=1000000:r=0:e=1,cluster --home "$OUT/long_home" --jsonl "$OUT/past_cluster.jsonl"
 step long_graph python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
     --configs ra:100 --index graph --home "$OUT/long_home" --jsonl "$OUT/long_graph.jsonl"
 step long_report python benchmarks/long_context.py report --jsonl "$OUT/long.jsonl"
