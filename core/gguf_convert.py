@@ -112,20 +112,19 @@ def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: in
     config.architectures = [type(skeleton).__name__]
     del skeleton
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    filled, stored = [0], [0]
+    shard: dict[str, torch.Tensor] = {}  # the shard being filled; written out past shard_bytes
+    filled = stored = done = 0
     files: list[Path] = []
     weight_map: dict[str, int] = {}
     total = sum(int(t.n_bytes) for t in reader.tensors)
-    done = 0
 
     def flush() -> None:
-        if not shards[-1]:
-            return
-        f = out / f".shard-{len(files):05d}.safetensors"
-        save_file(shards[-1], str(f), metadata={"format": "pt"})
-        files.append(f)
-        shards[-1], filled[0] = {}, 0
+        nonlocal shard, filled
+        if shard:
+            f = out / f".shard-{len(files):05d}.safetensors"
+            save_file(shard, str(f), metadata={"format": "pt"})
+            files.append(f)
+            shard, filled = {}, 0
 
     for t in reader.tensors:
         weights = dequantized(t)  # numpy, fp32 (or the file's own float type)
@@ -134,11 +133,11 @@ def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: in
         if result.name in names:
             hf = names[result.name]
             tensor = torch.from_numpy(np.array(result.weights)).to(target)  # a copy: the file's own tensors are read-only maps
-            shards[-1][hf] = tensor
+            shard[hf] = tensor
             weight_map[hf] = len(files)
-            filled[0] += tensor.numel() * tensor.element_size()
-            stored[0] += tensor.numel() * tensor.element_size()
-            if filled[0] >= shard_bytes:
+            filled += tensor.nbytes
+            stored += tensor.nbytes
+            if filled >= shard_bytes:
                 flush()
         del weights, result
         if progress:
@@ -156,7 +155,7 @@ def convert(path: str | Path, out: Path, dtype: str = "float32", shard_bytes: in
     for i, f in enumerate(files):
         final[i] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         f.rename(out / final[i])
-    index = {"metadata": {"total_size": stored[0]},
+    index = {"metadata": {"total_size": stored},
              "weight_map": {k: final[i] for k, i in sorted(weight_map.items())}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(out)

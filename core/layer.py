@@ -113,21 +113,24 @@ class Retriever:
         self.exact = getattr(index, "exact", False)
         self._k32 = self._v32 = None  # fp32 copies for `partial`, made at its first call
 
+    def _fp32(self):
+        """The offloaded K/V as fp32 copies [KVH, N, D], read from the store once and kept."""
+        if self._k32 is None:
+            self._k32, self._v32 = self.k.float().contiguous(), self.v.float().contiguous()
+        return self._k32, self._v32
+
     def partial(self, q, scale: float):
         """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: the fused kernel over fp32
         copies of the offloaded K/V (read from the store once, kept for later questions)."""
-        if self._k32 is None:
-            self._k32, self._v32 = self.k.float().contiguous(), self.v.float().contiguous()
-        o, lse = local_attention(q.to("cpu", torch.float32), self._k32, self._v32, scale)
+        o, lse = local_attention(q.to("cpu", torch.float32), *self._fp32(), scale)
         return o.to(q.device), lse.to(q.device)
 
     def everything(self, q) -> "Selection":
         """Every offloaded key as a Selection (ids, exact logits; no values): what the `exact`
         kind attended, for a tally (citations)."""
         KVH, G, T, D = q.shape
-        if self._k32 is None:
-            self._k32, self._v32 = self.k.float().contiguous(), self.v.float().contiguous()
-        logits = torch.matmul(q.to("cpu", torch.float32), self._k32[:, None].transpose(-1, -2))  # [KVH, G, T, N]
+        keys = self._fp32()[0]
+        logits = torch.matmul(q.to("cpu", torch.float32), keys[:, None].transpose(-1, -2))  # [KVH, G, T, N]
         ids = torch.arange(self.n).expand(KVH, G * T, self.n)
         return Selection(ids, logits.to(q.device), None)
 
@@ -259,17 +262,17 @@ class DocumentLayer(CacheLayerMixin):
         with span("ra.attend", self.trace):
             parts = [self.static.partial(q, key, value, scale)]
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
-        if k > 0 and self.retriever.exact:  # the `exact` kind: every offloaded key, nothing selected
+        exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
+        if exact:
             with span("ra.attend", self.trace):
                 parts.append(self.retriever.partial(q, scale))
-            sel = self.retriever.everything(q) if self.tally is not None else None
-            k = 0
+            sel = self.retriever.everything(q) if self.tally is not None else None  # for the tally only
         else:
             sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy
         self.last = sel
         with span("ra.attend", self.trace):
             parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
-            if sel is not None and k > 0:
+            if sel is not None and not exact:
                 parts.append(attention_from_scores(sel.logits, sel.values, scale))
                 if sel.estimate is not None:
                     parts.append(estimated_attention(sel.estimate, scale, sel.values))

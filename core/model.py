@@ -96,6 +96,11 @@ def _host_available() -> int | None:
     return None
 
 
+def _why(e: Exception) -> str:
+    """An exception as one line: its message's first line, or its type's name."""
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _convert_gguf(ref: ModelRef, models_root: Path, dtype: str = "float32", notice=None, progress=None,
                   room: tuple[int, int | None] | None = None) -> Path:
     """The model directory of a GGUF in `dtype`, converted tensor by tensor (core/gguf_convert.py)
@@ -106,7 +111,7 @@ def _convert_gguf(ref: ModelRef, models_root: Path, dtype: str = "float32", noti
     from filelock import FileLock
 
     from . import gguf_convert
-    from .units import human_size as human_bytes
+    from .units import human_size
 
     final = converted_dir(ref, models_root, dtype)
     if (final / "ra-model.json").exists():
@@ -118,17 +123,17 @@ def _convert_gguf(ref: ModelRef, models_root: Path, dtype: str = "float32", noti
         try:
             need = gguf_convert.needs(ref.path, dtype)
         except Exception as e:  # gguf-py's reader on a damaged file: ValueError, IndexError, ...
-            raise ModelError(f"cannot read {Path(ref.path).name} as a GGUF model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise ModelError(f"cannot read {Path(ref.path).name} as a GGUF model: {_why(e)}") from None
         free, avail = room or (shutil.disk_usage(models_root).free, _host_available())
         if need.disk_bytes > free:
-            raise ModelError(f"converting {Path(ref.path).name} to {dtype} needs {human_bytes(need.disk_bytes)} of "
-                             f"disk in {models_root}, {human_bytes(free)} free")
+            raise ModelError(f"converting {Path(ref.path).name} to {dtype} needs {human_size(need.disk_bytes)} of "
+                             f"disk in {models_root}, {human_size(free)} free")
         if avail is not None and need.host_bytes > avail:
-            raise ModelError(f"converting {Path(ref.path).name} needs {human_bytes(need.host_bytes)} of host memory "
-                             f"(one shard and its largest tensor), {human_bytes(avail)} available")
+            raise ModelError(f"converting {Path(ref.path).name} needs {human_size(need.host_bytes)} of host memory "
+                             f"(one shard and its largest tensor), {human_size(avail)} available")
         if notice:
             notice(f"converting {Path(ref.path).name} to {dtype} once, tensor by tensor "
-                   f"({human_bytes(need.disk_bytes)}; later loads are fast)")
+                   f"({human_size(need.disk_bytes)}; later loads are fast)")
         tmp = models_root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -138,7 +143,7 @@ def _convert_gguf(ref: ModelRef, models_root: Path, dtype: str = "float32", noti
             except ModelError:
                 raise
             except Exception as e:
-                raise ModelError(f"cannot convert {Path(ref.path).name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                raise ModelError(f"cannot convert {Path(ref.path).name}: {_why(e)}") from None
             (tmp / "ra-model.json").write_text(json.dumps({"source": ref.path, "identity": ref.identity,
                                                            "dtype": dtype}))
             os.rename(tmp, final)
