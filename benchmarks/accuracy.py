@@ -308,6 +308,8 @@ def main(argv=None) -> None:
                     "(flat, graph, cluster, auto), each optionally with budgets: cluster:r=0.05:e=0.2")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="a few cells only (CI smoke test)")
+    ap.add_argument("--step-dtype", default="auto", help="weights of the retrieval configs' one-token steps "
+                    "(Settings.step_dtype); full attention stays in the weights' dtype, so its answers are the baseline")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per (case, config) here")
     ap.add_argument("--home", default=None,
                     help="keep the prefilled cases in this data directory (default: a temporary one); "
@@ -334,7 +336,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp)
         home.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(home)
+        engine = make_engine(home, step_dtype=args.step_dtype)
         hay = Hay(engine.tokenizer)
         sections = []
         if args.task in ("needle", "all"):

@@ -1,6 +1,6 @@
 """A repeated `ra ask` with `ra serve` warm vs without it: whole command and first answer byte.
 
-    python benchmarks/serve_ask.py [--chars 26000] [--tokens 32] [--repeats 3]
+    python benchmarks/serve_ask.py [--chars 26000] [--tokens 32] [--repeats 3] [--step-dtype auto]
 
 One run, one machine: a temporary RA_HOME, the start of Alice (~7K tokens) indexed once, then
 `ra ask -n TOKENS` in a new process each time, first with --no-server (the baseline: Python,
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=26000)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step-dtype", default="auto", help="ra's --step-dtype, in both modes (and for the server)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ra-serve-bench-"))
     env = dict(os.environ, RA_HOME=str(home))
@@ -54,10 +55,11 @@ def main() -> None:
     doc.write_text(text[start:start + args.chars], encoding="utf-8")
     ra = [sys.executable, "-m", "ra_cli.main"]
     subprocess.run(ra + ["index", "-q", str(doc)], env=env, check=True)
-    ask = ra + ["ask", "-q", "-n", str(args.tokens), str(doc), QUESTION]
+    step = ["--step-dtype", args.step_dtype]
+    ask = ra + ["ask", "-q", "-n", str(args.tokens), str(doc), QUESTION] + step
     rows = {}
     rows["without a server (--no-server)"] = [timed(ask + ["--no-server"], env) for _ in range(args.repeats)]
-    server = subprocess.Popen(ra + ["serve", "--port", "0", "-q"], env=env, cwd=ROOT,
+    server = subprocess.Popen(ra + ["serve", "--port", "0", "-q"] + step, env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not (home / "serve.sock").exists():
@@ -69,6 +71,7 @@ def main() -> None:
         server.wait(60)
     answers = {out for runs in rows.values() for _, _, out in runs}
     print(f"machine: {machine()}; document: {len(doc.read_text()):,} chars; answer: -n {args.tokens}; "
+          f"--step-dtype {args.step_dtype}; "
           f"median of {args.repeats} new processes each; same answer in every run: {len(answers) == 1}\n")
     base = statistics.median(t for t, _, _ in rows["without a server (--no-server)"])
     print("| `ra ask` | whole command s | first answer byte s | whole command vs baseline |\n|---|---|---|---|")

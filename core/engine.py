@@ -58,7 +58,7 @@ def _from_numpy(a: np.ndarray, device):
     return t.view(torch.bfloat16) if a.dtype == np.int16 else t
 
 # settings fixed when the engine loads its model: a document cannot be opened with others
-MODEL_FIELDS = ("model", "device", "dtype", "trust_remote_code")
+MODEL_FIELDS = ("model", "device", "dtype", "step_dtype", "trust_remote_code")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,8 @@ class Engine:
             self.ref = models.ModelRef(identity, "loaded", identity, identity)
             p = next(self.model.parameters())
             self.device, self.dtype = p.device.type, p.dtype
+        self.step_dtype = models.pick_step_dtype(s.step_dtype, self.dtype)
+        self._step_model = None  # made at the first answer that needs it (step_model)
         self.load_s = time.perf_counter() - t
         cfg = self.model.config
         self.n_layers = cfg.num_hidden_layers
@@ -137,6 +139,18 @@ class Engine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._passages: dict = {}  # entry path -> its passages (citations), the last four entries
+
+    def step_model(self, s: Settings):
+        """The model of the one-token decode steps: the model itself, or once made and kept, its
+        copy in `step_dtype` (core/model.step_copy). Full attention always steps in `dtype`: it is
+        the exact baseline, and its cache holds the whole KV in that dtype."""
+        if self.step_dtype == self.dtype or s.attention == "full":
+            return self.model
+        if self._step_model is None:
+            from .model import step_copy
+
+            self._step_model = step_copy(self.model, self.step_dtype)
+        return self._step_model
 
     # ------------------------------------------------------------------ documents -> store
 
@@ -533,7 +547,7 @@ class Engine:
         t = time.perf_counter()
         for tok in generate(self.model, cache, q, n, max_new,
                             stop_ids(self.tokenizer, self.model.config) if s.stop_at_eos else set(),
-                            on_logits):
+                            on_logits, self.step_model(s)):
             if stats.answer_tokens == 0:
                 stats.first_token_s = time.perf_counter() - t
             stats.answer_tokens += 1

@@ -127,11 +127,12 @@ def forward(model, cache, ids: list[int], pos: int) -> torch.Tensor:
 
 
 def generate(model, cache, prompt_ids: list[int], pos: int, max_new_tokens: int, stop: set[int],
-             on_logits=None) -> Iterator[int]:
-    """Greedy decoding: feed the prompt, then one token at a time. Yields generated token ids."""
+             on_logits=None, step_model=None) -> Iterator[int]:
+    """Greedy decoding: feed the prompt, then one token at a time. Yields generated token ids.
+    step_model: the model of the one-token steps (core/model.step_copy; default: `model`)."""
     ids = prompt_ids
-    for _ in range(max_new_tokens):
-        logits = forward(model, cache, ids, pos)
+    for i in range(max_new_tokens):
+        logits = forward(model if i == 0 or step_model is None else step_model, cache, ids, pos)
         if on_logits is not None:
             on_logits(logits)
         pos += len(ids)

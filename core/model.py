@@ -179,6 +179,27 @@ def pick_dtype(dtype: str, device: str):
     return table[dtype]
 
 
+def pick_step_dtype(step_dtype: str, weights):
+    """The dtype of the one-token decode steps' weights (Settings.step_dtype); auto: `weights`."""
+    return weights if step_dtype == "auto" else pick_dtype(step_dtype, "cpu")
+
+
+def step_copy(model, dtype):
+    """A copy of `model` whose parameters are in `dtype`, for the one-token decode steps.
+
+    On a CPU without native bf16 (AVX2), a bf16 matrix-vector product reads half the bytes of an
+    fp32 one and takes about half the time, where a bf16 matrix-matrix product (a prefill chunk, a
+    question) is several times slower than fp32: so the model keeps its weights for those and a
+    step runs on this copy (BENCHMARKS.md, "The decode step"). Buffers (RoPE's inverse
+    frequencies) are copied unchanged; tied weights (SmolLM2's embedding and head) stay tied."""
+    import copy
+
+    import torch
+
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
+
+
 def load(ref: ModelRef, models_root: Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
          notice=None, progress=None):
     """-> (model, tokenizer), the model in eval mode on `device` using the "ra" attention."""

@@ -76,6 +76,9 @@ class Settings:
     model: str | None = None       # None: the embedded default
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    step_dtype: str = "auto"       # weights of the one-token decode steps (core/model.step_copy): auto (the
+                                   # same as dtype) | float32 | bfloat16 | float16; the prefill, the question
+                                   # and --attention full always run in `dtype`
     attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
     index: str = "auto"            # auto | a kind of core/index.py KINDS (auto: see Engine.index_kind)
     graph_min_keys: int = 16_384   # `auto` picks the graph index from this many offloaded keys per head (below: exact)
@@ -113,6 +116,7 @@ class Settings:
 
         one_of("device", self.device, DEVICES)
         one_of("dtype", self.dtype, DTYPES)
+        one_of("step_dtype", self.step_dtype, DTYPES)
         one_of("attention", self.attention, ATTENTIONS)
         one_of("index", self.index, ("auto",) + tuple(KINDS))
         one_of("kv_dtype", self.kv_dtype, KV_DTYPES)

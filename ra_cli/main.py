@@ -58,6 +58,9 @@ MODEL = typer.Option(D.model, "--model", "-m", envvar="RA_MODEL",
                      help="Model: .gguf file, model directory or Hugging Face id. Default: embedded SmolLM2-135M-Instruct.")
 DEVICE = typer.Option(D.device, envvar="RA_DEVICE", help="auto, cpu or cuda.")
 DTYPE = typer.Option(D.dtype, envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
+STEP_DTYPE = typer.Option(D.step_dtype, envvar="RA_STEP_DTYPE",
+                          help="Weights of the one-token decode steps: auto (as --dtype), float32, bfloat16, float16 "
+                               "(a second copy of the weights; the prefill and the question stay in --dtype).")
 ATTENTION = typer.Option(D.attention, envvar="RA_ATTENTION",
                          help="retrieval, or full (exact attention over the same cached KV).")
 INDEX = typer.Option(D.index, envvar="RA_INDEX",
@@ -92,12 +95,12 @@ CHECKPOINT = typer.Option(D.checkpoint_s, envvar="RA_CHECKPOINT_S", min=0.0,
 
 def _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
               trust_remote_code, retrieve=D.retrieve, estimate=D.estimate, rebuild=D.rebuild,
-              checkpoint_s=D.checkpoint_s) -> Settings:
+              checkpoint_s=D.checkpoint_s, step_dtype=D.step_dtype) -> Settings:
     """The options as Settings, checked (a bad value is a usage error before anything loads)."""
     return Settings(model=model, device=device, dtype=dtype, attention=attention, index=index, top_k=top_k,
                     retrieve=retrieve, estimate=estimate, sink=sink, recent=recent, max_tokens=max_tokens,
                     chunk_size=chunk_size, trust_remote_code=trust_remote_code, rebuild=rebuild,
-                    checkpoint_s=checkpoint_s).check()
+                    checkpoint_s=checkpoint_s, step_dtype=step_dtype).check()
 
 
 def _questions(target: str, question: Optional[str], extra: List[str], questions_file: Optional[str]) -> list[str]:
@@ -134,7 +137,8 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout (JSON Lines), "
                                                        "with the sources the answer attended to."),
     sources: Optional[str] = SOURCES,
-    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, step_dtype: str = STEP_DTYPE,
+    attention: str = ATTENTION,
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
     quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
@@ -145,7 +149,7 @@ def ask(
     from .session import JSON_SOURCES, Session, answer_record, read_document, write_answer
 
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
+                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s, step_dtype)
     if sources not in (None, "stderr", "stdout"):
         raise UsageError(f"--sources={sources}: say --sources (stderr) or --sources=stdout")
     if sources and settings.attention != "retrieval":
@@ -276,7 +280,8 @@ def index_cmd(
 @app.command()
 def repl(
     target: str = typer.Argument(..., help="A text or PDF file, or a directory (a codebase)."),
-    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, step_dtype: str = STEP_DTYPE,
+    attention: str = ATTENTION,
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
     quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
@@ -289,7 +294,7 @@ def repl(
     if target == "-":
         raise UsageError("ra repl reads questions from stdin; give the document as a file")
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
+                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s, step_dtype)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))
     session = Session(_home(), settings, _err_console(), quiet, yes)
     prepared = session.open(doc)
@@ -305,24 +310,28 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", envvar="RA_HOST", help="Address to listen on; other than loopback needs --token."),
     token: Optional[str] = typer.Option(None, envvar="RA_TOKEN", help="Bearer token every request must carry."),
     max_docs: int = typer.Option(4, "--max-docs", min=1, help="Documents kept open (least recently used closed first)."),
-    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, attention: str = ATTENTION,
+    allow_dir: List[str] = typer.Option([], "--allow-dir", help="A directory whose files and subdirectories requests "
+                                        "may name as their document, {\"ra\": {\"path\": ...}} (repeatable; default none)."),
+    model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, step_dtype: str = STEP_DTYPE,
+    attention: str = ATTENTION,
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
     quiet: bool = QUIET, rebuild: bool = REBUILD, checkpoint_s: float = CHECKPOINT,
 ):
     """Keep the model and recent documents warm behind an OpenAI-compatible API (Ctrl-C stops)."""
-    from .serve import check_host, serve
+    from .serve import allow_dirs, check_host, serve
     from .session import Session
 
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
-                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s)
+                         trust_remote_code, retrieve, estimate, rebuild, checkpoint_s, step_dtype)
     check_host(host, token)
+    allowed = allow_dirs(allow_dir)
     from .client import find_server
 
     if find_server(_home()):  # before the model loads
         raise UsageError(f"a server already runs for this data directory ({_home() / 'serve.sock'}); stop it first")
     session = Session(_home(), settings, _err_console(), quiet, yes=True)  # no prompts: nobody is at the terminal
-    serve(session, _home(), host, port, token, quiet, max_docs)
+    serve(session, _home(), host, port, token, quiet, max_docs, allowed=allowed)
 @app.command()
 def plan(
     model: Optional[str] = typer.Argument(None, help="config.json, model directory, .gguf, or a Hugging Face id in the "

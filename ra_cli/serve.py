@@ -7,6 +7,10 @@ OpenAI-compatible HTTP API on 127.0.0.1 (and a Unix socket in the data directory
                                 like any entry (keyed by its text and the model), so the same
                                 document from any client, after any restart, is answered without
                                 prefill. An extra "ra" object says which entry and whether it hit.
+                                Or the request names a file or directory instead, as
+                                {"ra": {"path": "/abs/path"}}: read by the server, only inside a
+                                directory given with --allow-dir (off by default); then every
+                                message is the conversation (a system message is ignored).
     GET  /v1/models             the one loaded model
     GET  /health                {"status": "ok", ...}
 
@@ -75,6 +79,8 @@ class Worker:
             try:
                 if not job.cancelled.is_set():
                     job.run(job)
+            except ApiError as e:
+                job.events.put(("error", e))
             except RaError as e:
                 job.events.put(("error", ApiError(400 if e.exit_code == 2 else 422, str(e))))
             except Exception as e:  # noqa: BLE001 - a bug: the server stays up, logs it, the client hears of it
@@ -109,15 +115,47 @@ def _text(content) -> str:
     raise ApiError(400, "message content must be a string or a list of text parts")
 
 
-def parse_chat(body: dict):
-    """-> (document text, question, history [(question, answer text)], max_tokens, stream)."""
+def named_path(body: dict) -> str | None:
+    """The document path a request names ({"ra": {"path": ...}}), or None."""
+    ra = body.get("ra")
+    if ra is None:
+        return None
+    if not isinstance(ra, dict) or not isinstance(ra.get("path"), str) or not ra["path"]:
+        raise ApiError(400, "'ra' must be an object with a 'path': the absolute path of a file or directory")
+    return ra["path"]
+
+
+def allowed_path(path: str, allow_dirs: tuple) -> Path:
+    """A path a client named, resolved (symlinks followed), if it lies inside one of `allow_dirs`
+    (resolved directories, from --allow-dir); else 403. Nothing is said about what exists outside."""
+    if not allow_dirs:
+        raise ApiError(403, "this server reads no documents by path: start it with --allow-dir DIR", "permission_denied")
+    p = Path(path)
+    if not p.is_absolute():
+        raise ApiError(400, f"'ra.path' must be absolute, not {path!r}")
+    p = p.resolve()
+    if not any(p == d or d in p.parents for d in allow_dirs):
+        raise ApiError(403, f"{path} is outside the directories this server may read (--allow-dir)", "permission_denied")
+    if not p.exists():
+        raise ApiError(404, f"no such file or directory: {path}", "not_found")
+    return p
+
+
+def parse_chat(body: dict, named: bool = False):
+    """-> (document text or None, question, history [(question, answer text)], max_tokens, stream).
+    named: the request names its document ("ra": {"path"}): no system message holds it (one sent
+    anyway is dropped) and the document text returned is None."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise ApiError(400, "'messages' must be a non-empty list of messages")
-    if msgs[0].get("role") != "system" or not _text(msgs[0].get("content")).strip():
-        raise ApiError(400, "ra answers about a document: send it as the first message, with role 'system'")
-    document = _text(msgs[0]["content"])
-    turns = [(m.get("role"), _text(m.get("content"))) for m in msgs[1:]]
+    if named:
+        document, msgs = None, [m for m in msgs if m.get("role") != "system"]
+    else:
+        if msgs[0].get("role") != "system" or not _text(msgs[0].get("content")).strip():
+            raise ApiError(400, "ra answers about a document: send it as the first message, with role 'system', "
+                                "or name it as \"ra\": {\"path\": ...}")
+        document, msgs = _text(msgs[0]["content"]), msgs[1:]
+    turns = [(m.get("role"), _text(m.get("content"))) for m in msgs]
     if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
         raise ApiError(400, "the last message must be the question, with role 'user'")
     history, pending = [], None
@@ -223,14 +261,19 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self, body: dict) -> None:
         app = self.server.app
         engine = app.worker.engine
-        document, question, turns, max_tokens, stream = parse_chat(body)
+        path = named_path(body)
+        path = path and allowed_path(path, app.allow_dirs)
+        document, question, turns, max_tokens, stream = parse_chat(body, named=path is not None)
 
         def run(job: Job) -> None:
             from core.documents import Document
             from core.engine import AnswerStats
 
+            from .session import WalkOptions, read_document
+
             s = engine.settings if max_tokens is None else engine.settings.but(max_tokens=max_tokens)
-            prepared, hit = app.worker.prepare(Document(text=document, name="chat", kind="text"), s)
+            doc = read_document(str(path), WalkOptions()) if path else Document(text=document, name="chat", kind="text")
+            prepared, hit = app.worker.prepare(doc, s)
             app.say(f"entry {prepared.entry.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
             stats = AnswerStats()
             history = [(q, engine.tokenizer.encode(a, add_special_tokens=False)) for q, a in turns]
@@ -380,6 +423,7 @@ class App:
     model_name: str
     token: str | None
     quiet: bool
+    allow_dirs: tuple = ()  # resolved directories a request may name documents in ("ra": {"path"})
     started: float = field(default_factory=time.time)
 
     def say(self, msg: str) -> None:
@@ -392,16 +436,28 @@ def check_host(host: str, token: str | None) -> None:
         raise UsageError(f"--host {host} listens beyond this machine: give --token (clients send it as a bearer token)")
 
 
+def allow_dirs(paths) -> tuple:
+    """--allow-dir values -> resolved directories; one that is not a directory is a usage error."""
+    out = []
+    for p in paths:
+        d = Path(p).expanduser().resolve()
+        if not d.is_dir():
+            raise UsageError(f"--allow-dir {p}: not a directory")
+        out.append(d)
+    return tuple(out)
+
+
 def serve(session, home: Path, host: str, port: int, token: str | None, quiet: bool, max_docs: int,
-          ready=None) -> None:
-    """Run until SIGTERM / Ctrl-C. ready(address) is called once listening (tests, the CLI)."""
+          ready=None, allowed: tuple = ()) -> None:
+    """Run until SIGTERM / Ctrl-C. ready(address) is called once listening (tests, the CLI);
+    allowed: directories (from allow_dirs) whose files a request may name."""
     from .client import find_server
 
     check_host(host, token)
     sock_path = Path(home) / SOCKET
     if find_server(home):
         raise UsageError(f"a server already runs for this data directory ({sock_path}); stop it first")
-    app = App(Worker(session, max_docs), session.engine.ref.spec, token, quiet)
+    app = App(Worker(session, max_docs), session.engine.ref.spec, token, quiet, allowed)
     try:
         tcp = ThreadingHTTPServer((host, port), Handler)
         sock_path.unlink(missing_ok=True)  # a stale socket (its server is gone: find_server said so)
@@ -416,6 +472,8 @@ def serve(session, home: Path, host: str, port: int, token: str | None, quiet: b
     threading.Thread(target=unix.serve_forever, daemon=True).start()
     address = f"http://{tcp.server_address[0]}:{tcp.server_address[1]}"
     session.say(f"serving {app.model_name} on {address} and {sock_path} (Ctrl-C to stop)")
+    if allowed:
+        session.say("documents by path from: " + ", ".join(map(str, allowed)))
     if ready:
         ready(address)
     try:

@@ -98,3 +98,31 @@ def test_fp16_store_retrieval_equals_full_over_the_same_store(index, smol, tmp_p
     full = _answer_logits(engine, engine.prepare(doc, s.but(attention="full")))
     print("max |diff|", (ra - full).abs().max().item())
     torch.testing.assert_close(ra, full, rtol=0, atol=5e-4)
+
+
+def test_bf16_steps_stay_close_to_fp32_full_attention(smol, tmp_path):
+    """--step-dtype bfloat16 (core/model.step_copy): the question runs in the weights' fp32, so the
+    first logits still equal full attention's; the one-token steps after it run on a bf16 copy of
+    the weights, so theirs move by bf16 rounding, and only that much: the greedy answer is the
+    same and every logit is within 2% of the largest. The copy shares nothing with the model."""
+    from core.model import step_copy
+
+    model, tok, identity = smol
+    doc = Document(text=book_text(3000), name="alice-part", kind="text")
+    s = Settings(sink=16, recent=32, max_tokens=6, index="exact", step_dtype="bfloat16")
+    engine = Engine(tmp_path, s, loaded=(model, tok, identity))
+    ra = _answer_logits(engine, engine.prepare(doc))
+    full = _answer_logits(engine, engine.prepare(doc, s.but(attention="full")))  # full steps in fp32
+    diff = (ra - full).abs().amax(-1)
+    print("max |diff| per step", diff.tolist(), "max |logit|", full.abs().max().item())
+    assert diff[0] < 5e-4  # the question: fp32 weights
+    assert (diff[1:] > 1e-3).all()  # the steps: bf16 weights really ran
+    assert (diff[1:] < 0.02 * full.abs().max()).all()
+    assert ra.argmax(-1).tolist() == full.argmax(-1).tolist()
+
+    copy_ = step_copy(model, torch.bfloat16)
+    assert {p.dtype for p in copy_.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the model itself is untouched
+    assert copy_.lm_head.weight is copy_.model.embed_tokens.weight  # SmolLM2's tie kept
+    for (name, b), (_, b2) in zip(model.named_buffers(), copy_.named_buffers()):
+        assert b.dtype == b2.dtype and torch.equal(b, b2), name  # RoPE's frequencies unchanged

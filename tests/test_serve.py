@@ -166,3 +166,65 @@ def test_a_token_guards_every_endpoint(ra_home, smol):
             assert conn.getresponse().status == status, header
     finally:
         server.stop()
+
+
+def test_allowed_path_only_inside_allow_dirs(tmp_path):
+    """What a request may name as its document ("ra": {"path"}): inside an --allow-dir directory,
+    symlinks resolved first; nothing at all without one; no existence test outside them."""
+    import pytest
+
+    from ra_cli.serve import ApiError, allow_dirs, allowed_path
+
+    inside, outside = tmp_path / "docs", tmp_path / "private"
+    (inside / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (inside / "sub" / "a.txt").write_text("x")
+    (outside / "secret.txt").write_text("y")
+    (inside / "link.txt").symlink_to(outside / "secret.txt")
+    dirs = allow_dirs([str(inside)])
+    assert allowed_path(str(inside / "sub" / "a.txt"), dirs) == (inside / "sub" / "a.txt").resolve()
+    assert allowed_path(str(inside), dirs) == inside.resolve()  # a codebase: the whole directory
+    for path, status in ((outside / "secret.txt", 403), (inside / "link.txt", 403), (inside / ".." / "private", 403),
+                         (outside / "missing.txt", 403), (inside / "missing.txt", 404)):
+        with pytest.raises(ApiError) as e:
+            allowed_path(str(path), dirs)
+        assert e.value.status == status, path
+    with pytest.raises(ApiError) as e:
+        allowed_path(str(inside / "sub" / "a.txt"), ())
+    assert e.value.status == 403 and "--allow-dir" in str(e.value)
+    with pytest.raises(ApiError) as e:
+        allowed_path("sub/a.txt", dirs)
+    assert e.value.status == 400
+
+
+def test_a_request_names_its_document_by_path_inside_allow_dir(ra_home, smol, tmp_path):
+    """With --allow-dir, an OpenAI client sends only the question and names the document; the
+    server reads it (as `ra ask` would), answers from the same store entry as the CLI's, and
+    refuses a path outside the directory with 403, before reading anything."""
+    import openai
+    import pytest
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    book = docs / "alice.txt"
+    book.write_text(book_text(3000), encoding="utf-8")
+    (tmp_path / "secret.txt").write_text("the passcode is 1234", encoding="utf-8")
+    env = dict(os.environ, RA_HOME=str(ra_home))
+    ask = subprocess.run([sys.executable, "-m", "ra_cli.main", "ask", "-q", "--no-server", "-n", "12", "--json",
+                          str(book), QUESTION], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert ask.returncode == 0, ask.stderr
+    cli = json.loads(ask.stdout)
+    server = Server(ra_home, "--allow-dir", str(docs))
+    try:
+        msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": QUESTION}]
+        r = server.client.chat.completions.create(model="ra", messages=msgs, max_tokens=12,
+                                                  extra_body={"ra": {"path": str(book)}})
+        info = r.model_extra["ra"]
+        assert info["cache_hit"] and info["entry"] == cli["document"]["entry"]  # the CLI's entry, no prefill
+        assert r.choices[0].message.content == cli["answer"]
+        with pytest.raises(openai.PermissionDeniedError):
+            server.client.chat.completions.create(model="ra", messages=msgs, max_tokens=4,
+                                                  extra_body={"ra": {"path": str(tmp_path / "secret.txt")}})
+    finally:
+        assert server.stop() == 0
+    assert "documents by path from: " + str(docs.resolve()) in server.text()
