@@ -38,6 +38,9 @@ step store_cost python benchmarks/store_cost.py
 step serve_ask python benchmarks/serve_ask.py
 step decode_profile python benchmarks/decode_profile.py
 step decode_profile_exact python benchmarks/decode_profile.py --index exact
+# the one-token steps on a bf16 copy of the weights (--step-dtype, issue 20): speed, then the serve ratio with it
+step step_dtype python benchmarks/step_dtype.py --runs 5
+step serve_ask_bf16 python benchmarks/serve_ask.py --step-dtype bfloat16
 # host memory of converting a GGUF (issue 17): the embedded file, and its blocks repeated 8 times (878M parameters)
 step gguf_convert python benchmarks/gguf_convert.py --shards 2048,64
 step gguf_convert_x8 python benchmarks/gguf_convert.py --blocks-times 8 --shards 2048,256
@@ -62,6 +65,10 @@ step needle_exact python benchmarks/accuracy.py needle --lengths 1000,2000 --see
 step needle_exact4k python benchmarks/accuracy.py needle --lengths 4000 --seeds 3 --indexes exact --home "$OUT/acc_exact" --jsonl "$OUT/needle_exact4k.jsonl"
 step ruler_exact python benchmarks/accuracy.py ruler --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/ruler_exact.jsonl"
 step qa_exact python benchmarks/accuracy.py qa --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/qa_exact.jsonl"
+# the same three sets with the one-token steps on a bf16 copy of the weights (full attention stays fp32: the baseline)
+step needle_step python benchmarks/accuracy.py needle --lengths 1000,2000,4000 --seeds 3 --indexes exact --step-dtype bfloat16 --home "$OUT/acc_exact" --jsonl "$OUT/needle_step.jsonl"
+step ruler_step python benchmarks/accuracy.py ruler --indexes exact --step-dtype bfloat16 --home "$OUT/acc_home" --jsonl "$OUT/ruler_step.jsonl"
+step qa_step python benchmarks/accuracy.py qa --indexes exact --step-dtype bfloat16 --home "$OUT/acc_home" --jsonl "$OUT/qa_step.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
 # the clustered index (issue 16): the grid with scan top-k + estimated clusters (R=0.018 E=0.232;

@@ -14,9 +14,11 @@ OpenAI-compatible HTTP API on 127.0.0.1 (and a Unix socket in the data directory
     GET  /v1/models             the one loaded model
     GET  /health                {"status": "ok", ...}
 
-Threads: one per connection (stdlib ThreadingHTTPServer) parse requests and stream replies; one
-worker runs every model job in arrival order (a FIFO queue: fair, and two requests for the same
-new document cause one prefill, the second finding it open). A client that disconnects cancels
+Threads: one per connection (stdlib ThreadingHTTPServer) parse requests and stream replies; the
+main thread is the worker that runs every model job in arrival order (a FIFO queue: fair, and two
+requests for the same new document cause one prefill, the second finding it open). The model runs
+in the main thread because some of torch's CPU kernels do not (a bf16 matrix-vector product run
+from another thread used one core of two here: BENCHMARKS.md, "The decode step's weights"). A client that disconnects cancels
 its answer at the next token. Errors are OpenAI-style JSON with 4xx/5xx codes.
 """
 from __future__ import annotations
@@ -57,14 +59,14 @@ class Job:
 
 
 class Worker:
-    """The model's one thread: jobs in arrival order; recently used documents kept open (LRU)."""
+    """The model's one thread (`run`, in the main thread): jobs in arrival order; recently used
+    documents kept open (LRU)."""
 
     def __init__(self, session, max_docs: int = 4):
         self.session, self.engine = session, session.engine
         self.open: OrderedDict = OrderedDict()  # (entry digest, Settings) -> Prepared
         self.max_docs = max_docs
         self.jobs: queue.Queue = queue.Queue(MAX_QUEUE)
-        threading.Thread(target=self._loop, daemon=True, name="ra-model").start()
 
     def submit(self, job: Job) -> Job:
         try:
@@ -73,7 +75,8 @@ class Worker:
             raise ApiError(503, f"the server is busy ({MAX_QUEUE} requests waiting); retry later", "server_busy")
         return job
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """Run jobs until KeyboardInterrupt (Ctrl-C, or SIGTERM as the CLI maps it)."""
         while True:
             job = self.jobs.get()
             try:
@@ -469,7 +472,7 @@ def serve(session, home: Path, host: str, port: int, token: str | None, quiet: b
     ours = sock_path.stat().st_ino
     for s in (tcp, unix):
         s.app = app
-    threading.Thread(target=unix.serve_forever, daemon=True).start()
+        threading.Thread(target=s.serve_forever, daemon=True, name="ra-http").start()
     address = f"http://{tcp.server_address[0]}:{tcp.server_address[1]}"
     session.say(f"serving {app.model_name} on {address} and {sock_path} (Ctrl-C to stop)")
     if allowed:
@@ -477,11 +480,12 @@ def serve(session, home: Path, host: str, port: int, token: str | None, quiet: b
     if ready:
         ready(address)
     try:
-        tcp.serve_forever()
+        app.worker.run()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a normal stop (in-flight answers end with the process)
         pass
     finally:
         unix.shutdown()
+        tcp.shutdown()
         tcp.server_close()
         unix.server_close()
         try:
