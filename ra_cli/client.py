@@ -18,9 +18,9 @@ SOCKET = "serve.sock"  # ra_cli/serve.py listens here
 class ServerError(RaError):
     """An error the server reported for this request (its exit code is the one `ra ask` would give)."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1, kind: str = ""):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.kind = exit_code, kind  # kind "document_too_long": the conversation outgrew the model
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -50,15 +50,15 @@ def find_server(home: Path) -> Path | None:
         return None
 
 
-def ask(path: Path, doc, question: str, settings, sources: int = 0) -> "Answer":
-    """Send one question about `doc` (a core.documents.Document) with the CLI's settings;
-    sources: how many cited passages the record should carry (0: none)."""
+def _post(path: Path, endpoint: str, doc, settings, **fields):
+    """POST a CLI request (the whole Document, the CLI's settings, more fields) -> (conn, response)
+    streaming JSON lines, or None when this server cannot take it (another model: 409; a document
+    too big to send: 413) or has stopped. Other refusals raise ServerError."""
     s = {k: v for k, v in asdict(settings).items() if k != "remap"}
-    body = json.dumps({"document": asdict(doc), "question": question, "settings": s, "sources": sources},
-                      ensure_ascii=False).encode()
+    body = json.dumps({"document": asdict(doc), "settings": s, **fields}, ensure_ascii=False).encode()
     conn = _UnixConnection(path, timeout=None)
     try:
-        conn.request("POST", "/ra/v1/ask", body, {"Content-Type": "application/json"})
+        conn.request("POST", endpoint, body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             try:
@@ -67,12 +67,57 @@ def ask(path: Path, doc, question: str, settings, sources: int = 0) -> "Answer":
                 message = None
             conn.close()
             if resp.status in (409, 413):
-                return None  # another model, or a document too big to send: the caller answers in process
+                return None  # another model, or a document too big to send: the caller works in process
             raise ServerError(message or f"the server answered {resp.status}", 2 if resp.status == 400 else 1)
-        return Answer(conn, resp)
+        return conn, resp
     except OSError:  # the server stopped between find_server and now
         conn.close()
         return None
+
+
+def _event(resp) -> dict:
+    """The next JSON line of a CLI response; an {"error"} line raises ServerError."""
+    try:
+        line = resp.readline()
+        event = json.loads(line) if line else None
+    except (OSError, ValueError):
+        event = None
+    if event is None:
+        raise ServerError("the server closed the connection mid-answer (it stopped?)")
+    if "error" in event:
+        raise ServerError(event["error"]["message"], event["error"].get("exit_code", 1), event["error"].get("type", ""))
+    return event
+
+
+def ask(path: Path, doc, question: str, settings, sources: int = 0, history=()) -> "Answer | None":
+    """Send one question about `doc` (a core.documents.Document) with the CLI's settings;
+    sources: how many cited passages the record should carry (0: none); history: earlier turns
+    [(question, answer ids)] of a conversation (`ra repl`)."""
+    sent = _post(path, "/ra/v1/ask", doc, settings, question=question, sources=sources,
+                 history=[[q, list(ids)] for q, ids in history])
+    return Answer(*sent) if sent else None
+
+
+def index(path: Path, doc, settings, progress=None, notice=None, to_ask: bool = False) -> dict | None:
+    """Have the server prefill and store `doc` (if new) and keep it open: its progress(stage,
+    done, total) and notice(text) relayed as they come; -> {entry, cache_hit, document_tokens,
+    bytes}, or None when this server cannot take it (to_ask: nor answer about it with these
+    settings, e.g. another step dtype, which a prefill alone does not mind)."""
+    sent = _post(path, "/ra/v1/index", doc, settings, to_ask=to_ask)
+    if sent is None:
+        return None
+    conn, resp = sent
+    try:
+        while True:
+            event = _event(resp)
+            if "progress" in event and progress:
+                progress(*event["progress"])
+            elif "notice" in event and notice:
+                notice(event["notice"])
+            elif "done" in event:
+                return event["done"]
+    finally:
+        conn.close()  # also when interrupted: the server's prefill goes on (a checkpointed, stored entry)
 
 
 class Answer:
@@ -81,20 +126,11 @@ class Answer:
 
     def __init__(self, conn, resp):
         self.conn, self.resp = conn, resp
-        self.record = None
+        self.record, self.answer_ids = None, []
         self.start = self._next().get("start", {})
 
     def _next(self) -> dict:
-        try:
-            line = self.resp.readline()
-            event = json.loads(line) if line else None
-        except (OSError, ValueError):
-            event = None
-        if event is None:
-            raise ServerError("the server closed the connection mid-answer (it stopped?)")
-        if "error" in event:
-            raise ServerError(event["error"]["message"], event["error"].get("exit_code", 1))
-        return event
+        return _event(self.resp)
 
     def pieces(self):
         try:
@@ -103,7 +139,7 @@ class Answer:
                 if "piece" in event:
                     yield event["piece"]
                 elif "done" in event:
-                    self.record = event["done"]
+                    self.record, self.answer_ids = event["done"], event.get("answer_ids", [])
                     return
         finally:
             self.conn.close()  # also when interrupted: the server cancels the answer

@@ -250,12 +250,11 @@ def index_cmd(
     model: Optional[str] = MODEL, device: str = DEVICE, dtype: str = DTYPE, index: str = INDEX,
     sink: int = SINK, recent: int = RECENT, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
     quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
+    no_server: bool = NO_SERVER,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Prefill and cache documents or codebases now, so later questions start at once."""
     import time
-
-    from core.units import human_size
 
     from .session import Session, read_document
 
@@ -263,18 +262,60 @@ def index_cmd(
                          trust_remote_code, rebuild=rebuild, checkpoint_s=checkpoint_s)
     walk = WalkOptions(include, exclude, max_file_size)
     docs = [read_document(p, walk) for p in paths]  # every input is checked before the model loads
+    if not no_server and _index_server(docs, settings, quiet):
+        return
     session = Session(_home(), settings, _err_console(), quiet, yes)
     for doc in docs:
         t = time.perf_counter()
         prepared = session.open(doc)
-        entry = prepared.entry
-        what = f"{len(doc.files)} files" if doc.kind == "code" else doc.kind
-        if doc.skipped:
-            what += f" ({sum(doc.skipped.values())} skipped: " + \
-                    ", ".join(f"{n} {r}" for r, n in sorted(doc.skipped.items())) + ")"
-        done = "already cached" if prepared.cache_hit else f"indexed in {time.perf_counter() - t:.1f} s"
-        typer.echo(f"{doc.name}: {what}, {entry.n_tokens:,} tokens, {done}, "
-                   f"{human_size(entry.size_bytes())} in the store (entry {entry.path.name[:12]})")
+        e = prepared.entry
+        _indexed(doc, e.n_tokens, prepared.cache_hit, time.perf_counter() - t, e.size_bytes(), e.path.name)
+
+
+def _indexed(doc, n_tokens: int, cache_hit: bool, seconds: float, size: int, entry: str) -> None:
+    """`ra index`'s line for one document, on stdout."""
+    from core.units import human_size
+
+    what = f"{len(doc.files)} files" if doc.kind == "code" else doc.kind
+    if doc.skipped:
+        what += f" ({sum(doc.skipped.values())} skipped: " + \
+                ", ".join(f"{n} {r}" for r, n in sorted(doc.skipped.items())) + ")"
+    done = "already cached" if cache_hit else f"indexed in {seconds:.1f} s"
+    typer.echo(f"{doc.name}: {what}, {n_tokens:,} tokens, {done}, {human_size(size)} in the store (entry {entry[:12]})")
+
+
+def _index_server(docs, settings, quiet: bool) -> bool:
+    """Index through a running `ra serve` of this data directory: the same stdout, progress on
+    stderr and exit codes as in process, without importing torch. False: no server (or another
+    model). Ctrl-C leaves the server's prefill running (it stores the entry)."""
+    import time
+
+    from .client import find_server
+    from .client import index as server_index
+    from .session import Progress
+
+    path = find_server(_home())
+    if path is None:
+        return False
+    console = _err_console()
+    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
+    for i, doc in enumerate(docs):
+        t = time.perf_counter()
+        progress = Progress(console, enabled=not quiet)
+        try:
+            done = server_index(path, doc, settings, progress, say)
+        finally:
+            progress.stop()
+        if done is None:
+            if i:  # some documents were indexed: the server stopped meanwhile
+                raise RaError("the server stopped before every document was indexed")
+            say("the running server cannot take this (another model or device, a document too big to send, "
+                "or it stopped): indexing in this process")
+            return False
+        if i == 0:
+            say(f"indexed by `ra serve` ({path})")
+        _indexed(doc, done["document_tokens"], done["cache_hit"], time.perf_counter() - t, done["bytes"], done["entry"])
+    return True
 
 
 @app.command()
@@ -285,10 +326,11 @@ def repl(
     index: str = INDEX, top_k: int = TOP_K, retrieve: float = RETRIEVE, estimate: float = ESTIMATE, sink: int = SINK,
     recent: int = RECENT, max_tokens: int = MAX_TOKENS, chunk_size: int = CHUNK, trust_remote_code: bool = TRUST,
     quiet: bool = QUIET, rebuild: bool = REBUILD, yes: bool = YES, checkpoint_s: float = CHECKPOINT,
+    no_server: bool = NO_SERVER,
     include: List[str] = INCLUDE, exclude: List[str] = EXCLUDE, max_file_size: str = MAX_FILE,
 ):
     """Chat about a document: load once, then ask question after question (/help for commands)."""
-    from .repl import Repl
+    from .repl import InProcess, Repl
     from .session import Session, read_document
 
     if target == "-":
@@ -296,9 +338,42 @@ def repl(
     settings = _settings(model, device, dtype, attention, index, top_k, sink, recent, max_tokens, chunk_size,
                          trust_remote_code, retrieve, estimate, rebuild, checkpoint_s, step_dtype)
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))
+    served = None if no_server else _repl_server(doc, settings, quiet)
+    if served is not None:
+        say = (lambda m: None) if quiet else (lambda m: _err_console().print(f"[dim]ra:[/dim] {m}"))
+        Repl(served, doc, served.opened["document_tokens"], say, _home()).run()
+        return
     session = Session(_home(), settings, _err_console(), quiet, yes)
     prepared = session.open(doc)
-    Repl(session, doc, prepared, _home()).run()
+    Repl(InProcess(session, prepared), doc, prepared.entry.n_tokens, session.say, _home()).run()
+
+
+def _repl_server(doc, settings, quiet: bool):
+    """A repl backend on a running `ra serve` of this data directory (the document opened there
+    first, its progress shown here), or None: no server, or one that cannot answer with these
+    settings."""
+    from .client import find_server
+    from .client import index as server_index
+    from .repl import Served
+    from .session import Progress
+
+    path = find_server(_home())
+    if path is None:
+        return None
+    console = _err_console()
+    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
+    progress = Progress(console, enabled=not quiet)
+    try:
+        opened = server_index(path, doc, settings, progress, say, to_ask=True)
+    finally:
+        progress.stop()
+    if opened is None:
+        say("the running server cannot take this (another model or device, a document too big to send, "
+            "or it stopped): answering in this process")
+        return None
+    say(f"answering through `ra serve` ({path}): " + ("cache hit, no prefill" if opened["cache_hit"] else
+        f"prefilled {opened['document_tokens']:,} tokens"))
+    return Served(path, doc, settings, opened)
 
 
 app.command("chat", hidden=True, help="Same as repl.")(repl)

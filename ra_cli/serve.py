@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from core.errors import RaError, UsageError
+from core.errors import DocumentTooLong, RaError, UsageError
 
 MAX_BODY = 64 << 20      # bytes of one request
 MAX_QUEUE = 64           # requests waiting for the model before new ones get 503
@@ -56,6 +56,7 @@ class Job:
     run: object
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    follow: bool = False  # relay the engine's progress and notices to the client (`ra index`)
 
 
 class Worker:
@@ -67,6 +68,18 @@ class Worker:
         self.open: OrderedDict = OrderedDict()  # (entry digest, Settings) -> Prepared
         self.max_docs = max_docs
         self.jobs: queue.Queue = queue.Queue(MAX_QUEUE)
+        self.current: Job | None = None
+        # the engine reports progress and notices to the server's own stderr (the session's
+        # callbacks) and, for a job that follows them, to its client too
+        progress, notice = self.engine.progress, self.engine.notice
+        self.engine.progress = lambda stage, done, total: (progress(stage, done, total),
+                                                           self._relay(("progress", [stage, done, total])))
+        self.engine.notice = lambda msg: (notice(msg), self._relay(("notice", msg)))
+
+    def _relay(self, event) -> None:
+        job = self.current
+        if job is not None and job.follow:
+            job.events.put(("line", {event[0]: event[1]}))
 
     def submit(self, job: Job) -> Job:
         try:
@@ -78,20 +91,26 @@ class Worker:
     def run(self) -> None:
         """Run jobs until KeyboardInterrupt (Ctrl-C, or SIGTERM as the CLI maps it)."""
         while True:
-            job = self.jobs.get()
+            try:  # a bounded wait: a SIGTERM the kernel hands to an HTTP thread must still reach this
+                job = self.jobs.get(timeout=0.5)  # one promptly (Python runs handlers in the main thread)
+            except queue.Empty:
+                continue
             try:
                 if not job.cancelled.is_set():
+                    self.current = job
                     job.run(job)
             except ApiError as e:
                 job.events.put(("error", e))
-            except RaError as e:
-                job.events.put(("error", ApiError(400 if e.exit_code == 2 else 422, str(e))))
+            except RaError as e:  # DocumentTooLong by name: `ra repl` drops its oldest turn and asks again
+                kind = "document_too_long" if isinstance(e, DocumentTooLong) else "invalid_request_error"
+                job.events.put(("error", ApiError(400 if e.exit_code == 2 else 422, str(e), kind)))
             except Exception as e:  # noqa: BLE001 - a bug: the server stays up, logs it, the client hears of it
                 import traceback
 
                 traceback.print_exc()
                 job.events.put(("error", ApiError(500, f"{type(e).__name__}: {e}", "server_error")))
             finally:
+                self.current = None
                 job.events.put(("end", None))
 
     def prepare(self, doc, settings=None):
@@ -254,6 +273,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._chat(self._body())
             elif self.path == "/ra/v1/ask":
                 self._ra_ask(self._body())
+            elif self.path == "/ra/v1/index":
+                self._ra_index(self._body())
             else:
                 raise ApiError(404, f"no such endpoint: POST {self.path}", "not_found")
         except ApiError as e:
@@ -305,26 +326,19 @@ class Handler(BaseHTTPRequestHandler):
     def _ra_ask(self, body: dict) -> None:
         """The CLI's endpoint (ra_cli/client.py): a whole Document, one question, the CLI's
         settings. Streams JSON lines: {"start": {...}}, {"piece": text}..., {"done": the --json
-        record}, or {"error": {"message", "exit_code"}}. 409 when the settings name another model."""
-        from dataclasses import fields
-
-        from core.documents import Document
-        from core.engine import MODEL_FIELDS, AnswerStats
-        from core.settings import Settings
+        record, with "answer_ids" beside it}, or {"error": {"message", "exit_code"}}. 409 when the
+        settings name another model. "history": earlier turns [[question, answer ids], ...] (`ra repl`)."""
+        from core.engine import AnswerStats
 
         app = self.server.app
         engine = app.worker.engine
+        doc, s = self._cli_request(body)
         try:
-            doc = Document(**body["document"])
             question = body["question"]
             n_sources = min(50, max(0, int(body.get("sources") or 0)))
-            names = {f.name for f in fields(Settings)} - {"remap"}
-            s = Settings(**{k: v for k, v in body.get("settings", {}).items() if k in names}).check()
-        except (KeyError, TypeError, ValueError, RaError) as e:
+            history = [(str(q), [int(t) for t in ids]) for q, ids in body.get("history") or []]
+        except (KeyError, TypeError, ValueError) as e:
             raise ApiError(400, f"bad request: {e}") from None
-        if any(getattr(s, f) != getattr(engine.settings, f) for f in MODEL_FIELDS):
-            raise ApiError(409, "this server runs another model or device", "model_mismatch")
-        s = s.but(remap=engine.settings.remap)
 
         def run(job: Job) -> None:
             from .session import answer_record
@@ -336,16 +350,57 @@ class Handler(BaseHTTPRequestHandler):
                                                "offloaded": b - a, "index": prepared.index_kind,
                                                "device": engine.device}}))
             pieces = []
-            for piece in engine.ask(prepared, question, stats, sources=n_sources):
+            for piece in engine.ask(prepared, question, stats, sources=n_sources, history=history):
                 if job.cancelled.is_set():
                     app.say(f"a client left: its answer was cancelled after {stats.answer_tokens} tokens")
                     return
                 pieces.append(piece)
                 job.events.put(("line", {"piece": piece}))
             job.events.put(("line", {"done": answer_record(question, "".join(pieces).strip(), doc, prepared, stats,
-                                                           engine)}))
+                                                           engine), "answer_ids": stats.answer_ids}))
 
-        job = app.worker.submit(Job(run))
+        self._stream_lines(app.worker.submit(Job(run)))
+
+    def _ra_index(self, body: dict) -> None:
+        """The CLI's `ra index` (ra_cli/client.py): a whole Document and the CLI's settings; the
+        document is prefilled and stored if it is new, and kept open (`ra repl` asks next: "to_ask"
+        says so, and then the settings must suit answering too). Streams JSON lines: {"progress": [stage,
+        done, total]} and {"notice": text} while it works, then {"done": {entry, cache_hit,
+        document_tokens, bytes}} or {"error": ...}."""
+        app = self.server.app
+        doc, s = self._cli_request(body, ignore=() if body.get("to_ask") else ("step_dtype",))
+
+        def run(job: Job) -> None:
+            prepared, hit = app.worker.prepare(doc, s)
+            e = prepared.entry
+            app.say(f"entry {e.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
+            job.events.put(("line", {"done": {"entry": e.path.name, "cache_hit": hit, "document_tokens": e.n_tokens,
+                                              "bytes": e.size_bytes()}}))
+
+        self._stream_lines(app.worker.submit(Job(run, follow=True)))
+
+    def _cli_request(self, body: dict, ignore: tuple = ()):
+        """The Document and Settings a CLI request sends; 409 when they name another model (fields
+        in `ignore` may differ: the step dtype does not matter to a prefill)."""
+        from dataclasses import fields
+
+        from core.documents import Document
+        from core.engine import MODEL_FIELDS
+        from core.settings import Settings
+
+        engine = self.server.app.worker.engine
+        try:
+            doc = Document(**body["document"])
+            names = {f.name for f in fields(Settings)} - {"remap"}
+            s = Settings(**{k: v for k, v in body.get("settings", {}).items() if k in names}).check()
+        except (KeyError, TypeError, ValueError, RaError) as e:
+            raise ApiError(400, f"bad request: {e}") from None
+        if any(getattr(s, f) != getattr(engine.settings, f) for f in MODEL_FIELDS if f not in ignore):
+            raise ApiError(409, "this server runs another model or device", "model_mismatch")
+        return doc, s.but(remap=engine.settings.remap, **{f: getattr(engine.settings, f) for f in ignore})
+
+    def _stream_lines(self, job: Job) -> None:
+        """A CLI job's events as JSON lines, until it ends; a client that leaves cancels it."""
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Connection", "close")
@@ -357,7 +412,8 @@ class Handler(BaseHTTPRequestHandler):
                 if kind == "end":
                     return
                 if kind == "error":
-                    value = {"error": {"message": str(value), "exit_code": 2 if value.status == 400 else 1}}
+                    value = {"error": {"message": str(value), "exit_code": 2 if value.status == 400 else 1,
+                                       "type": value.kind}}
                 self.wfile.write(json.dumps(value, ensure_ascii=False).encode() + b"\n")
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -4,7 +4,7 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
-from ra_cli.repl import Repl
+from ra_cli.repl import InProcess, Repl
 
 
 class FakeEngine:
@@ -30,7 +30,8 @@ def make(lines):
     session = SimpleNamespace(engine=FakeEngine(), say=messages.append)
     prepared = SimpleNamespace(entry=SimpleNamespace(n_tokens=10), cache_hit=True, prefill_s=0.0, index_kind="flat",
                                settings=SimpleNamespace(attention="retrieval", top_k=100))
-    repl = Repl(session, SimpleNamespace(name="doc.txt"), prepared, Path("/nonexistent"), stdin=io.StringIO(lines))
+    repl = Repl(InProcess(session, prepared), SimpleNamespace(name="doc.txt"), 10, messages.append,
+                Path("/nonexistent"), stdin=io.StringIO(lines))
     return repl, session.engine, messages
 
 

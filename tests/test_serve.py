@@ -228,3 +228,34 @@ def test_a_request_names_its_document_by_path_inside_allow_dir(ra_home, smol, tm
     finally:
         assert server.stop() == 0
     assert "documents by path from: " + str(docs.resolve()) in server.text()
+
+
+def test_index_and_repl_go_through_the_server_with_the_same_output(ra_home, smol, tmp_path):
+    """`ra index` and `ra repl` find a running server as `ra ask` does: the index line and the
+    conversation's answers are what they are in process (--no-server), the server did the work."""
+    book = tmp_path / "alice.txt"
+    book.write_text(book_text(3000), encoding="utf-8")
+    env = dict(os.environ, RA_HOME=str(ra_home))
+
+    def ra(*args, stdin=None):
+        r = subprocess.run([sys.executable, "-m", "ra_cli.main", *args], input=stdin, capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    turns = "Who did Alice follow?\nWhat did it take out of its pocket?\n/stats\n"
+    server = Server(ra_home)
+    try:
+        indexed = ra("index", str(book))
+        assert "indexed by `ra serve`" in indexed.stderr and ", indexed in " in indexed.stdout
+        again = ra("index", str(book))
+        assert "already cached" in again.stdout and "indexed by `ra serve`" in again.stderr
+        served = ra("repl", "-n", "12", str(book), stdin=turns)
+    finally:
+        assert server.stop() == 0
+    assert "answering through `ra serve`" in served.stderr and "cache hit, no prefill" in served.stderr
+    assert "in `ra serve`" in served.stderr  # /stats says who answered
+    assert "prefilled and stored" in server.text()  # the server's prefill, for `ra index`
+    local = ra("repl", "-n", "12", "--no-server", str(book), stdin=turns)
+    assert "loading model" in local.stderr
+    assert served.stdout == local.stdout and served.stdout.count("\n") >= 2
