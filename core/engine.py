@@ -204,6 +204,13 @@ class Engine:
         kind, index_s, retrievers, load_s = None, 0.0, (), 0.0
         if s.attention == "retrieval":  # full attention reads the whole KV, not an index
             kind = self.index_kind(entry, s)
+            if entry.remapped and kind == "cluster":
+                # past the window the clustered index scans every key and attends only the top-k
+                # exactly, the rest estimated: the retrieved keys sit at ordered distances beyond
+                # the scheme's `distance`, and its whole-cluster mode (past scan_max) and retrieve
+                # fraction, chosen inside the window, answered nothing on 5 of 5 needles at 32K-64K
+                # where this found what flat finds on 17 of 17 (BENCHMARKS.md, "The clustered index")
+                s = s.but(scan_max=max(s.scan_max, entry.n_tokens), retrieve=0.0)
             t = time.perf_counter()
             index_dir = self._checked(key, s, lambda: entry.ensure_index(
                 self.store, kind, *sizes, lambda d, n: self.progress("index", d, n), s.rebuild, self.notice,

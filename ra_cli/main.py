@@ -69,7 +69,7 @@ INDEX = typer.Option(D.index, envvar="RA_INDEX",
                           "clusters estimated).")
 TOP_K = typer.Option(D.top_k, "--top-k", "-k", envvar="RA_TOP_K", min=1, help="Keys retrieved per head and step.")
 RETRIEVE = typer.Option(D.retrieve, envvar="RA_RETRIEVE", min=0.0, max=1.0,
-                        help="Cluster index: least fraction of the keys (of the clusters, past 16K keys) attended exactly, and at least --top-k.")
+                        help="Cluster index: least fraction of the keys (of the clusters, past 16K keys) attended exactly, and at least --top-k; past the model's window: the top-k only, every key scanned.")
 ESTIMATE = typer.Option(D.estimate, envvar="RA_ESTIMATE", min=0.0, max=1.0,
                         help="Cluster index: fraction of the clusters next estimated from their centroids (0: none).")
 SINK = typer.Option(D.sink, envvar="RA_SINK", min=0, help="First tokens of the document kept static.")

@@ -259,6 +259,15 @@ def test_engine_answers_past_the_window_and_equals_dense_reference(tiny_vocab_mo
     with pytest.raises(UsageError, match="inside the model's window"):
         engine.index_kind(as16(True), s.but(index="exact"))
     assert engine.index_kind(as16(False), s.but(index="exact")) == "exact"
+    # the clustered index past the window: every key scanned, the top-k attended exactly, the
+    # rest estimated, whatever scan_max and retrieve say (its whole-cluster mode missed there)
+    pc = engine.prepare(doc, s.but(index="cluster", top_k=8, scan_max=0, retrieve=0.5))
+    assert pc.settings.scan_max >= n and pc.settings.retrieve == 0.0 and pc.settings.estimate == s.estimate
+    assert all(r.index.scan is not None for r in pc.retrievers)
+    r = pc.retrievers[0]
+    z = r.zones(torch.randn(r.k.shape[0], 3, r.k.shape[-1]), pc.settings.top_k, 0.125)
+    assert z.ids.shape[-1] == 8 and z.estimate is not None  # the top 8 keys exact, clusters estimated
+    "".join(engine.ask(pc, "Where did the White Rabbit go?"))  # and it answers
 
 
 @pytest.fixture(scope="module")
