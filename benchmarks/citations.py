@@ -10,7 +10,8 @@
 
 The cases are benchmarks/accuracy.py's (needle grid, RULER-style tasks, question set): each is
 prefilled once and answered by retrieval attention (flat, k=100, sink 128, recent 512, 48 greedy
-tokens) with a Tally; a passage "holds the answer" when its text contains an expected string. For
+tokens; --index exact: every offloaded key, what `auto` picks inside the window) with a Tally;
+a passage "holds the answer" when its text contains an expected string. For
 each case: the rank of the best such passage among the document's passages, by every rule of
 core/citations.unit_scores, and by the baseline measured in the same run: passages ranked by the
 cosine similarity of their all-MiniLM-L6-v2 embedding (mean pooling) to the question's. The model
@@ -224,6 +225,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=Path, help="keep each case's per-step mass here (held-out cases)")
     ap.add_argument("--length", type=int, default=7500)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--index", default="flat", help="the index the answers use: flat (the runs of BENCHMARKS.md's "
+                    "first tables), exact (what `auto` picks inside the window), ...")
     args = ap.parse_args(argv)
     if args.task == "rules":
         print(rules(args.steps))
@@ -237,7 +240,7 @@ def main(argv=None) -> None:
                 print("\n" + summary(sel, "depth"))
         return
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="ra-cit-"))
-    engine = make_engine(home, index="flat", max_tokens=args.max_tokens)
+    engine = make_engine(home, index=args.index, max_tokens=args.max_tokens)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     if args.task == "cost":
         print(cost(engine, args.length, args.runs, log))

@@ -18,8 +18,8 @@ Threads: one per connection (stdlib ThreadingHTTPServer) parse requests and stre
 main thread is the worker that runs every model job in arrival order (a FIFO queue: fair, and two
 requests for the same new document cause one prefill, the second finding it open). The model runs
 in the main thread because some of torch's CPU kernels do not (a bf16 matrix-vector product run
-from another thread used one core of two here: BENCHMARKS.md, "The decode step's weights"). A client that disconnects cancels
-its answer at the next token. Errors are OpenAI-style JSON with 4xx/5xx codes.
+from another thread used one core of two here: BENCHMARKS.md, "The decode step's weights"). A
+client that disconnects cancels its answer at the next token. Errors are OpenAI-style JSON with 4xx/5xx codes.
 """
 from __future__ import annotations
 
@@ -68,18 +68,20 @@ class Worker:
         self.open: OrderedDict = OrderedDict()  # (entry digest, Settings) -> Prepared
         self.max_docs = max_docs
         self.jobs: queue.Queue = queue.Queue(MAX_QUEUE)
-        self.current: Job | None = None
-        # the engine reports progress and notices to the server's own stderr (the session's
-        # callbacks) and, for a job that follows them, to its client too
-        progress, notice = self.engine.progress, self.engine.notice
-        self.engine.progress = lambda stage, done, total: (progress(stage, done, total),
-                                                           self._relay(("progress", [stage, done, total])))
-        self.engine.notice = lambda msg: (notice(msg), self._relay(("notice", msg)))
+        self.current: Job | None = None  # the job running now
+        # the engine reports progress and notices to the server's stderr (the session's callbacks)
+        # and, while a job that follows them runs, to its client as well
+        self.engine.progress = self._relayed(self.engine.progress, lambda *a: {"progress": list(a)})
+        self.engine.notice = self._relayed(self.engine.notice, lambda msg: {"notice": msg})
 
-    def _relay(self, event) -> None:
-        job = self.current
-        if job is not None and job.follow:
-            job.events.put(("line", {event[0]: event[1]}))
+    def _relayed(self, callback, line):
+        """callback, and then line(*args) sent to the running job's client if it follows progress."""
+        def both(*args):
+            callback(*args)
+            job = self.current
+            if job is not None and job.follow:
+                job.events.put(("line", line(*args)))
+        return both
 
     def submit(self, job: Job) -> Job:
         try:
