@@ -251,6 +251,17 @@ def test_index_and_repl_go_through_the_server_with_the_same_output(ra_home, smol
         again = ra("index", str(book))
         assert "already cached" in again.stdout and "indexed by `ra serve`" in again.stderr
         served = ra("repl", "-n", "12", str(book), stdin=turns)
+        # the client side of `ra index`, in this process: the server's prefill progress comes back
+        from core.documents import Document
+        from core.settings import Settings
+        from ra_cli.client import find_server, index
+
+        seen = []
+        done = index(find_server(ra_home), Document(text=book_text(2000), name="other", kind="text"), Settings(),
+                     progress=lambda *a: seen.append(a))
+        assert not done["cache_hit"] and done["document_tokens"] > 0
+        prefill = [a for a in seen if a[0] == "prefill"]
+        assert prefill and prefill[-1][1] == prefill[-1][2] == done["document_tokens"]
     finally:
         assert server.stop() == 0
     assert "answering through `ra serve`" in served.stderr and "cache hit, no prefill" in served.stderr
