@@ -277,12 +277,14 @@ class Tally:
     @staticmethod
     def _row(row: int, q, lse, sel):
         """What one layer's query row adds, kept until the step ends: (q [KVH, G, D], lse [KVH, G],
-        retrieved ids [KVH, G, K] (-1: a pad) and logits [KVH, G, K] (-inf at a pad), or None)."""
+        retrieved ids [KVH, G, K] (-1: a pad; None: every offloaded key in order, the `exact`
+        kind) and logits [KVH, G, K] (-inf at a pad), or None, None: nothing retrieved)."""
         KVH, G, T, D = q.shape
         if sel is None:
             return q[:, :, row], lse[:, :, row].float(), None, None
         K = sel.logits.shape[-1]
-        return q[:, :, row], lse[:, :, row].float(), sel.ids.reshape(KVH, G, T, K)[:, :, row], sel.logits[:, :, row]
+        ids = None if sel.every else sel.ids.reshape(KVH, G, T, K)[:, :, row]
+        return q[:, :, row], lse[:, :, row].float(), ids, sel.logits[:, :, row]
 
     def _add(self, rows, out, tokens: bool) -> None:
         """Add every layer's query row's shares of the merged softmax to `out` [L, Hq, U + 1] (per
@@ -301,7 +303,13 @@ class Tally:
         out[:L].index_add_(2, self.static_units, p)
         if tokens:
             self.tokens.index_add_(0, self.static_tokens, p.double().sum((0, 1)))
-        if rows[0][2] is None:
+        if rows[0][3] is None:  # nothing retrieved
+            return
+        if rows[0][2] is None:  # every offloaded key, in order (`exact`): per passage in one index_add
+            p = torch.exp(torch.stack([r[3] for r in rows]) * self.scale - lse).reshape(L, Hq, -1)  # [L, Hq, N]
+            out[:L].index_add_(2, self.offload_units, p)
+            if tokens:
+                self.tokens[self.offload_start:self.offload_start + p.shape[-1]] += p.double().sum((0, 1))
             return
         K = max(r[2].shape[-1] for r in rows)  # the clustered index retrieves unequal numbers
         pad = lambda x, value: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=value)

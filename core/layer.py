@@ -95,6 +95,7 @@ class Selection:
     logits: torch.Tensor
     values: torch.Tensor
     estimate: Estimate | None = None
+    every: bool = False  # ids are every offloaded key in order (0..N-1: the `exact` kind), K = N
 
 
 class Retriever:
@@ -103,7 +104,8 @@ class Retriever:
     `zones(q [KVH, M, D], k, scale) -> Zones`: the index's retrieved keys (ids, exact logits,
     [KVH, M, K]: K = k for flat, hnsw and graph; for the clustered index every member of the best
     clusters, -1 / -inf padded) and, where the index estimates (core/cluster.py), its estimate.
-    Over the `exact` kind (`exact` True) nothing is selected: `partial` attends every key."""
+    Over the `exact` kind (`exact` True) nothing is selected: `partial` attends every key (the fused
+    kernel), `partial_kept` too, keeping every key's logit for a tally."""
 
     def __init__(self, keys, values, index):
         self.k = torch.from_numpy(keys)
@@ -125,14 +127,20 @@ class Retriever:
         o, lse = local_attention(q.to("cpu", torch.float32), *self._fp32(), scale)
         return o.to(q.device), lse.to(q.device)
 
-    def everything(self, q) -> "Selection":
-        """Every offloaded key as a Selection (ids, exact logits; no values): what the `exact`
-        kind attended, for a tally (citations)."""
+    def partial_kept(self, q, scale: float):
+        """`partial` computed plainly, keeping each key's logit for a tally (citations): one
+        product for the logits (keys x queries, which reads the keys once), their softmax, one for
+        the values. -> ((o, lse), Selection of every offloaded key: ids, unscaled logits, no values)."""
         KVH, G, T, D = q.shape
-        keys = self._fp32()[0]
-        logits = torch.matmul(q.to("cpu", torch.float32), keys[:, None].transpose(-1, -2))  # [KVH, G, T, N]
-        ids = torch.arange(self.n).expand(KVH, G * T, self.n)
-        return Selection(ids, logits.to(q.device), None)
+        keys, values = self._fp32()
+        qr = q.to("cpu", torch.float32).reshape(KVH, G * T, D)
+        logits = torch.bmm(keys, qr.transpose(1, 2)).transpose(1, 2).contiguous()  # [KVH, G*T, N] unscaled
+        s = logits * scale
+        lse = torch.logsumexp(s, dim=-1)                               # [KVH, G*T]
+        o = torch.bmm(s.sub_(lse[..., None]).exp_(), values)           # [KVH, G*T, D]
+        ids = torch.arange(self.n).expand(KVH, G * T, self.n)          # a view: nothing allocated
+        sel = Selection(ids, logits.reshape(KVH, G, T, self.n).to(q.device), None, every=True)
+        return (o.reshape(KVH, G, T, -1).to(q.device), lse.reshape(KVH, G, T).to(q.device)), sel
 
     def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
         if hasattr(self.index, "zones"):
@@ -265,8 +273,12 @@ class DocumentLayer(CacheLayerMixin):
         exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
         if exact:
             with span("ra.attend", self.trace):
-                parts.append(self.retriever.partial(q, scale))
-            sel = self.retriever.everything(q) if self.tally is not None else None  # for the tally only
+                if self.tally is None:
+                    parts.append(self.retriever.partial(q, scale))
+                    sel = None
+                else:  # the tally reads every key's logit: computed once, by the attention itself
+                    part, sel = self.retriever.partial_kept(q, scale)
+                    parts.append(part)
         else:
             sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy
         self.last = sel

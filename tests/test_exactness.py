@@ -126,3 +126,18 @@ def test_bf16_steps_stay_close_to_fp32_full_attention(smol, tmp_path):
     assert copy_.lm_head.weight is copy_.model.embed_tokens.weight  # SmolLM2's tie kept
     for (name, b), (_, b2) in zip(model.named_buffers(), copy_.named_buffers()):
         assert b.dtype == b2.dtype and torch.equal(b, b2), name  # RoPE's frequencies unchanged
+
+
+def test_exact_with_sources_answers_as_without(smol, tmp_path):
+    """With a tally (sources) the `exact` kind attends through a plain product that keeps every
+    key's logit (Retriever.partial_kept), not the fused kernel: the same logits within fp32
+    rounding, and the sources come out of it."""
+    model, tok, identity = smol
+    doc = Document(text=book_text(3000), name="alice-part", kind="text")
+    engine = Engine(tmp_path, Settings(sink=16, recent=32, max_tokens=5, index="exact"), loaded=(model, tok, identity))
+    prepared = engine.prepare(doc)
+    plain = _answer_logits(engine, prepared)
+    kept, stats = [], AnswerStats()
+    "".join(engine.ask(prepared, QUESTION, stats, on_logits=lambda l: kept.append(l.clone()), sources=3))
+    torch.testing.assert_close(torch.stack(kept), plain, rtol=0, atol=1e-4)
+    assert len(stats.sources) == 3
