@@ -283,8 +283,9 @@ class Tally:
         if sel is None:
             return q[:, :, row], lse[:, :, row].float(), None, None
         K = sel.logits.shape[-1]
-        ids = None if sel.every else sel.ids.reshape(KVH, G, T, K)[:, :, row]
-        return q[:, :, row], lse[:, :, row].float(), ids, sel.logits[:, :, row]
+        ids = None if sel.every else sel.ids.reshape(KVH, G, T, K)[:, :, row].clone()
+        # copies: a view would keep the layer's whole [KVH, G, T, K] logits alive until the step ends
+        return q[:, :, row], lse[:, :, row].float(), ids, sel.logits[:, :, row].clone()
 
     def _add(self, rows, out, tokens: bool) -> None:
         """Add every layer's query row's shares of the merged softmax to `out` [L, Hq, U + 1] (per

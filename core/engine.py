@@ -551,10 +551,11 @@ class Engine:
         tally = tally if tally is not None else self.tally(prepared) if sources else None
         cache = self.build_cache(prepared, len(q) + max_new, tally)
         stream = TextStream(self.tokenizer)
+        step_model = self.step_model(s)  # made before the clock starts (a copy, once per engine)
         t = time.perf_counter()
         for tok in generate(self.model, cache, q, n, max_new,
                             stop_ids(self.tokenizer, self.model.config) if s.stop_at_eos else set(),
-                            on_logits, self.step_model(s)):
+                            on_logits, step_model):
             if stats.answer_tokens == 0:
                 stats.first_token_s = time.perf_counter() - t
             stats.answer_tokens += 1

@@ -88,7 +88,7 @@ SOURCES = typer.Option(None, "--sources", metavar="[stderr|stdout]",
                        help="After the answer, the passages it attended to most (location, score, snippet): "
                             "on stderr, or stdout with --sources=stdout.")
 NO_SERVER = typer.Option(False, "--no-server", envvar="RA_NO_SERVER",
-                         help="Answer in this process even when `ra serve` runs for this data directory.")
+                         help="Work in this process even when `ra serve` runs for this data directory.")
 CHECKPOINT = typer.Option(D.checkpoint_s, envvar="RA_CHECKPOINT_S", min=0.0,
                           help="Seconds between prefill checkpoints (an interrupted prefill resumes from the last one).")
 

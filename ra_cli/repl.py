@@ -93,7 +93,8 @@ class Served:
         self.record = answer.record or {}
         timings = self.record.get("timings", {})
         self.turn = Turn(answer.answer_ids, self.record.get("tokens", {}).get("answer", 0),
-                         time.perf_counter() - t, timings.get("first_token_s", 0.0), self.record.get("sources"))
+                         timings.get("answer_s", time.perf_counter() - t), timings.get("first_token_s", 0.0),
+                         self.record.get("sources"))
 
     def facts(self) -> list:
         o = self.opened

@@ -51,7 +51,7 @@ class ApiError(Exception):
 
 @dataclass
 class Job:
-    """One model task: run(emit) in the worker; emit(event) hands results to the request's thread."""
+    """One model task: run(job) in the worker; what it puts on job.events the request's thread sends."""
 
     run: object
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -157,11 +157,15 @@ def allowed_path(path: str, allow_dirs: tuple) -> Path:
     p = Path(path)
     if not p.is_absolute():
         raise ApiError(400, f"'ra.path' must be absolute, not {path!r}")
-    p = p.resolve()
-    if not any(p == d or d in p.parents for d in allow_dirs):
+    try:
+        p = p.resolve()
+        inside = any(p == d or d in p.parents for d in allow_dirs)
+        if inside and not p.exists():
+            raise ApiError(404, f"no such file or directory: {path}", "not_found")
+    except (OSError, RuntimeError, ValueError) as e:  # a NUL byte, a symlink loop, no permission
+        raise ApiError(400, f"cannot use 'ra.path' {path!r}: {e}") from None
+    if not inside:
         raise ApiError(403, f"{path} is outside the directories this server may read (--allow-dir)", "permission_denied")
-    if not p.exists():
-        raise ApiError(404, f"no such file or directory: {path}", "not_found")
     return p
 
 
@@ -287,9 +291,10 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self, body: dict) -> None:
         app = self.server.app
         engine = app.worker.engine
-        path = named_path(body)
-        path = path and allowed_path(path, app.allow_dirs)
-        document, question, turns, max_tokens, stream = parse_chat(body, named=path is not None)
+        named = named_path(body)
+        if named is not None:
+            allowed_path(named, app.allow_dirs)  # refused here, before the request waits in the queue
+        document, question, turns, max_tokens, stream = parse_chat(body, named=named is not None)
 
         def run(job: Job) -> None:
             from core.documents import Document
@@ -298,7 +303,13 @@ class Handler(BaseHTTPRequestHandler):
             from .session import WalkOptions, read_document
 
             s = engine.settings if max_tokens is None else engine.settings.but(max_tokens=max_tokens)
-            doc = read_document(str(path), WalkOptions()) if path else Document(text=document, name="chat", kind="text")
+            if named is None:
+                doc = Document(text=document, name="chat", kind="text")
+            else:  # checked again now: the path may have changed while the request waited
+                try:
+                    doc = read_document(str(allowed_path(named, app.allow_dirs)), WalkOptions())
+                except OSError as e:
+                    raise ApiError(422, f"cannot read {named}: {e.strerror or e}") from None
             prepared, hit = app.worker.prepare(doc, s)
             app.say(f"entry {prepared.entry.path.name[:12]}: " + ("open, no prefill" if hit else "prefilled and stored"))
             stats = AnswerStats()
@@ -341,6 +352,9 @@ class Handler(BaseHTTPRequestHandler):
             history = [(str(q), [int(t) for t in ids]) for q, ids in body.get("history") or []]
         except (KeyError, TypeError, ValueError) as e:
             raise ApiError(400, f"bad request: {e}") from None
+        vocab = len(engine.tokenizer)
+        if any(not 0 <= t < vocab for _, ids in history for t in ids):
+            raise ApiError(400, f"bad request: a token id in 'history' is outside the vocabulary (0..{vocab - 1})")
 
         def run(job: Job) -> None:
             from .session import answer_record

@@ -192,9 +192,10 @@ def test_allowed_path_only_inside_allow_dirs(tmp_path):
     with pytest.raises(ApiError) as e:
         allowed_path(str(inside / "sub" / "a.txt"), ())
     assert e.value.status == 403 and "--allow-dir" in str(e.value)
-    with pytest.raises(ApiError) as e:
-        allowed_path("sub/a.txt", dirs)
-    assert e.value.status == 400
+    for bad in ("sub/a.txt", str(inside / "a\0.txt")):  # relative; a NUL byte (an error, not a traceback)
+        with pytest.raises(ApiError) as e:
+            allowed_path(bad, dirs)
+        assert e.value.status == 400, bad
 
 
 def test_a_request_names_its_document_by_path_inside_allow_dir(ra_home, smol, tmp_path):
