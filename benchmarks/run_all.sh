@@ -63,6 +63,7 @@ step ruler python benchmarks/accuracy.py ruler --indexes flat,cluster --home "$O
 step qa python benchmarks/accuracy.py qa --indexes flat,cluster --home "$OUT/acc_home" --jsonl "$OUT/qa.jsonl"
 step needle_exact python benchmarks/accuracy.py needle --lengths 1000,2000 --seeds 3 --indexes exact --home "$OUT/acc_exact" --jsonl "$OUT/needle_exact.jsonl"
 step needle_exact4k python benchmarks/accuracy.py needle --lengths 4000 --seeds 3 --indexes exact --home "$OUT/acc_exact" --jsonl "$OUT/needle_exact4k.jsonl"
+step needle_exact_rest python benchmarks/accuracy.py needle --lengths 6000,7500 --seeds 3 --indexes exact --home "$OUT/acc_exact" --jsonl "$OUT/needle_exact_rest.jsonl"
 step ruler_exact python benchmarks/accuracy.py ruler --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/ruler_exact.jsonl"
 step qa_exact python benchmarks/accuracy.py qa --indexes exact --home "$OUT/acc_home" --jsonl "$OUT/qa_exact.jsonl"
 # the same three sets with the one-token steps on a bf16 copy of the weights (full attention stays fp32: the baseline)
