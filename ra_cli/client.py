@@ -66,8 +66,8 @@ def _post(path: Path, endpoint: str, doc, settings, **fields):
             except ValueError:
                 message = None
             conn.close()
-            if resp.status in (409, 413):
-                return None  # another model, or a document too big to send: the caller works in process
+            if resp.status in (404, 409, 413):  # an older server without this endpoint, another model,
+                return None                     # or a document too big to send: the caller works in process
             raise ServerError(message or f"the server answered {resp.status}", 2 if resp.status == 400 else 1)
         return conn, resp
     except OSError:  # the server stopped between find_server and now
