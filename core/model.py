@@ -188,8 +188,8 @@ def step_copy(model, dtype):
     """A copy of `model` whose parameters are in `dtype`, for the one-token decode steps.
 
     On a CPU without native bf16 (AVX2), a bf16 matrix-vector product reads half the bytes of an
-    fp32 one and takes about half the time, where a bf16 matrix-matrix product (a prefill chunk, a
-    question) is several times slower than fp32: so the model keeps its weights for those and a
+    fp32 one and takes less time, where a bf16 matrix-matrix product (a prefill chunk, a question)
+    is several times slower than fp32: so the model keeps its weights for those and a
     step runs on this copy (BENCHMARKS.md, "The decode step"). Buffers (RoPE's inverse
     frequencies) are copied unchanged; tied weights (SmolLM2's embedding and head) stay tied."""
     import copy

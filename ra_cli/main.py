@@ -195,6 +195,25 @@ def _print_sources(records: list[dict], where: str) -> None:
     show_sources(records, console, plain=not console.is_terminal)
 
 
+def _sayer(quiet: bool):
+    """say(message): `ra: message` on stderr, as Session.say; nothing with --quiet."""
+    console = _err_console()
+    return (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
+
+
+def _open_on_server(path, doc, settings, quiet: bool, say, to_ask: bool = False):
+    """The server prefills and opens `doc` (ra_cli/client.index), its progress shown in this
+    terminal's bars -> its record, or None when it cannot take the document."""
+    from .client import index as server_index
+    from .session import Progress
+
+    progress = Progress(_err_console(), enabled=not quiet)
+    try:
+        return server_index(path, doc, settings, progress, say, to_ask=to_ask)
+    finally:
+        progress.stop()
+
+
 def _ask_server(doc, questions, settings, as_json: bool, quiet: bool, n_sources: int = 0,
                 sources: str | None = None) -> bool:
     """Answer through a running `ra serve` of this data directory: the same stdout, stderr lines
@@ -208,8 +227,7 @@ def _ask_server(doc, questions, settings, as_json: bool, quiet: bool, n_sources:
     path = find_server(_home())
     if path is None:
         return False
-    console = _err_console()
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
+    say = _sayer(quiet)
     markdown = sys.stdout.isatty() and not as_json
     for i, q in enumerate(questions):
         t = time.perf_counter()
@@ -291,21 +309,14 @@ def _index_server(docs, settings, quiet: bool) -> bool:
     import time
 
     from .client import find_server
-    from .client import index as server_index
-    from .session import Progress
 
     path = find_server(_home())
     if path is None:
         return False
-    console = _err_console()
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
+    say = _sayer(quiet)
     for i, doc in enumerate(docs):
         t = time.perf_counter()
-        progress = Progress(console, enabled=not quiet)
-        try:
-            done = server_index(path, doc, settings, progress, say)
-        finally:
-            progress.stop()
+        done = _open_on_server(path, doc, settings, quiet, say)
         if done is None:
             if i:  # some documents were indexed: the server stopped meanwhile
                 raise RaError("the server stopped before every document was indexed")
@@ -340,8 +351,7 @@ def repl(
     doc = read_document(target, WalkOptions(include, exclude, max_file_size))
     served = None if no_server else _repl_server(doc, settings, quiet)
     if served is not None:
-        say = (lambda m: None) if quiet else (lambda m: _err_console().print(f"[dim]ra:[/dim] {m}"))
-        Repl(served, doc, served.opened["document_tokens"], say, _home()).run()
+        Repl(served, doc, served.opened["document_tokens"], _sayer(quiet), _home()).run()
         return
     session = Session(_home(), settings, _err_console(), quiet, yes)
     prepared = session.open(doc)
@@ -353,20 +363,13 @@ def _repl_server(doc, settings, quiet: bool):
     first, its progress shown here), or None: no server, or one that cannot answer with these
     settings."""
     from .client import find_server
-    from .client import index as server_index
     from .repl import Served
-    from .session import Progress
 
     path = find_server(_home())
     if path is None:
         return None
-    console = _err_console()
-    say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]ra:[/dim] {m}"))
-    progress = Progress(console, enabled=not quiet)
-    try:
-        opened = server_index(path, doc, settings, progress, say, to_ask=True)
-    finally:
-        progress.stop()
+    say = _sayer(quiet)
+    opened = _open_on_server(path, doc, settings, quiet, say, to_ask=True)
     if opened is None:
         say("the running server cannot take this (another model or device, a document too big to send, "
             "or it stopped): answering in this process")
