@@ -122,6 +122,7 @@ class Engine:
             self.ref = models.resolve(s.model)
             self.device = models.pick_device(s.device)
             self.dtype = models.pick_dtype(s.dtype, self.device)
+            self._check_step_dtype(s)  # before a load that may take minutes
             self.model, self.tokenizer = models.load(self.ref, self.home / "models", self.device, self.dtype,
                                                      s.trust_remote_code, self.notice, self.progress)
         else:
@@ -129,6 +130,7 @@ class Engine:
             self.ref = models.ModelRef(identity, "loaded", identity, identity)
             p = next(self.model.parameters())
             self.device, self.dtype = p.device.type, p.dtype
+        self._check_step_dtype(s)
         self.step_dtype = models.pick_step_dtype(s.step_dtype, self.dtype)
         self._step_model = None  # made at the first answer that needs it (step_model)
         self.load_s = time.perf_counter() - t
@@ -140,13 +142,26 @@ class Engine:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._passages: dict = {}  # entry path -> its passages (citations), the last four entries
 
+    def _check_step_dtype(self, s: Settings) -> None:
+        if s.step_dtype == "blocks" and (self.device != "cpu" or str(self.dtype) != "torch.float32"):
+            raise UsageError("--step-dtype blocks runs on the CPU over float32 weights (--device cpu --dtype float32)")
+
     def step_model(self, s: Settings):
         """The model of the one-token decode steps: the model itself, or once made and kept, its
         copy in `step_dtype` (core/model.step_copy). Full attention always steps in `dtype`: it is
         the exact baseline, and its cache holds the whole KV in that dtype."""
         if self.step_dtype == self.dtype or s.attention == "full":
             return self.model
-        if self._step_model is None:
+        if self._step_model is None and self.step_dtype == "blocks":
+            from .blocks import block_copy
+
+            # a converted GGUF's blocks are kept beside its conversion, made by the first process
+            kept = models.converted_dir(self.ref, self.home / "models") if self.ref.kind == "gguf" else None
+            self._step_model, done, total = block_copy(self.model, kept / "ra-blocks.safetensors" if kept else None)
+            if done < total:
+                self.notice(f"--step-dtype blocks: {done} of {total} linear layers are 4/8-bit blocks; "
+                            "the others step in float32")
+        elif self._step_model is None:
             from .model import step_copy
 
             self._step_model = step_copy(self.model, self.step_dtype)

@@ -180,7 +180,10 @@ def pick_dtype(dtype: str, device: str):
 
 
 def pick_step_dtype(step_dtype: str, weights):
-    """The dtype of the one-token decode steps' weights (Settings.step_dtype); auto: `weights`."""
+    """The dtype of the one-token decode steps' weights (Settings.step_dtype); auto: `weights`;
+    "blocks" (core/blocks.py) as it is."""
+    if step_dtype == "blocks":
+        return step_dtype
     return weights if step_dtype == "auto" else pick_dtype(step_dtype, "cpu")
 
 

@@ -15,6 +15,7 @@ from .errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+STEP_DTYPES = DTYPES + ("blocks",)  # blocks: core/blocks.py
 KV_DTYPES = ("float16", "float32")
 ATTENTIONS = ("retrieval", "full")
 
@@ -77,8 +78,9 @@ class Settings:
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
     step_dtype: str = "auto"       # weights of the one-token decode steps (core/model.step_copy): auto (the
-                                   # same as dtype) | float32 | bfloat16 | float16; the prefill, the question
-                                   # and --attention full always run in `dtype`
+                                   # same as dtype) | float32 | bfloat16 | float16 | blocks (fp32 weights that
+                                   # are a GGUF's 4/8-bit blocks, read as blocks: core/blocks.py); the prefill,
+                                   # the question and --attention full always run in `dtype`
     attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
     index: str = "auto"            # auto | a kind of core/index.py KINDS (auto: see Engine.index_kind)
     graph_min_keys: int = 16_384   # `auto` picks the graph index from this many offloaded keys per head (below: exact)
@@ -116,7 +118,7 @@ class Settings:
 
         one_of("device", self.device, DEVICES)
         one_of("dtype", self.dtype, DTYPES)
-        one_of("step_dtype", self.step_dtype, DTYPES)
+        one_of("step_dtype", self.step_dtype, STEP_DTYPES)
         one_of("attention", self.attention, ATTENTIONS)
         one_of("index", self.index, ("auto",) + tuple(KINDS))
         one_of("kv_dtype", self.kv_dtype, KV_DTYPES)

@@ -1,0 +1,109 @@
+"""--step-dtype blocks (core/blocks.py): fp32 weights that are a GGUF's 4/8-bit blocks, read as
+blocks by the decode steps. The recovery must be exact or refuse; the kernel must equal the plain
+product over the dequantized weights; the answers must equal fp32 full attention's."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import book_text
+from core.blocks import BlockLinear, block_copy, find_blocks, reference_linear
+from core.documents import Document
+from core.engine import AnswerStats, Engine, Settings
+from core.errors import UsageError
+
+QUESTION = "Who is in the story? Answer briefly."
+
+
+def q4_weights(N, K, seed=0):
+    """Weights as a Q4_1 GGUF's dequantization makes them: fp32(d * q + m), d and m fp16 values,
+    each block's q spanning 0..15 (the quantizer maps a block's range onto it)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (N, K // 32, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (rng.random((N, K // 32)) * 0.01 + 1e-4).astype(np.float16).astype(np.float32)
+    m = (-rng.random((N, K // 32)) * 0.05).astype(np.float16).astype(np.float32)
+    return (d[..., None] * q + m[..., None]).astype(np.float32).reshape(N, K)
+
+
+def q8_weights(N, K, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (N, K // 32, 32)).astype(np.float32)
+    q[..., 0] = 127
+    d = (rng.random((N, K // 32)) * 0.01 + 1e-4).astype(np.float16).astype(np.float32)
+    return (d[..., None] * q).astype(np.float32).reshape(N, K)
+
+
+@pytest.mark.parametrize("make,dtype", [(q4_weights, np.uint8), (q8_weights, np.int8)])
+def test_blocks_are_found_exactly_or_not_at_all(make, dtype):
+    w = make(37, 96)
+    q, d, m = find_blocks(w)
+    assert q.dtype == dtype and d.shape == m.shape == (37, 3)
+    back = (q.astype(np.float32).reshape(37, 3, 32) * d[..., None] + m[..., None]).reshape(37, 96)
+    assert np.array_equal(back, w)
+    off = w.copy()
+    off[5, 40] = np.nextafter(off[5, 40], np.float32(1))  # one weight one ulp off the grid
+    assert find_blocks(off) is None
+    assert find_blocks(np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)) is None  # plain fp32
+    assert find_blocks(w[:, :90].copy()) is None  # rows not a whole number of blocks
+
+
+@pytest.mark.parametrize("N", [1, 6, 37, 256])
+def test_block_linear_equals_the_plain_product(N):
+    """The kernel (four rows at a time, a tail of N % 4 rows) against F.linear over the
+    dequantized weights, for one row and for several (the question's tokens go row by row)."""
+    w = q4_weights(N, 160, seed=N)
+    q, d, m = find_blocks(w)
+    bias = torch.randn(N)
+    lin = BlockLinear(q, d, m, bias=bias)
+    for shape in [(1, 1, 160), (1, 5, 160)]:
+        x = torch.randn(*shape)
+        want = reference_linear(x, q, d, m, bias)
+        torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(want, torch.nn.functional.linear(x, torch.from_numpy(w), bias), rtol=0, atol=0)
+
+
+def test_block_steps_answer_as_fp32_full_attention(smol, tmp_path):
+    """Every linear layer of the embedded model (a Q4_1/Q8_0 GGUF) is found as blocks; the steps on
+    them give the logits of fp32 full attention (through transformers' own cache) within fp32
+    rounding, and the same greedy answer."""
+    model, tok, identity = smol
+    copy_, done, total = block_copy(model)
+    assert done == total == model.config.num_hidden_layers * 7 + 1  # q, k, v, o, gate, up, down; the head
+    assert isinstance(copy_.lm_head, BlockLinear) and not isinstance(model.lm_head, BlockLinear)
+    assert copy_.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, not copied
+
+    doc = Document(text=book_text(3000), name="alice-part", kind="text")
+    s = Settings(sink=16, recent=32, max_tokens=6, index="exact", step_dtype="blocks")
+    engine = Engine(tmp_path, s, loaded=(model, tok, identity))
+    logits = []
+    "".join(engine.ask(engine.prepare(doc), QUESTION, AnswerStats(), on_logits=lambda l: logits.append(l.clone())))
+    full = []
+    "".join(engine.ask(engine.prepare(doc, s.but(attention="full")), QUESTION, AnswerStats(),
+                       on_logits=lambda l: full.append(l.clone())))
+    assert isinstance(engine.step_model(s).lm_head, BlockLinear)  # the steps above ran on the blocks
+    ra, full = torch.stack(logits), torch.stack(full)
+    assert len(ra) == 6
+    torch.testing.assert_close(ra, full, rtol=0, atol=5e-4)
+    assert ra.argmax(-1).tolist() == full.argmax(-1).tolist()
+
+
+def test_blocks_are_kept_on_disk_and_a_bad_file_is_made_again(smol, tmp_path):
+    model, _, _ = smol
+    kept = tmp_path / "ra-blocks.safetensors"
+    first, n, _ = block_copy(model, kept)
+    assert kept.exists() and n > 0
+    again, n2, _ = block_copy(model, kept)  # read back, not searched
+    assert n2 == n and np.array_equal(again.lm_head.q, first.lm_head.q)
+    kept.write_bytes(kept.read_bytes()[:1000])  # torn
+    third, n3, _ = block_copy(model, kept)
+    assert n3 == n and np.array_equal(third.model.layers[3].mlp.up_proj.d, first.model.layers[3].mlp.up_proj.d)
+    assert kept.stat().st_size > 1000  # written again
+
+
+def test_blocks_refused_off_the_cpu_float32_path(smol, tmp_path):
+    model, tok, identity = smol
+    with pytest.raises(UsageError, match="blocks"):
+        Engine(tmp_path, Settings(step_dtype="blocks", dtype="bfloat16", device="cpu"))
+    assert Settings(step_dtype="blocks").check()
+    with pytest.raises(UsageError):
+        Settings(step_dtype="q4").check()
