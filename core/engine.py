@@ -154,9 +154,10 @@ class Engine:
             return self.model
         if self._step_model is None and self.step_dtype == "blocks":
             from .blocks import block_copy
+            from .model import converted_dir
 
             # a converted GGUF's blocks are kept beside its conversion, made by the first process
-            kept = models.converted_dir(self.ref, self.home / "models") if self.ref.kind == "gguf" else None
+            kept = converted_dir(self.ref, self.home / "models") if self.ref.kind == "gguf" else None
             self._step_model, done, total = block_copy(self.model, kept / "ra-blocks.safetensors" if kept else None)
             if done < total:
                 self.notice(f"--step-dtype blocks: {done} of {total} linear layers are 4/8-bit blocks; "
