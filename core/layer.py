@@ -104,41 +104,54 @@ class Retriever:
     `zones(q [KVH, M, D], k, scale) -> Zones`: the index's retrieved keys (ids, exact logits,
     [KVH, M, K]: K = k for flat, hnsw and graph; for the clustered index every member of the best
     clusters, -1 / -inf padded) and, where the index estimates (core/cluster.py), its estimate.
-    Over the `exact` kind (`exact` True) nothing is selected: `partial` attends every key (the fused
-    kernel), `partial_kept` too, keeping every key's logit for a tally."""
+    Over the `exact` kind (`exact` True) nothing is selected: `partial` attends every key
+    (core/attention_f16 at a decode step, the fused kernel for a question), `partial_kept` too,
+    keeping every key's logit for a tally."""
 
     def __init__(self, keys, values, index):
+        self.keys, self.values = keys, values  # numpy (memory maps)
         self.k = torch.from_numpy(keys)
         self.v = torch.from_numpy(values)
         self.index = index
         self.n = keys.shape[1]
         self.exact = getattr(index, "exact", False)
-        self._k32 = self._v32 = None  # fp32 copies for `partial`, made at its first call
 
-    def _fp32(self):
-        """The offloaded K/V as fp32 copies [KVH, N, D], read from the store once and kept."""
-        if self._k32 is None:
-            self._k32, self._v32 = self.k.float().contiguous(), self.v.float().contiguous()
-        return self._k32, self._v32
+    def _stepwise(self, q) -> bool:
+        """A decode step's query (one token) over fp16 K/V on the CPU: core/attention_f16 reads them as stored."""
+        return q.shape[2] == 1 and q.device.type == "cpu" and self.k.dtype == torch.float16
 
     def partial(self, q, scale: float):
-        """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: the fused kernel over fp32
-        copies of the offloaded K/V (read from the store once, kept for later questions)."""
-        o, lse = local_attention(q.to("cpu", torch.float32), *self._fp32(), scale)
+        """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: a decode step through
+        core/attention_f16 over the stored fp16 K/V; several tokens (a question) through the fused
+        kernel over fp32 conversions made for the call (nothing kept: the store's pages are the cache)."""
+        qc = q.to("cpu", torch.float32)
+        if self._stepwise(q):
+            from .attention_f16 import attention_f16  # numba: imported where it is used
+
+            o, lse, _ = attention_f16(qc, self.keys, self.values, scale)
+        else:
+            o, lse = local_attention(qc, self.k.float(), self.v.float(), scale)
         return o.to(q.device), lse.to(q.device)
 
     def partial_kept(self, q, scale: float):
-        """`partial` computed plainly, keeping each key's logit for a tally (citations): one
-        product for the logits (keys x queries, which reads the keys once), their softmax, one for
-        the values. -> ((o, lse), Selection of every offloaded key: ids, unscaled logits, no values)."""
+        """`partial`, keeping each key's logit for a tally (citations): a decode step's from
+        core/attention_f16; several tokens' plainly (one product for the logits, keys x queries,
+        which reads the keys once; their softmax; one for the values).
+        -> ((o, lse), Selection of every offloaded key: ids, unscaled logits, no values)."""
         KVH, G, T, D = q.shape
-        keys, values = self._fp32()
-        qr = q.to("cpu", torch.float32).reshape(KVH, G * T, D)
-        logits = torch.bmm(keys, qr.transpose(1, 2)).transpose(1, 2).contiguous()  # [KVH, G*T, N] unscaled
-        s = logits * scale
-        lse = torch.logsumexp(s, dim=-1)                               # [KVH, G*T]
-        o = torch.bmm(s.sub_(lse[..., None]).exp_(), values)           # [KVH, G*T, D]
-        ids = torch.arange(self.n).expand(KVH, G * T, self.n)          # a view: nothing allocated
+        qc = q.to("cpu", torch.float32)
+        if self._stepwise(q):
+            from .attention_f16 import attention_f16
+
+            o, lse, logits = attention_f16(qc, self.keys, self.values, scale, keep_logits=True)
+        else:
+            keys, values = self.k.float(), self.v.float()
+            qr = qc.reshape(KVH, G * T, D)
+            logits = torch.bmm(keys, qr.transpose(1, 2)).transpose(1, 2).contiguous()  # [KVH, G*T, N] unscaled
+            s = logits * scale
+            lse = torch.logsumexp(s, dim=-1)                               # [KVH, G*T]
+            o = torch.bmm(s.sub_(lse[..., None]).exp_(), values)           # [KVH, G*T, D]
+        ids = torch.arange(self.n).expand(KVH, G * T, self.n)              # a view: nothing allocated
         sel = Selection(ids, logits.reshape(KVH, G, T, self.n).to(q.device), None, every=True)
         return (o.reshape(KVH, G, T, -1).to(q.device), lse.reshape(KVH, G, T).to(q.device)), sel
 

@@ -184,8 +184,8 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
     heads = L * KVH
     if x.index == "flat":
         host_index = heads * offloaded * D * 4
-    elif x.index == "exact":  # fp32 copies of the offloaded K and V (core/layer.Retriever.partial)
-        host_index = heads * offloaded * D * 4 * 2
+    elif x.index == "exact":  # a question's fp32 conversion of one layer's offloaded K and V (core/layer.Retriever.partial;
+        host_index = KVH * offloaded * D * 4 * 2  # a decode step reads the stored fp16 as it is)
     else:  # core/cluster.ClusterLayerIndex: fp32 centroids + log sizes, int64 sizes/offsets/order; value sums mapped
         host_index = heads * (clusters * (D * 4 + 4 + 8 + 8) + offloaded * 8)
         if offloaded <= x.scan_max:  # its exact zone is a scan: an fp32 copy of the keys, and each key's cluster
