@@ -35,18 +35,18 @@ def _widen(row, buf_u, buf_f):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scores(q, k, scale, n_slices, out):
-    """q fp32 [KVH, M, D]; k uint16 (fp16 bits) [KVH, N, D] -> out [KVH, M, N] = scale * q.k
-    (parallel over (KV head, slice of SLICE keys) tasks)."""
+def _scores(q, k, start, scale, n_slices, out):
+    """q fp32 [KVH, M, D]; k uint16 (fp16 bits) [KVH, >= start + N, D] -> out [KVH, M, N] =
+    scale * q.k over k's rows start.. (parallel over (KV head, slice of SLICE keys) tasks)."""
     KVH, M, D = q.shape
-    N = k.shape[1]
+    N = out.shape[2]
     for task in prange(KVH * n_slices):
         h = task // n_slices
         a = (task % n_slices) * SLICE
         buf_u = np.empty(D, np.uint32)
         buf_f = buf_u.view(np.float32)
         for n in range(a, min(a + SLICE, N)):
-            _widen(k[h, n], buf_u, buf_f)
+            _widen(k[h, start + n], buf_u, buf_f)
             for r in range(M):
                 t = np.float32(0.0)
                 for d in range(D):
@@ -55,9 +55,9 @@ def _scores(q, k, scale, n_slices, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _weighted(p, v, n_slices, out):
-    """p fp32 [KVH, M, N]; v uint16 (fp16 bits) [KVH, N, D] -> out [KVH, S, M, D]: each slice's
-    sum of p * v (the slices are added by the caller)."""
+def _weighted(p, v, start, n_slices, out):
+    """p fp32 [KVH, M, N]; v uint16 (fp16 bits) [KVH, >= start + N, D] -> out [KVH, S, M, D]: each
+    slice's sum of p * v over v's rows start.. (the slices are added by the caller)."""
     KVH, M, N = p.shape
     D = v.shape[2]
     for task in prange(KVH * n_slices):
@@ -68,7 +68,7 @@ def _weighted(p, v, n_slices, out):
         buf_f = buf_u.view(np.float32)
         acc = np.zeros((M, D), np.float32)
         for n in range(a, min(a + SLICE, N)):
-            _widen(v[h, n], buf_u, buf_f)
+            _widen(v[h, start + n], buf_u, buf_f)
             for r in range(M):
                 w = p[h, r, n]
                 for d in range(D):
@@ -76,22 +76,34 @@ def _weighted(p, v, n_slices, out):
         out[h, s] = acc
 
 
-def attention_f16(q: torch.Tensor, k: np.ndarray, v: np.ndarray, scale: float, keep_logits: bool = False):
-    """q [KVH, G, T, D] (fp32, CPU) over every key of k, v (fp16 arrays or memory maps
-    [KVH, N, D], N >= 1) -> (o [KVH, G, T, D], lse [KVH, G, T]) as core/attention.partial_attention,
-    and with keep_logits the unscaled logits q.k [KVH, G*T, N] (else None). The logits and the
-    weighted values are read off the fp16 bits here; the softmax between them is torch's (its
-    vectorized exp). Meant for a decode step's few rows (every row reads every key)."""
+def rows(a: np.ndarray, start: int = 0, stop: int | None = None):
+    """fp16 K or V [KVH, N, D] (rows start..stop of it) as the kernels read them: (uint16 bits
+    [KVH, >= stop, D], C-contiguous, start). A view where `a` is C-contiguous (a layer of the
+    store's memory map); otherwise a contiguous copy of the rows (tests' slices)."""
+    a = np.asarray(a)
+    stop = a.shape[1] if stop is None else stop
+    if not a.flags.c_contiguous:
+        a, start = np.ascontiguousarray(a[:, start:stop]), 0
+    return a.view(np.uint16), start
+
+
+def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False, n: int | None = None):
+    """q [KVH, G, T, D] (fp32, CPU) over n keys (default all) of k, v: fp16 arrays [KVH, N, D] or
+    `rows` results (bits, start) -> (o [KVH, G, T, D], lse [KVH, G, T]) as
+    core/attention.partial_attention, and with keep_logits the unscaled logits q.k [KVH, G*T, n]
+    (else None). The logits and the weighted values are read off the fp16 bits here; the softmax
+    between them is torch's (its vectorized exp). Meant for a decode step's few rows (every row
+    reads every key)."""
     KVH, G, T, D = q.shape
-    N = k.shape[1]
+    (kb, ks), (vb, vs) = (x if isinstance(x, tuple) else rows(x) for x in (k, v))
+    N = n if n is not None else kb.shape[1] - ks
     S = math.ceil(N / SLICE)
     logits = torch.empty(KVH, G * T, N)
-    _scores(q.reshape(KVH, G * T, D).contiguous().numpy(), np.asarray(k).view(np.uint16), np.float32(1.0), S,
-            logits.numpy())
+    _scores(q.reshape(KVH, G * T, D).contiguous().numpy(), kb, ks, np.float32(1.0), S, logits.numpy())
     s = logits * scale if keep_logits else logits.mul_(scale)
     lse = torch.logsumexp(s, dim=-1)                          # [KVH, M]
     p = s.sub_(lse[..., None]).exp_()                         # the softmax, in place
     o_part = np.empty((KVH, S, G * T, D), np.float32)
-    _weighted(p.numpy(), np.asarray(v).view(np.uint16), S, o_part)
+    _weighted(p.numpy(), vb, vs, S, o_part)
     o = torch.from_numpy(o_part).sum(dim=1)                   # [KVH, M, D]
     return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T), (logits if keep_logits else None)

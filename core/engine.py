@@ -455,8 +455,8 @@ class Engine:
             return ()
         k = index_kind(kind)
         options = {name: getattr(s, name) for name in k.options}
-        return tuple(Retriever(entry.keys[layer, :, a:b], entry.values[layer, :, a:b],
-                               k.open(index_dir, layer, entry.keys[layer, :, a:b], **options))
+        return tuple(Retriever(entry.keys[layer], entry.values[layer],
+                               k.open(index_dir, layer, entry.keys[layer, :, a:b], **options), span=(a, b))
                      for layer in range(entry.n_layers))
 
     # ------------------------------------------------------------------ answering

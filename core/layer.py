@@ -108,17 +108,29 @@ class Retriever:
     (core/attention_f16 at a decode step, the fused kernel for a question), `partial_kept` too,
     keeping every key's logit for a tally."""
 
-    def __init__(self, keys, values, index):
-        self.keys, self.values = keys, values  # numpy (memory maps)
-        self.k = torch.from_numpy(keys)
-        self.v = torch.from_numpy(values)
+    def __init__(self, keys, values, index, span: tuple[int, int] | None = None):
+        """keys, values: [KVH, N, D] numpy (memory maps), all offloaded; or with span=(a, b) a
+        layer's whole K/V (C-contiguous) of which rows a..b are (core/attention_f16 reads it so)."""
+        a, b = span or (0, keys.shape[1])
+        self.span = (a, b)
+        self.keys, self.values = keys, values
+        self.k = torch.from_numpy(keys[:, a:b])
+        self.v = torch.from_numpy(values[:, a:b])
         self.index = index
-        self.n = keys.shape[1]
+        self.n = b - a
         self.exact = getattr(index, "exact", False)
+        self._rows = None  # (K bits, start), (V bits, start) for core/attention_f16, made at its first use
 
     def _stepwise(self, q) -> bool:
         """A decode step's query (one token) over fp16 K/V on the CPU: core/attention_f16 reads them as stored."""
         return q.shape[2] == 1 and q.device.type == "cpu" and self.k.dtype == torch.float16
+
+    def _f16(self, q, scale: float, keep_logits: bool):
+        from .attention_f16 import attention_f16, rows  # numba: imported where it is used
+
+        if self._rows is None:
+            self._rows = rows(self.keys, *self.span), rows(self.values, *self.span)
+        return attention_f16(q, *self._rows, scale, keep_logits, n=self.n)
 
     def partial(self, q, scale: float):
         """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: a decode step through
@@ -126,9 +138,7 @@ class Retriever:
         kernel over fp32 conversions made for the call (nothing kept: the store's pages are the cache)."""
         qc = q.to("cpu", torch.float32)
         if self._stepwise(q):
-            from .attention_f16 import attention_f16  # numba: imported where it is used
-
-            o, lse, _ = attention_f16(qc, self.keys, self.values, scale)
+            o, lse, _ = self._f16(qc, scale, False)
         else:
             o, lse = local_attention(qc, self.k.float(), self.v.float(), scale)
         return o.to(q.device), lse.to(q.device)
@@ -141,9 +151,7 @@ class Retriever:
         KVH, G, T, D = q.shape
         qc = q.to("cpu", torch.float32)
         if self._stepwise(q):
-            from .attention_f16 import attention_f16
-
-            o, lse, logits = attention_f16(qc, self.keys, self.values, scale, keep_logits=True)
+            o, lse, logits = self._f16(qc, scale, True)
         else:
             keys, values = self.k.float(), self.v.float()
             qr = qc.reshape(KVH, G * T, D)
