@@ -131,7 +131,8 @@ class Engine:
             p = next(self.model.parameters())
             self.device, self.dtype = p.device.type, p.dtype
         self._check_step_dtype(s)
-        self.step_dtype = models.pick_step_dtype(s.step_dtype, self.dtype)
+        gguf_on_cpu = self.ref.kind == "gguf" and self.device == "cpu" and str(self.dtype) == "torch.float32"
+        self.step_dtype = models.pick_step_dtype(s.step_dtype, self.dtype, gguf_on_cpu)
         self._step_model = None  # made at the first answer that needs it (step_model)
         self.load_s = time.perf_counter() - t
         cfg = self.model.config
@@ -157,8 +158,11 @@ class Engine:
             from .model import converted_dir
 
             # a converted GGUF's blocks are kept beside its conversion, made by the first process
-            kept = converted_dir(self.ref, self.home / "models") if self.ref.kind == "gguf" else None
-            self._step_model, done, total = block_copy(self.model, kept / "ra-blocks.safetensors" if kept else None)
+            kept = converted_dir(self.ref, self.home / "models") / "ra-blocks.safetensors" if self.ref.kind == "gguf" else None
+            if kept is not None and not kept.exists():
+                self.notice("first answer with this model: finding its 4/8-bit weight blocks for the decode step "
+                            "(kept for next time) and compiling ra's CPU kernels (once per install)")
+            self._step_model, done, total = block_copy(self.model, kept)
             if done < total:
                 self.notice(f"--step-dtype blocks: {done} of {total} linear layers are 4/8-bit blocks; "
                             "the others step in float32")

@@ -179,12 +179,15 @@ def pick_dtype(dtype: str, device: str):
     return table[dtype]
 
 
-def pick_step_dtype(step_dtype: str, weights):
-    """The dtype of the one-token decode steps' weights (Settings.step_dtype); auto: `weights`;
-    "blocks" (core/blocks.py) as it is."""
+def pick_step_dtype(step_dtype: str, weights, gguf_on_cpu: bool = False):
+    """The dtype of the one-token decode steps' weights (Settings.step_dtype): "blocks"
+    (core/blocks.py) as it is; auto: "blocks" for a GGUF's fp32 conversion on the CPU (the same
+    weights, read from a quarter of the bytes), else `weights`."""
     if step_dtype == "blocks":
         return step_dtype
-    return weights if step_dtype == "auto" else pick_dtype(step_dtype, "cpu")
+    if step_dtype == "auto":
+        return "blocks" if gguf_on_cpu else weights
+    return pick_dtype(step_dtype, "cpu")
 
 
 def step_copy(model, dtype):

@@ -77,10 +77,11 @@ class Settings:
     model: str | None = None       # None: the embedded default
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
-    step_dtype: str = "auto"       # weights of the one-token decode steps (core/model.step_copy): auto (the
-                                   # same as dtype) | float32 | bfloat16 | float16 | blocks (fp32 weights that
-                                   # are a GGUF's 4/8-bit blocks, read as blocks: core/blocks.py); the prefill,
-                                   # the question and --attention full always run in `dtype`
+    step_dtype: str = "auto"       # weights of the one-token decode steps (core/model.step_copy): auto (blocks
+                                   # for a GGUF on the CPU in fp32, else the same as dtype) | float32 | bfloat16
+                                   # | float16 | blocks (fp32 weights that are a GGUF's 4/8-bit blocks, read as
+                                   # blocks: core/blocks.py); the prefill, the question and --attention full
+                                   # always run in `dtype`
     attention: str = "retrieval"   # retrieval | full (exact baseline over the same cached KV)
     index: str = "auto"            # auto | a kind of core/index.py KINDS (auto: see Engine.index_kind)
     graph_min_keys: int = 16_384   # `auto` picks the graph index from this many offloaded keys per head (below: exact)

@@ -59,8 +59,9 @@ MODEL = typer.Option(D.model, "--model", "-m", envvar="RA_MODEL",
 DEVICE = typer.Option(D.device, envvar="RA_DEVICE", help="auto, cpu or cuda.")
 DTYPE = typer.Option(D.dtype, envvar="RA_DTYPE", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
 STEP_DTYPE = typer.Option(D.step_dtype, envvar="RA_STEP_DTYPE",
-                          help="Weights of the one-token decode steps: auto (as --dtype), float32, bfloat16, float16 "
-                               "(a second copy of the weights; the prefill and the question stay in --dtype).")
+                          help="Weights of the one-token decode steps: auto (blocks for a .gguf model on the CPU, else as "
+                               "--dtype), blocks (a GGUF's 4/8-bit blocks read as such: the same weights), float32, "
+                               "bfloat16, float16 (a copy; the prefill and the question stay in --dtype).")
 ATTENTION = typer.Option(D.attention, envvar="RA_ATTENTION",
                          help="retrieval, or full (exact attention over the same cached KV).")
 INDEX = typer.Option(D.index, envvar="RA_INDEX",

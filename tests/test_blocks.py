@@ -107,3 +107,28 @@ def test_blocks_refused_off_the_cpu_float32_path(smol, tmp_path):
     assert Settings(step_dtype="blocks").check()
     with pytest.raises(UsageError):
         Settings(step_dtype="q4").check()
+
+
+def test_auto_steps_on_blocks_for_a_gguf_on_the_cpu(ra_home):
+    """The default (`auto`) for the embedded GGUF on the CPU: block steps, the blocks found once
+    (a notice says so) and kept beside the conversion, read back by the next engine; the logits
+    equal float32 steps' within fp32 rounding."""
+    from core.model import converted_dir, resolve
+
+    doc = Document(text=book_text(2000), name="alice-part", kind="text")
+    notices = []
+    engine = Engine(ra_home, Settings(sink=16, recent=32, max_tokens=4, index="exact"), notice=notices.append)
+    assert engine.step_dtype == "blocks"
+    kept = converted_dir(resolve(None), ra_home / "models") / "ra-blocks.safetensors"
+    kept.unlink(missing_ok=True)
+    p = engine.prepare(doc)
+    got, want = [], []
+    "".join(engine.ask(p, QUESTION, on_logits=lambda l: got.append(l.clone())))
+    assert kept.exists() and sum("weight blocks" in n for n in notices) == 1
+    fp32 = Engine(ra_home, Settings(sink=16, recent=32, max_tokens=4, index="exact", step_dtype="float32"),
+                  loaded=(engine.model, engine.tokenizer, engine.ref.identity))
+    "".join(fp32.ask(fp32.prepare(doc), QUESTION, on_logits=lambda l: want.append(l.clone())))
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=5e-4)
+    notices.clear()
+    again = Engine(ra_home, Settings(sink=16, recent=32, max_tokens=4, index="exact"), notice=notices.append)
+    assert isinstance(again.step_model(again.settings).lm_head, BlockLinear) and not notices  # read, not searched
