@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .jit import call
+
 SLICE = 1024  # keys per task
 
 
@@ -99,11 +101,11 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     N = n if n is not None else kb.shape[1] - ks
     S = math.ceil(N / SLICE)
     logits = torch.empty(KVH, G * T, N)
-    _scores(q.reshape(KVH, G * T, D).contiguous().numpy(), kb, ks, np.float32(1.0), S, logits.numpy())
+    call(_scores, q.reshape(KVH, G * T, D).contiguous().numpy(), kb, ks, np.float32(1.0), S, logits.numpy())
     s = logits * scale if keep_logits else logits.mul_(scale)
     lse = torch.logsumexp(s, dim=-1)                          # [KVH, M]
     p = s.sub_(lse[..., None]).exp_()                         # the softmax, in place
     o_part = np.empty((KVH, S, G * T, D), np.float32)
-    _weighted(p.numpy(), vb, vs, S, o_part)
+    call(_weighted, p.numpy(), vb, vs, S, o_part)
     o = torch.from_numpy(o_part).sum(dim=1)                   # [KVH, M, D]
     return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T), (logits if keep_logits else None)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .jit import call
+
 BLOCK = 32
 
 
@@ -130,7 +132,7 @@ class BlockLinear(torch.nn.Module):
         y = torch.empty(rows.shape[0], self.out_features)
         xn, yn = rows.numpy(), y.numpy()
         for r in range(rows.shape[0]):
-            _gemv(self.q, self.d, self.m, xn[r], yn[r])
+            call(_gemv, self.q, self.d, self.m, xn[r], yn[r])
         if self.bias is not None:
             y += self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

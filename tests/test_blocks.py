@@ -132,3 +132,22 @@ def test_auto_steps_on_blocks_for_a_gguf_on_the_cpu(ra_home):
     notices.clear()
     again = Engine(ra_home, Settings(sink=16, recent=32, max_tokens=4, index="exact"), notice=notices.append)
     assert isinstance(again.step_model(again.settings).lm_head, BlockLinear) and not notices  # read, not searched
+
+
+def test_a_ctrl_c_during_a_kernels_first_call_is_delivered_after_it():
+    """core/jit.signals_held: numba loads a kernel through ctypes callbacks that drop exceptions, so
+    a SIGINT arriving then is held and raised as KeyboardInterrupt once the call returns."""
+    import os
+    import signal
+
+    from core.jit import signals_held
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler has run by now (it only records)
+                pass
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
