@@ -22,6 +22,8 @@ ra's dependency for the graph index) compiles this loop to vector code, cached o
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -189,12 +191,25 @@ def _save(path, blocks: dict) -> None:
         tmp.unlink(missing_ok=True)  # a read-only or full disk: the blocks are made again next time
 
 
+_made = weakref.WeakKeyDictionary()  # model -> its block_copy result, where no file keeps the blocks
+
+
 def block_copy(model, cache=None):
     """A copy of `model` (CPU, fp32) whose linear layers that are exactly 4/8-bit blocks are
     BlockLinears; every other parameter is shared with `model`, not copied. `cache`: a file
     (pathlib.Path) keeping the blocks found (safetensors, no pickle) so the next process reads
-    them instead of searching the weights (~2 s for the embedded model here); None: no file.
+    them instead of searching the weights (~2 s for the embedded model here); None: no file, and
+    the copy is made once per model object in this process (engines sharing a loaded model).
     -> (copy, linear layers converted, linear layers in all)."""
+    if cache is None and model in _made:
+        return _made[model]
+    out = _block_copy(model, cache)
+    if cache is None:
+        _made[model] = out
+    return out
+
+
+def _block_copy(model, cache):
     import copy
 
     memo = {id(p): p for p in model.parameters()}  # deepcopy shares the parameters: no second fp32 copy

@@ -131,7 +131,7 @@ class Engine:
             p = next(self.model.parameters())
             self.device, self.dtype = p.device.type, p.dtype
         self._check_step_dtype(s)
-        gguf_on_cpu = self.ref.kind == "gguf" and self.device == "cpu" and str(self.dtype) == "torch.float32"
+        gguf_on_cpu = self.ref.identity.startswith("gguf:") and self.device == "cpu" and str(self.dtype) == "torch.float32"
         self.step_dtype = models.pick_step_dtype(s.step_dtype, self.dtype, gguf_on_cpu)
         self._step_model = None  # made at the first answer that needs it (step_model)
         self.load_s = time.perf_counter() - t
@@ -147,6 +147,17 @@ class Engine:
         if s.step_dtype == "blocks" and (self.device != "cpu" or str(self.dtype) != "torch.float32"):
             raise UsageError("--step-dtype blocks runs on the CPU over float32 weights (--device cpu --dtype float32)")
 
+    def _blocks_file(self) -> Path | None:
+        """Where a GGUF's blocks are kept: in its fp32 conversion under this data directory (found
+        by the GGUF's hash, so an engine given a loaded model finds it too), or None."""
+        if not self.ref.identity.startswith("gguf:"):
+            return None
+        short = self.ref.identity.split(":")[1][:12]
+        for d in sorted((self.home / "models").glob(f"*-{short}")):
+            if (d / "ra-model.json").exists():
+                return d / "ra-blocks.safetensors"
+        return None
+
     def step_model(self, s: Settings):
         """The model of the one-token decode steps: the model itself, or once made and kept, its
         copy in `step_dtype` (core/model.step_copy). Full attention always steps in `dtype`: it is
@@ -155,10 +166,9 @@ class Engine:
             return self.model
         if self._step_model is None and self.step_dtype == "blocks":
             from .blocks import block_copy
-            from .model import converted_dir
 
             # a converted GGUF's blocks are kept beside its conversion, made by the first process
-            kept = converted_dir(self.ref, self.home / "models") / "ra-blocks.safetensors" if self.ref.kind == "gguf" else None
+            kept = self._blocks_file()
             if kept is not None and not kept.exists():
                 self.notice("first answer with this model: finding its 4/8-bit weight blocks for the decode step "
                             "(kept for next time) and compiling ra's CPU kernels (once per install)")
