@@ -159,7 +159,8 @@ def main() -> None:
             time.perf_counter() - t, ans, f"prefill {p.prefill_s:.1f} s, index {p.index_s:.2f} s")
 
         # ra repeated ask: a new Engine opens the store (as a new process would), retrieval attention
-        configs = (("retrieval attention, index " + p.index_kind, "retrieval", "auto"),
+        configs = (("retrieval attention, index " + p.index_kind + ", the default steps (blocks)", "retrieval", "auto"),
+                   ("the same, --step-dtype float32", "retrieval", "float32"),
                    ("the same, --step-dtype bfloat16", "retrieval", "bfloat16"),
                    ("`--attention full`", "full", "auto"))
         for label, attention, step_dtype in configs:

@@ -1,7 +1,8 @@
-"""The one-token decode steps' weights: the model's fp32 against a bf16 copy (--step-dtype).
+"""The one-token decode steps' weights (--step-dtype): the model's fp32, its GGUF blocks (the
+default on the CPU) and a bf16 copy.
 
     python benchmarks/step_dtype.py [--chars 26000] [--tokens 32] [--runs 5] [--index exact]
-                                    [--dtypes float32,bfloat16]
+                                    [--dtypes float32,blocks,bfloat16]
 
 One run, one machine: the embedded SmolLM2-135M-Instruct (fp32 weights), the start of Alice
 (~7K tokens, the serve and llama.cpp benchmarks' document) prefilled once into a temporary
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--index", default="exact")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,blocks,bfloat16")
     args = ap.parse_args()
 
     import torch
