@@ -41,6 +41,7 @@ step decode_profile_exact python benchmarks/decode_profile.py --index exact
 # the one-token steps on a bf16 copy of the weights (--step-dtype, issue 20): speed, then the serve ratio with it
 step step_dtype python benchmarks/step_dtype.py --runs 5
 step serve_ask_bf16 python benchmarks/serve_ask.py --step-dtype bfloat16
+step serve_ask_fp32 python benchmarks/serve_ask.py --step-dtype float32
 # host memory of converting a GGUF (issue 17): the embedded file, and its blocks repeated 8 times (878M parameters)
 step gguf_convert python benchmarks/gguf_convert.py --shards 2048,64
 step gguf_convert_x8 python benchmarks/gguf_convert.py --blocks-times 8 --shards 2048,256
@@ -71,6 +72,10 @@ step qa_exact python benchmarks/accuracy.py qa --indexes exact --home "$OUT/acc_
 step needle_step python benchmarks/accuracy.py needle --lengths 1000,2000,4000 --seeds 3 --indexes exact --step-dtype bfloat16 --home "$OUT/acc_exact" --jsonl "$OUT/needle_step.jsonl"
 step ruler_step python benchmarks/accuracy.py ruler --indexes exact --step-dtype bfloat16 --home "$OUT/acc_home" --jsonl "$OUT/ruler_step.jsonl"
 step qa_step python benchmarks/accuracy.py qa --indexes exact --step-dtype bfloat16 --home "$OUT/acc_home" --jsonl "$OUT/qa_step.jsonl"
+# the default decode (block steps, the fp16 attention of `exact`) on the whole harness
+step needle_blocks python benchmarks/accuracy.py needle --lengths 1000,2000,4000,6000,7500 --seeds 3 --indexes exact --step-dtype blocks --home "$OUT/acc_exact" --jsonl "$OUT/needle_blocks.jsonl"
+step ruler_blocks python benchmarks/accuracy.py ruler --indexes exact --step-dtype blocks --home "$OUT/acc_home" --jsonl "$OUT/ruler_blocks.jsonl"
+step qa_blocks python benchmarks/accuracy.py qa --indexes exact --step-dtype blocks --home "$OUT/acc_home" --jsonl "$OUT/qa_blocks.jsonl"
 step needle_graph python benchmarks/accuracy.py needle --indexes flat,graph \
     --home "$OUT/acc_home" --jsonl "$OUT/needle_graph.jsonl"
 # the clustered index (issue 16): the grid with scan top-k + estimated clusters (R=0.018 E=0.232;
