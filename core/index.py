@@ -15,8 +15,9 @@ over the retrieved keys needs only their values.
         SmolLM2's real keys: 0.50 -> 0.89 at ef=100, 0.96 at ef=200).
   graph the query-aware graph of core/graph.py (built from the document's prefill queries).
 
-  exact no index: every offloaded key is attended exactly (core/layer.Retriever.partial: one fused
-        attention partial over fp32 copies of the offloaded K/V, as the static zone's). Where ra
+  exact no index: every offloaded key is attended exactly (core/layer.Retriever.partial: a decode
+        step over the stored fp16 K/V in place, core/attention_f16; a question through the fused
+        kernel, as the static zone's). Where ra
         would score every key anyway (flat, the clustered index's scan) this costs less than
         scoring, selecting and gathering (BENCHMARKS.md, "exact"), and it is full attention.
         `auto` uses it for documents inside the window up to `scan_max` offloaded keys per head.
