@@ -2,16 +2,12 @@
 
 The `exact` kind attends every offloaded key at every decode step. The store keeps K/V in fp16;
 PyTorch's fused CPU kernel wants them in fp32 (its fp16 path rounds the query to fp16 too), so
-over fp32 copies a step reads 8 bytes per key and value element. This kernel reads the fp16 bits
-(4 bytes) and widens each element exactly:
-
-    fp16 bits h -> fp32 bits ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13), times 2^112
-
-(the exponent is rebiased by the multiplication, which also turns fp16 subnormals into the
-right normal fp32 values; K/V hold no inf or NaN), then computes the softmax in fp32: the same
-numbers as the fused kernel over fp32 copies, summed in another order. A decode step is bound by
-reading the K/V, so half the bytes is most of the gain (BENCHMARKS.md, "The decode step"). core/attention's
-`partial_attention` is the reference it is tested against (tests/test_attention_f16.py).
+over fp32 copies a step reads 8 bytes per key and value element. These kernels read the fp16
+bits (4 bytes) and widen each element exactly (core/jit.h2f: the CPU's own conversion), then
+compute the softmax in fp32: the same numbers as the fused kernel over fp32 copies, summed in
+another order. A decode step is bound by reading the K/V, so half the bytes is most of the gain
+(BENCHMARKS.md, "The decode step"). core/attention's `partial_attention` is the reference they
+are tested against (tests/test_attention_f16.py).
 """
 from __future__ import annotations
 
@@ -19,93 +15,131 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from .jit import call
+from .jit import call, exp_f32, h2f
 
 SLICE = 1024  # keys per task
 
 
-@njit(inline="always")
-def _widen(row, buf_u, buf_f):
-    """fp16 bits (uint16 [D]) -> buf_f (fp32 [D], a view of buf_u's memory), exactly."""
-    for d in range(row.shape[0]):
-        h = np.uint32(row[d])
-        buf_u[d] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-    for d in range(row.shape[0]):
-        buf_f[d] *= np.float32(5.192296858534828e+33)  # 2^112
+def widen(x):
+    """An element of K or V as fp32: fp16 bits (uint16) through h2f, fp32 as it is."""
+
+
+@overload(widen, inline="always")
+def _widen(x):
+    if x == types.uint16:
+        return lambda x: h2f(x)
+    if x == types.float32:
+        return lambda x: x
+    return None
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scores(q, k, start, scale, n_slices, out):
-    """q fp32 [KVH, M, D]; k uint16 (fp16 bits) [KVH, >= start + N, D] -> out [KVH, M, N] =
-    scale * q.k over k's rows start.. (parallel over (KV head, slice of SLICE keys) tasks)."""
+def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
+    """The partial softmax of each slice of SLICE keys, one pass over K and V (as FlashAttention's
+    blocks; the scores never leave the task). q fp32 [KVH, M, D]; k, v [KVH, >= k0 + n, D] and
+    [KVH, >= v0 + n, D], fp16 bits (uint16) or fp32, rows k0.. and v0.. attended (n of each). Per KV head h and slice s:
+    m_part[h, s, r] = the slice's largest scaled logit, l_part = sum exp(logit - m),
+    o_part[h, s, r] = sum exp(logit - m) * v. `logits` [KVH, M, n] gets the unscaled q.k when it
+    is n wide (a tally wants them), else it is a [1, 1, 1] placeholder."""
     KVH, M, D = q.shape
-    N = out.shape[2]
-    for task in prange(KVH * n_slices):
-        h = task // n_slices
-        a = (task % n_slices) * SLICE
-        buf_u = np.empty(D, np.uint32)
-        buf_f = buf_u.view(np.float32)
-        for n in range(a, min(a + SLICE, N)):
-            _widen(k[h, start + n], buf_u, buf_f)
+    S = o_part.shape[1]
+    keep = logits.shape[2] == n
+    for task in prange(KVH * S):
+        h = task // S
+        a = (task % S) * SLICE
+        b = min(a + SLICE, n)
+        sc = np.empty((M, SLICE), np.float32)
+        buf = np.empty(D, np.float32)
+        for i in range(a, b):
+            for d in range(D):
+                buf[d] = widen(k[h, k0 + i, d])
             for r in range(M):
                 t = np.float32(0.0)
                 for d in range(D):
-                    t += q[h, r, d] * buf_f[d]
-                out[h, r, n] = t * scale
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _weighted(p, v, start, n_slices, out):
-    """p fp32 [KVH, M, N]; v uint16 (fp16 bits) [KVH, >= start + N, D] -> out [KVH, S, M, D]: each
-    slice's sum of p * v over v's rows start.. (the slices are added by the caller)."""
-    KVH, M, N = p.shape
-    D = v.shape[2]
-    for task in prange(KVH * n_slices):
-        h = task // n_slices
-        s = task % n_slices
-        a = s * SLICE
-        buf_u = np.empty(D, np.uint32)
-        buf_f = buf_u.view(np.float32)
+                    t += q[h, r, d] * buf[d]
+                sc[r, i - a] = t * scale
+                if keep:
+                    logits[h, r, i] = t
+        for r in range(M):
+            mx = np.float32(-np.inf)
+            for i in range(b - a):
+                mx = max(mx, sc[r, i])
+            total = np.float32(0.0)
+            for i in range(b - a):
+                e = exp_f32(sc[r, i] - mx)
+                sc[r, i] = e
+                total += e
+            m_part[h, task % S, r] = mx
+            l_part[h, task % S, r] = total
         acc = np.zeros((M, D), np.float32)
-        for n in range(a, min(a + SLICE, N)):
-            _widen(v[h, start + n], buf_u, buf_f)
+        for i in range(a, b):
+            for d in range(D):
+                buf[d] = widen(v[h, v0 + i, d])
             for r in range(M):
-                w = p[h, r, n]
+                w = sc[r, i - a]
                 for d in range(D):
-                    acc[r, d] += w * buf_f[d]
-        out[h, s] = acc
+                    acc[r, d] += w * buf[d]
+        o_part[h, task % S] = acc
+
+
+@njit(cache=True)
+def _combine(o_part, m_part, l_part, o, lse):
+    """The slices' partials merged by the log-sum-exp rule (core/attention.merge's): o [KVH, M, D],
+    lse [KVH, M]; no slice (no key) gives o = 0, lse = -inf."""
+    KVH, S, M, D = o_part.shape
+    for h in range(KVH):
+        for r in range(M):
+            mx = np.float32(-np.inf)
+            for s in range(S):
+                mx = max(mx, m_part[h, s, r])
+            o[h, r] = 0.0
+            if mx == -np.inf:
+                lse[h, r] = mx
+                continue
+            total = np.float32(0.0)
+            for s in range(S):
+                w = np.exp(m_part[h, s, r] - mx)
+                total += w * l_part[h, s, r]
+                for d in range(D):
+                    o[h, r, d] += w * o_part[h, s, r, d]
+            for d in range(D):
+                o[h, r, d] /= total
+            lse[h, r] = mx + np.log(total)
 
 
 def rows(a: np.ndarray, start: int = 0, stop: int | None = None):
-    """fp16 K or V [KVH, N, D] (rows start..stop of it) as the kernels read them: (uint16 bits
-    [KVH, >= stop, D], C-contiguous, start). A view where `a` is C-contiguous (a layer of the
-    store's memory map); otherwise a contiguous copy of the rows (tests' slices)."""
+    """K or V [KVH, N, D] (rows start..stop of it) as the kernels read them: (an array [KVH, >= stop,
+    D], C-contiguous: fp16 as its uint16 bits, fp32 as it is; start). A view where `a` is
+    C-contiguous (a layer of the store's memory map, StaticKV's buffer); otherwise a contiguous
+    copy of the rows (tests' slices)."""
     a = np.asarray(a)
     stop = a.shape[1] if stop is None else stop
     if not a.flags.c_contiguous:
         a, start = np.ascontiguousarray(a[:, start:stop]), 0
-    return a.view(np.uint16), start
+    return (a.view(np.uint16) if a.dtype == np.float16 else a), start
 
 
 def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False, n: int | None = None):
-    """q [KVH, G, T, D] (fp32, CPU) over n keys (default all) of k, v: fp16 arrays [KVH, N, D] or
-    `rows` results (bits, start) -> (o [KVH, G, T, D], lse [KVH, G, T]) as
-    core/attention.partial_attention, and with keep_logits the unscaled logits q.k [KVH, G*T, n]
-    (else None). The logits and the weighted values are read off the fp16 bits here; the softmax
-    between them is torch's (its vectorized exp). Meant for a decode step's few rows (every row
-    reads every key)."""
+    """q [KVH, G, T, D] (fp32, CPU) over n keys (default all) of k, v: arrays [KVH, N, D] (fp16 or
+    fp32) or `rows` results (array, start) -> (o [KVH, G, T, D], lse [KVH, G, T]) as
+    core/attention.partial_attention (every row sees every key: no causal mask), and with
+    keep_logits the unscaled logits q.k [KVH, G*T, n] (else None). Meant for a decode step's few
+    rows (every row reads every key)."""
     KVH, G, T, D = q.shape
     (kb, ks), (vb, vs) = (x if isinstance(x, tuple) else rows(x) for x in (k, v))
     N = n if n is not None else kb.shape[1] - ks
     S = math.ceil(N / SLICE)
-    logits = torch.empty(KVH, G * T, N)
-    call(_scores, q.reshape(KVH, G * T, D).contiguous().numpy(), kb, ks, np.float32(1.0), S, logits.numpy())
-    s = logits * scale if keep_logits else logits.mul_(scale)
-    lse = torch.logsumexp(s, dim=-1)                          # [KVH, M]
-    p = s.sub_(lse[..., None]).exp_()                         # the softmax, in place
-    o_part = np.empty((KVH, S, G * T, D), np.float32)
-    call(_weighted, p.numpy(), vb, vs, S, o_part)
-    o = torch.from_numpy(o_part).sum(dim=1)                   # [KVH, M, D]
+    M = G * T
+    logits = torch.empty(KVH, M, N if keep_logits else 1)
+    o_part = np.empty((KVH, S, M, D), np.float32)
+    m_part = np.empty((KVH, S, M), np.float32)
+    l_part = np.empty((KVH, S, M), np.float32)
+    if S:
+        call(_slices, q.reshape(KVH, M, D).contiguous().numpy(), kb, ks, vb, vs, N, np.float32(scale), o_part, m_part, l_part, logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32))
+    o = torch.empty(KVH, M, D)
+    lse = torch.empty(KVH, M)
+    call(_combine, o_part, m_part, l_part, o.numpy(), lse.numpy())
     return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T), (logits if keep_logits else None)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .jit import call
+from .jit import call, h2f
 
 BLOCK = 32
 
@@ -39,7 +39,8 @@ def find_blocks(w: np.ndarray):
 
     Q4 (affine, q in 0..15): each block's smallest weight is m (q = 0) and its largest d * 15 + m
     (the GGUF quantizer maps a block's range onto 0..15); Q8 (symmetric, q in -127..127, m = 0):
-    the largest magnitude is 127 d. d is an fp16 value in both formats."""
+    the largest magnitude is 127 d. d and m are fp16 values in both formats (as the file stores
+    them); a tensor whose offsets are not is not taken as blocks."""
     N, K = w.shape
     if K % BLOCK or w.dtype != np.float32 or N == 0:
         return None
@@ -55,6 +56,8 @@ def find_blocks(w: np.ndarray):
             lo, hi = 0, 15
         if not (np.isfinite(d).all() and np.isfinite(m).all()):
             return None
+        if not np.array_equal(m.astype(np.float16).astype(np.float32), m):  # m is an fp16 value too
+            continue
         safe = np.where(d == 0, np.float32(1), d)
         q = np.rint((b - m[..., None]) / safe[..., None])
         if q.min() < lo or q.max() > hi:
@@ -64,52 +67,85 @@ def find_blocks(w: np.ndarray):
     return None
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv(q, d, m, x, y):
-    """y [N] = blocks (q [N, K], d, m [N, K/32]) times x [K]; four rows at a time (x read once)."""
+def pack4(q: np.ndarray) -> np.ndarray:
+    """Q4 weights q [N, K] (0..15, uint8) -> [N, K/2] uint8, two per byte: in each block of 32,
+    byte j holds weight j in its low four bits and weight 16 + j in its high four (GGUF's order).
+    Half the bytes of `q` for the decode step to read; `unpack4` gives `q` back."""
     N, K = q.shape
-    B = K // 32
-    xs = np.empty(B, np.float32)
+    b = q.reshape(N, K // BLOCK, 2, BLOCK // 2)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack4(p: np.ndarray) -> np.ndarray:
+    N, H = p.shape
+    b = p.reshape(N, H // (BLOCK // 2), 1, BLOCK // 2)
+    return np.concatenate([b & 15, b >> 4], axis=2).reshape(N, 2 * H)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv4(p, d, m, x, y):
+    """y [N] = Q4 blocks (p [N, K/2] packed as pack4; d, m [N, K/32] fp16 bits) times x [K]. Four
+    rows at a time (x read once for four rows); N a multiple of 4 (BlockLinear pads the rows)."""
+    B = p.shape[1] // 16
+    xs = np.empty(B, np.float32)  # each block's sum of x: the offsets' factor, m * sum x
     for b in range(B):
         t = np.float32(0.0)
         for j in range(32):
             t += x[b * 32 + j]
         xs[b] = t
-    for c in prange((N + 3) // 4):
+    for c in prange(p.shape[0] // 4):
         n = c * 4
-        if n + 4 <= N:
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for b in range(B):
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for j in range(32):
-                    xv = x[b * 32 + j]
-                    s0 += np.float32(q[n, b * 32 + j]) * xv
-                    s1 += np.float32(q[n + 1, b * 32 + j]) * xv
-                    s2 += np.float32(q[n + 2, b * 32 + j]) * xv
-                    s3 += np.float32(q[n + 3, b * 32 + j]) * xv
-                a0 += d[n, b] * s0 + m[n, b] * xs[b]
-                a1 += d[n + 1, b] * s1 + m[n + 1, b] * xs[b]
-                a2 += d[n + 2, b] * s2 + m[n + 2, b] * xs[b]
-                a3 += d[n + 3, b] * s3 + m[n + 3, b] * xs[b]
-            y[n] = a0
-            y[n + 1] = a1
-            y[n + 2] = a2
-            y[n + 3] = a3
-        else:
-            for r in range(n, N):
-                a = np.float32(0.0)
-                for b in range(B):
-                    s = np.float32(0.0)
-                    for j in range(32):
-                        s += np.float32(q[r, b * 32 + j]) * x[b * 32 + j]
-                    a += d[r, b] * s + m[r, b] * xs[b]
-                y[r] = a
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for b in range(B):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for j in range(16):
+                lo = x[b * 32 + j]        # weight j of the block: a byte's low four bits
+                hi = x[b * 32 + 16 + j]   # weight 16 + j: its high four
+                v0, v1, v2, v3 = p[n, b * 16 + j], p[n + 1, b * 16 + j], p[n + 2, b * 16 + j], p[n + 3, b * 16 + j]
+                s0 += np.float32(v0 & 15) * lo + np.float32(v0 >> 4) * hi
+                s1 += np.float32(v1 & 15) * lo + np.float32(v1 >> 4) * hi
+                s2 += np.float32(v2 & 15) * lo + np.float32(v2 >> 4) * hi
+                s3 += np.float32(v3 & 15) * lo + np.float32(v3 >> 4) * hi
+            a0 += h2f(d[n, b]) * s0 + h2f(m[n, b]) * xs[b]
+            a1 += h2f(d[n + 1, b]) * s1 + h2f(m[n + 1, b]) * xs[b]
+            a2 += h2f(d[n + 2, b]) * s2 + h2f(m[n + 2, b]) * xs[b]
+            a3 += h2f(d[n + 3, b]) * s3 + h2f(m[n + 3, b]) * xs[b]
+        y[n], y[n + 1], y[n + 2], y[n + 3] = a0, a1, a2, a3
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv8(q, d, x, y):
+    """y [N] = Q8 blocks (q [N, K] int8, d [N, K/32] fp16 bits; no offsets) times x [K]; four rows
+    at a time, N a multiple of 4."""
+    B = q.shape[1] // 32
+    for c in prange(q.shape[0] // 4):
+        n = c * 4
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for b in range(B):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for j in range(32):
+                xv = x[b * 32 + j]
+                s0 += np.float32(q[n, b * 32 + j]) * xv
+                s1 += np.float32(q[n + 1, b * 32 + j]) * xv
+                s2 += np.float32(q[n + 2, b * 32 + j]) * xv
+                s3 += np.float32(q[n + 3, b * 32 + j]) * xv
+            a0 += h2f(d[n, b]) * s0
+            a1 += h2f(d[n + 1, b]) * s1
+            a2 += h2f(d[n + 2, b]) * s2
+            a3 += h2f(d[n + 3, b]) * s3
+        y[n], y[n + 1], y[n + 2], y[n + 3] = a0, a1, a2, a3
 
 
 def reference_linear(x, q, d, m, bias=None):
@@ -120,21 +156,44 @@ def reference_linear(x, q, d, m, bias=None):
     return torch.nn.functional.linear(x, w, bias)
 
 
-class BlockLinear(torch.nn.Module):
-    """nn.Linear over (q, d, m) blocks (fp32 activations, CPU): one row of x at a time."""
+def kernel_form(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict:
+    """find_blocks' (q, d, m) as the kernels read them: Q4 {"q4": pack4(q), "d", "m"}; Q8
+    {"q8": q, "d"} (its offsets are zero); d and m as fp16 bits (uint16: they are fp16 values, so
+    exactly; core/jit.h2f widens them)."""
+    bits = lambda a: a.astype(np.float16).view(np.uint16)  # noqa: E731
+    if q.dtype == np.uint8:
+        return {"q4": pack4(q), "d": bits(d), "m": bits(m)}
+    return {"q8": q, "d": bits(d)}
 
-    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray, bias=None):
+
+def _padded(a: np.ndarray, rows: int) -> np.ndarray:
+    return a if a.shape[0] == rows else np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
+class BlockLinear(torch.nn.Module):
+    """nn.Linear over blocks in kernel form (`kernel_form`; fp32 activations, CPU), one row of x at
+    a time. The rows are padded with zero rows to a multiple of four for the kernels."""
+
+    def __init__(self, blocks: dict, bias=None):
         super().__init__()
-        self.q, self.d, self.m = q, d, m
+        self.blocks = blocks
         self.bias = bias
-        self.out_features, self.in_features = q.shape
+        q = blocks.get("q4", blocks.get("q8"))
+        self.out_features = q.shape[0]
+        self.in_features = q.shape[1] * (2 if "q4" in blocks else 1)
+        rows = -(-self.out_features // 4) * 4
+        self._kernel_args = tuple(_padded(blocks[k], rows) for k in (("q4", "d", "m") if "q4" in blocks else ("q8", "d")))
+        self._rows = rows
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).float().contiguous()  # [R, K]; a decode step: R = 1
-        y = torch.empty(rows.shape[0], self.out_features)
+        y = torch.empty(rows.shape[0], self._rows)
         xn, yn = rows.numpy(), y.numpy()
+        q4 = len(self._kernel_args) == 3
         for r in range(rows.shape[0]):
-            call(_gemv, self.q, self.d, self.m, xn[r], yn[r])
+            call(_gemv4 if q4 else _gemv8, *self._kernel_args, xn[r], yn[r])
+        if self._rows != self.out_features:
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y += self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -146,34 +205,46 @@ def _linear_names(model) -> list[str]:
 
 
 def _find_all(model, names: list[str]) -> dict:
-    """name -> (q, d, m) for every linear layer of `model` in `names` that is exactly blocks
-    (the layers in parallel threads: numpy releases the GIL)."""
+    """name -> blocks in kernel form for every linear layer of `model` in `names` that is exactly
+    blocks (the layers in parallel threads: numpy releases the GIL)."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     weights = [model.get_submodule(n).weight.detach().numpy() for n in names]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         found = list(pool.map(find_blocks, weights))
-    return {n: f for n, f in zip(names, found) if f is not None}
+    return {n: kernel_form(*f) for n, f in zip(names, found) if f is not None}
+
+
+def _shapes_fit(blocks: dict, out_features: int, in_features: int) -> bool:
+    """Whether blocks in kernel form (`kernel_form`) are of a [out_features, in_features] weight."""
+    rows, groups = (out_features, in_features // BLOCK)
+    if set(blocks) == {"q4", "d", "m"}:
+        return blocks["q4"].shape == (rows, in_features // 2) and blocks["q4"].dtype == np.uint8 \
+            and blocks["d"].shape == blocks["m"].shape == (rows, groups) and blocks["d"].dtype == blocks["m"].dtype == np.uint16
+    if set(blocks) == {"q8", "d"}:
+        return blocks["q8"].shape == (rows, in_features) and blocks["q8"].dtype == np.int8 \
+            and blocks["d"].shape == (rows, groups) and blocks["d"].dtype == np.uint16
+    return False
 
 
 def _load(path, names: list[str], model) -> dict | None:
-    """The blocks kept in `path` (safetensors: `<layer>.q`, `.d`, `.m`), or None when the file is
-    missing, unreadable or not of this model's shapes."""
+    """The blocks kept in `path` (safetensors: `<layer>.q4`, `.d`, `.m` or `<layer>.q8`, `.d`), or
+    None when the file is missing, unreadable or not of this model's shapes (an older layout too)."""
     from safetensors.numpy import load_file
 
     try:
         flat = load_file(str(path))
     except Exception:  # missing, torn or not safetensors: made again
         return None
-    out = {}
-    for n in {k.rsplit(".", 1)[0] for k in flat}:
-        q, d, m = (flat.get(f"{n}.{x}") for x in "qdm")
+    out: dict = {}
+    for key, a in flat.items():
+        n, part = key.rsplit(".", 1)
+        out.setdefault(n, {})[part] = a
+    for n, blocks in out.items():
         lin = model.get_submodule(n) if n in names else None
-        if lin is None or q is None or d is None or m is None or q.shape != tuple(lin.weight.shape) \
-                or d.shape != (q.shape[0], q.shape[1] // BLOCK) or d.shape != m.shape:
+        if lin is None or not _shapes_fit(blocks, *lin.weight.shape):
             return None
-        out[n] = (q, d, m)
     return out
 
 
@@ -185,7 +256,7 @@ def _save(path, blocks: dict) -> None:
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({f"{n}.{x}": a for n, qdm in blocks.items() for x, a in zip("qdm", qdm)}, str(tmp))
+        save_file({f"{n}.{part}": a for n, parts in blocks.items() for part, a in parts.items()}, str(tmp))
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a read-only or full disk: the blocks are made again next time
@@ -221,6 +292,6 @@ def _block_copy(model, cache):
         blocks = _find_all(twin, names)
         if cache is not None and blocks:
             _save(cache, blocks)
-    for name, (q, d, m) in blocks.items():
-        twin.set_submodule(name, BlockLinear(q, d, m, bias=twin.get_submodule(name).bias))
+    for name, parts in blocks.items():
+        twin.set_submodule(name, BlockLinear(parts, bias=twin.get_submodule(name).bias))
     return twin, len(blocks), len(names)

@@ -1,4 +1,9 @@
-"""Calling ra's numba kernels (core/blocks.py, core/attention_f16.py) so that Ctrl-C still works.
+"""What ra's numba kernels (core/blocks.py, core/attention_f16.py) share: `h2f`, and `call`, so
+that Ctrl-C still works.
+
+`h2f` widens fp16 bits (a uint16) to fp32 inside a kernel: LLVM's `fpext half to float`, exact
+for every fp16 value, which the compiler turns into the CPU's conversion instruction (F16C's
+vcvtph2ps, 16 at a time) where the kernel's loop vectorizes. numba has no float16 type of its own.
 
 Numba loads a kernel from its disk cache, or compiles it, at the kernel's first call in a process
 (per argument types), through LLVM callbacks that llvmlite makes with ctypes; an exception raised
@@ -13,7 +18,57 @@ import signal
 import threading
 from contextlib import contextmanager
 
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
 _loaded: set = set()
+
+
+@intrinsic
+def h2f(typingctx, bits):
+    """fp16 bits (uint16) -> the same value as fp32, exactly (see the module docstring)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_of_bits(typingctx, bits):
+    """int32 bits -> the fp32 value they encode (a bit cast)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", fastmath=True)
+def exp_f32(x):
+    """exp(x) for fp32 x <= 0 (a softmax's logit minus its row's largest), within a few ulp of the
+    correctly rounded value, written out so a kernel's loop over it vectorizes (numba's np.exp is
+    a call to libm per element). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, then a degree-6
+    polynomial of r times 2^n; below -87.3 (under the smallest normal fp32) it gives 0."""
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)  # ln2 in two parts
+    z = r * r
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * z + r + np.float32(1.0)
+    ni = np.int32(max(n, np.float32(-126.0)))
+    out = y * _f32_of_bits(np.int32((ni + 127) << 23))
+    return out if x >= np.float32(-87.3) else np.float32(0.0)
 
 
 @contextmanager

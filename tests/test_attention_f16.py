@@ -39,3 +39,24 @@ def test_fp16_widening_is_exact_for_every_finite_value():
     q = torch.tensor([[[[1.0, 0.0]]]])
     _, _, logits = attention_f16(q, k, v, 1.0, keep_logits=True)
     assert torch.equal(logits[0, 0], torch.from_numpy(k[0, :, 0].astype(np.float32)))
+
+
+def test_the_kernels_exp_is_within_a_few_ulp_of_the_exact_value():
+    """core/jit.exp_f32 (the softmax's exp inside the kernel) against float64 exp, over the
+    arguments a softmax gives it (a logit minus its row's largest: <= 0)."""
+    from numba import njit
+
+    from core.jit import exp_f32
+
+    @njit
+    def each(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_f32(x[i])
+
+    x = np.concatenate([np.linspace(-100, 0, 1_000_001), [0.0, -1e-30, -87.3, -87.31]]).astype(np.float32)
+    got = np.empty_like(x)
+    each(x, got)
+    want = np.exp(x.astype(np.float64))
+    normal = x >= np.float32(-87.3)
+    assert np.max(np.abs(got[normal] - want[normal]) / want[normal]) < 4e-7  # ~3 ulp
+    assert got[-4] == 1.0 and np.all(got[~normal] == 0)

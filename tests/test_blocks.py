@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import book_text
-from core.blocks import BlockLinear, block_copy, find_blocks, reference_linear
+from core.blocks import BlockLinear, block_copy, find_blocks, kernel_form, pack4, reference_linear, unpack4
 from core.documents import Document
 from core.engine import AnswerStats, Engine, Settings
 from core.errors import UsageError
@@ -45,16 +45,29 @@ def test_blocks_are_found_exactly_or_not_at_all(make, dtype):
     assert find_blocks(off) is None
     assert find_blocks(np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)) is None  # plain fp32
     assert find_blocks(w[:, :90].copy()) is None  # rows not a whole number of blocks
+    if make is q4_weights:  # a block moved off the fp16 grid of offsets (its m is no fp16 value)
+        shifted = w.copy()
+        shifted[0, :32] += np.float32(0.000123457)
+        assert find_blocks(shifted) is None
 
 
+def test_four_bit_weights_pack_two_to_a_byte_in_the_gguf_order():
+    q = np.random.default_rng(0).integers(0, 16, (5, 64)).astype(np.uint8)
+    p = pack4(q)
+    assert p.shape == (5, 32) and np.array_equal(unpack4(p), q)
+    assert p[2, 3] == q[2, 3] | (q[2, 19] << 4) and p[2, 16 + 3] == q[2, 35] | (q[2, 51] << 4)
+
+
+@pytest.mark.parametrize("make", [q4_weights, q8_weights])
 @pytest.mark.parametrize("N", [1, 6, 37, 256])
-def test_block_linear_equals_the_plain_product(N):
-    """The kernel (four rows at a time, a tail of N % 4 rows) against F.linear over the
-    dequantized weights, for one row and for several (the question's tokens go row by row)."""
-    w = q4_weights(N, 160, seed=N)
+def test_block_linear_equals_the_plain_product(make, N):
+    """The kernels (Q4 packed, Q8; four rows at a time, the rows padded to a multiple of four)
+    against F.linear over the dequantized weights, for one row and for several (the question's
+    tokens go row by row)."""
+    w = make(N, 160, seed=N)
     q, d, m = find_blocks(w)
     bias = torch.randn(N)
-    lin = BlockLinear(q, d, m, bias=bias)
+    lin = BlockLinear(kernel_form(q, d, m), bias=bias)
     for shape in [(1, 1, 160), (1, 5, 160)]:
         x = torch.randn(*shape)
         want = reference_linear(x, q, d, m, bias)
@@ -93,11 +106,15 @@ def test_blocks_are_kept_on_disk_and_a_bad_file_is_made_again(smol, tmp_path):
     first, n, _ = block_copy(model, kept)
     assert kept.exists() and n > 0
     again, n2, _ = block_copy(model, kept)  # read back, not searched
-    assert n2 == n and np.array_equal(again.lm_head.q, first.lm_head.q)
+    assert n2 == n and np.array_equal(again.lm_head.blocks["q8"], first.lm_head.blocks["q8"])
     kept.write_bytes(kept.read_bytes()[:1000])  # torn
     third, n3, _ = block_copy(model, kept)
-    assert n3 == n and np.array_equal(third.model.layers[3].mlp.up_proj.d, first.model.layers[3].mlp.up_proj.d)
+    assert n3 == n and np.array_equal(third.model.layers[3].mlp.up_proj.blocks["q4"], first.model.layers[3].mlp.up_proj.blocks["q4"])
     assert kept.stat().st_size > 1000  # written again
+    from safetensors.numpy import save_file
+    save_file({"lm_head.q": first.lm_head.blocks["q8"], "lm_head.d": np.ones((1, 1), np.float32)}, str(kept))
+    fourth, n4, _ = block_copy(model, kept)  # an older layout: not read, made again
+    assert n4 == n and np.array_equal(fourth.lm_head.blocks["q8"], first.lm_head.blocks["q8"])
 
 
 def test_blocks_refused_off_the_cpu_float32_path(smol, tmp_path):
