@@ -6,8 +6,9 @@ along a row (q in 0..15, d and m fp16 values); for Q8_0, w = d * q (q in -127..1
 reads every weight once per token, and on a CPU that read (4 bytes per weight in fp32) is most of
 the linear layers' time. `find_blocks` recovers (q, d, m) from the fp32 weights and keeps them
 only if d * q + m gives back every weight exactly (no assumption about where the weights came
-from: a tensor that is not such blocks stays fp32); `BlockLinear` then computes y = W x from one
-byte per weight:
+from: a tensor that is not such blocks stays fp32); `BlockLinear` then computes y = W x from the
+blocks as the file holds them (`kernel_form`: 4-bit weights two to a byte, `pack4`; 8-bit ones a
+byte each; d and m as fp16 bits, widened exactly by core/jit.h2f):
 
     y[n] = sum_b ( d[n, b] * sum_j q[n, b, j] * x[b, j]  +  m[n, b] * sum_j x[b, j] )
 
