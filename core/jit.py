@@ -4,6 +4,9 @@ that Ctrl-C still works.
 `h2f` widens fp16 bits (a uint16) to fp32 inside a kernel: LLVM's `fpext half to float`, exact
 for every fp16 value, which the compiler turns into the CPU's conversion instruction (F16C's
 vcvtph2ps, 16 at a time) where the kernel's loop vectorizes. numba has no float16 type of its own.
+`exp_f32` is an exp that vectorizes too. Both are inlined into the kernels that use them, and
+numba's disk cache keys a kernel by its own file only: a change to them here must come with a
+change to those files (or a cleared cache, `NUMBA_CACHE_DIR`), or old kernels are loaded.
 
 Numba loads a kernel from its disk cache, or compiles it, at the kernel's first call in a process
 (per argument types), through LLVM callbacks that llvmlite makes with ctypes; an exception raised
