@@ -183,16 +183,17 @@ class BlockLinear(torch.nn.Module):
         self.out_features = q.shape[0]
         self.in_features = q.shape[1] * (2 if "q4" in blocks else 1)
         rows = -(-self.out_features // 4) * 4
-        self._kernel_args = tuple(_padded(blocks[k], rows) for k in (("q4", "d", "m") if "q4" in blocks else ("q8", "d")))
+        q4 = "q4" in blocks
+        self._kernel = _gemv4 if q4 else _gemv8
+        self._kernel_args = tuple(_padded(blocks[k], rows) for k in (("q4", "d", "m") if q4 else ("q8", "d")))
         self._rows = rows
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).float().contiguous()  # [R, K]; a decode step: R = 1
         y = torch.empty(rows.shape[0], self._rows)
         xn, yn = rows.numpy(), y.numpy()
-        q4 = len(self._kernel_args) == 3
         for r in range(rows.shape[0]):
-            call(_gemv4 if q4 else _gemv8, *self._kernel_args, xn[r], yn[r])
+            call(self._kernel, *self._kernel_args, xn[r], yn[r])
         if self._rows != self.out_features:
             y = y[:, :self.out_features]
         if self.bias is not None:
