@@ -36,53 +36,81 @@ def _widen(x):
     return None
 
 
+@njit(fastmath=True, cache=True)
+def _slice(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep):
+    """The partial softmax of keys a..b (at most SLICE) of KV head h, one pass over K and V (as
+    FlashAttention's blocks; the scores never leave the task). q fp32 [KVH, M, D]; k, v
+    [KVH, >= k0 + b, D] and [KVH, >= v0 + b, D], fp16 bits (uint16) or fp32, rows k0 + i and
+    v0 + i for i in a..b. Writes m_out[r] = the largest scaled logit of query row r,
+    l_out[r] = sum exp(logit - m), o_out[r] = sum exp(logit - m) * v; with `keep` the unscaled
+    q.k into logits[h, r, i]."""
+    M, D = q.shape[1], q.shape[2]
+    sc = np.empty((M, SLICE), np.float32)
+    buf = np.empty(D, np.float32)
+    for i in range(a, b):
+        for d in range(D):
+            buf[d] = widen(k[h, k0 + i, d])
+        for r in range(M):
+            t = np.float32(0.0)
+            for d in range(D):
+                t += q[h, r, d] * buf[d]
+            sc[r, i - a] = t * scale
+            if keep:
+                logits[h, r, i] = t
+    for r in range(M):
+        mx = np.float32(-np.inf)
+        for i in range(b - a):
+            mx = max(mx, sc[r, i])
+        total = np.float32(0.0)
+        for i in range(b - a):
+            e = exp_f32(sc[r, i] - mx)
+            sc[r, i] = e
+            total += e
+        m_out[r] = mx
+        l_out[r] = total
+    acc = np.zeros((M, D), np.float32)
+    for i in range(a, b):
+        for d in range(D):
+            buf[d] = widen(v[h, v0 + i, d])
+        for r in range(M):
+            w = sc[r, i - a]
+            for d in range(D):
+                acc[r, d] += w * buf[d]
+    o_out[:, :] = acc
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
-    """The partial softmax of each slice of SLICE keys, one pass over K and V (as FlashAttention's
-    blocks; the scores never leave the task). q fp32 [KVH, M, D]; k, v [KVH, >= k0 + n, D] and
-    [KVH, >= v0 + n, D], fp16 bits (uint16) or fp32, rows k0.. and v0.. attended (n of each). Per KV head h and slice s:
-    m_part[h, s, r] = the slice's largest scaled logit, l_part = sum exp(logit - m),
-    o_part[h, s, r] = sum exp(logit - m) * v. `logits` [KVH, M, n] gets the unscaled q.k when it
-    is n wide (a tally wants them), else it is a [1, 1, 1] placeholder."""
-    KVH, M, D = q.shape
+    """Each slice of SLICE keys' partial (`_slice`), the KV heads' slices spread over the threads:
+    n keys, rows k0.. of k and v0.. of v; slice s of head h into o_part[h, s] [M, D],
+    m_part[h, s], l_part[h, s] [M]. `logits` [KVH, M, n] gets the unscaled q.k when it is n wide
+    (a tally wants them), else it is a [1, 1, 1] placeholder."""
+    KVH = q.shape[0]
     S = o_part.shape[1]
     keep = logits.shape[2] == n
     for task in prange(KVH * S):
-        h = task // S
-        a = (task % S) * SLICE
-        b = min(a + SLICE, n)
-        sc = np.empty((M, SLICE), np.float32)
-        buf = np.empty(D, np.float32)
-        for i in range(a, b):
-            for d in range(D):
-                buf[d] = widen(k[h, k0 + i, d])
-            for r in range(M):
-                t = np.float32(0.0)
-                for d in range(D):
-                    t += q[h, r, d] * buf[d]
-                sc[r, i - a] = t * scale
-                if keep:
-                    logits[h, r, i] = t
-        for r in range(M):
-            mx = np.float32(-np.inf)
-            for i in range(b - a):
-                mx = max(mx, sc[r, i])
-            total = np.float32(0.0)
-            for i in range(b - a):
-                e = exp_f32(sc[r, i] - mx)
-                sc[r, i] = e
-                total += e
-            m_part[h, task % S, r] = mx
-            l_part[h, task % S, r] = total
-        acc = np.zeros((M, D), np.float32)
-        for i in range(a, b):
-            for d in range(D):
-                buf[d] = widen(v[h, v0 + i, d])
-            for r in range(M):
-                w = sc[r, i - a]
-                for d in range(D):
-                    acc[r, d] += w * buf[d]
-        o_part[h, task % S] = acc
+        h, s = task // S, task % S
+        a = s * SLICE
+        _slice(q, h, k, k0, v, v0, a, min(a + SLICE, n), scale, o_part[h, s], m_part[h, s], l_part[h, s], logits, keep)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part):
+    """`_slices` over two key sets at once: rows 0..na of ka, va (the document's fp16 rows) in
+    the first slices of each head, rows kb0.. / vb0.. (nb of them) of kb, vb (the tokens after
+    it, fp32) in the rest."""
+    KVH = q.shape[0]
+    S = o_part.shape[1]
+    Sa = (na + SLICE - 1) // SLICE
+    none = np.empty((1, 1, 1), np.float32)
+    for task in prange(KVH * S):
+        h, s = task // S, task % S
+        if s < Sa:
+            a = s * SLICE
+            _slice(q, h, ka, 0, va, 0, a, min(a + SLICE, na), scale, o_part[h, s], m_part[h, s], l_part[h, s], none, False)
+        else:
+            a = (s - Sa) * SLICE
+            _slice(q, h, kb, kb0, vb, vb0, a, min(a + SLICE, nb), scale, o_part[h, s], m_part[h, s], l_part[h, s], none, False)
 
 
 @njit(cache=True)
@@ -143,3 +171,27 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     lse = torch.empty(KVH, M)
     call(_combine, o_part, m_part, l_part, o.numpy(), lse.numpy())
     return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T), (logits if keep_logits else None)
+
+
+def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float):
+    """One decode step of the `exact` kind in one kernel: q [KVH, G, 1, D] (fp32, CPU) over every
+    key of the document, read as stored (doc_k, doc_v: `rows` results (fp16 bits [KVH, N, D], 0)),
+    and the n_new tokens after it (new_k, new_v: (fp32 [KVH, >= start + n_new, D], start)) ->
+    (o [KVH, G, 1, D], lse [KVH, G, 1]). The same softmax as `attention_f16` over the document
+    merged with a partial over the new tokens (core/layer: the static zone's partial, the
+    offloaded keys' partial and core/attention.merge), in one pass and one call per layer."""
+    KVH, G, T, D = q.shape
+    (ka, _), (va, _) = doc_k, doc_v
+    (kb, kb0), (vb, vb0), nb = new_k, new_v, n_new
+    na = ka.shape[1]
+    S = math.ceil(na / SLICE) + math.ceil(nb / SLICE)
+    M = G * T
+    o_part = np.empty((KVH, S, M, D), np.float32)
+    m_part = np.empty((KVH, S, M), np.float32)
+    l_part = np.empty((KVH, S, M), np.float32)
+    call(_slices2, q.reshape(KVH, M, D).contiguous().numpy(), ka, va, na, kb, kb0, vb, vb0, nb, np.float32(scale),
+         o_part, m_part, l_part)
+    o = torch.empty(KVH, M, D)
+    lse = torch.empty(KVH, M)
+    call(_combine, o_part, m_part, l_part, o.numpy(), lse.numpy())
+    return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T)

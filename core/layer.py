@@ -62,7 +62,7 @@ class StaticKV:
         self.k = k.new_empty(1, KVH, max(capacity, S0), D)
         self.v = v.new_empty(1, KVH, max(capacity, S0), v.shape[-1])
         self.k[:, :, :S0], self.v[:, :, :S0] = k, v
-        self.n = S0
+        self.n = self.n0 = S0  # n0: the document's rows; the tokens after it follow
         empty = torch.zeros(KVH, 0, D, device=k.device)
         self.glob_k = empty if glob_k is None else glob_k
         self.glob_v = empty if glob_v is None else glob_v
@@ -82,6 +82,12 @@ class StaticKV:
     def partial(self, q, k, v, scale: float):
         """Exact partial of q [KVH, G, T, D] (the newest T rows are its own tokens: causal)."""
         return local_attention(q, k[0].float(), v[0].float(), scale, causal_offset=k.shape[-2] - q.shape[2])
+
+    def new_rows(self):
+        """The tokens after the document as core/attention_f16.step_attention reads them:
+        ((K [KVH, capacity, D], first row), (V, first row), count); fp32 on the CPU only."""
+        k, v = self.k[0].numpy(), self.v[0].numpy()
+        return (k, self.n0), (v, self.n0), self.n - self.n0
 
 
 @dataclass
@@ -120,6 +126,7 @@ class Retriever:
         self.n = b - a
         self.exact = getattr(index, "exact", False)
         self._rows = None  # (K bits, start), (V bits, start) for core/attention_f16, made at its first use
+        self._doc = None   # the same for every row of the document (whole_step)
 
     def _stepwise(self, q) -> bool:
         """A decode step's query (one token) over fp16 K/V on the CPU: core/attention_f16 reads them as stored."""
@@ -131,6 +138,22 @@ class Retriever:
         if self._rows is None:
             self._rows = rows(self.keys, *self.span), rows(self.values, *self.span)
         return attention_f16(q, *self._rows, scale, keep_logits, n=self.n)
+
+    def whole_step(self, q, static: StaticKV, scale: float):
+        """A decode step of the `exact` kind in one kernel (core/attention_f16.step_attention):
+        q [KVH, G, 1, D] over every key of the document, read from the store (its static rows
+        too: they are the same values), and the static zone's tokens after it -> (o, lse). Equals
+        merging `static.partial` with `partial` (tests/test_layer.py); only for one token's query
+        on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`."""
+        from .attention_f16 import rows, step_attention
+
+        if self._doc is None:
+            self._doc = rows(self.keys), rows(self.values)
+        return step_attention(q, *self._doc, *static.new_rows(), scale)
+
+    def can_step_whole(self, q, static: StaticKV) -> bool:
+        return (self.exact and self._stepwise(q) and static.k.device.type == "cpu"
+                and static.k.dtype == torch.float32 and static.glob_k.shape[1] == 0)
 
     def partial(self, q, scale: float):
         """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: a decode step through
@@ -251,8 +274,9 @@ class DocumentLayer(CacheLayerMixin):
     by core/attention.ra_attention."""
 
     def __init__(self, static: StaticKV, retriever: Retriever | None, policy, top_k: int, n_document: int,
-                 layer: int = 0, tally=None, trace: bool = False):
+                 layer: int = 0, tally=None, trace: bool = False, whole_step: bool = True):
         super().__init__()
+        self.whole_step = whole_step  # the `exact` kind's one-kernel step where it applies (off: the parts, merged)
         self.static, self.retriever, self.policy, self.top_k = static, retriever, policy, top_k
         self.trace = trace  # profiler ranges (see the module docstring)
         self.layer, self.tally = layer, tally  # tally: a core/citations.Tally (attention mass for sources), or None
@@ -286,12 +310,17 @@ class DocumentLayer(CacheLayerMixin):
         KVH = key.shape[1]
         # the attention math runs in fp32 whatever the model's dtype (cheap: few keys per query)
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
+        k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
+        exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
+        if exact and self.tally is None and self.whole_step and self.retriever.can_step_whole(q, self.static):
+            with span("ra.attend", self.trace):  # the parts below, in one kernel: the fast path
+                o, _ = self.retriever.whole_step(q, self.static, scale)
+            self.last = None
+            return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
         end = self.get_seq_length()
         pos = torch.arange(end - T, end, device=q.device)
         with span("ra.attend", self.trace):
             parts = [self.static.partial(q, key, value, scale)]
-        k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
-        exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
         if exact:
             with span("ra.attend", self.trace):
                 if self.tally is None:

@@ -60,3 +60,57 @@ def test_the_kernels_exp_is_within_a_few_ulp_of_the_exact_value():
     normal = x >= np.float32(-87.3)
     assert np.max(np.abs(got[normal] - want[normal]) / want[normal]) < 4e-7  # ~3 ulp
     assert got[-4] == 1.0 and np.all(got[~normal] == 0)
+
+
+@pytest.mark.parametrize("N,n_new,start", [(1, 1, 1), (SLICE, 5, 640), (SLICE + 1, SLICE + 3, 7), (2 * SLICE + 517, 1, 3)])
+def test_one_kernel_step_equals_the_reference(N, n_new, start):
+    """step_attention: the document's fp16 rows and the fp32 rows after it (at an offset in a
+    larger buffer, as StaticKV holds them) in one softmax, against the reference over the two
+    concatenated (widened by torch)."""
+    from core.attention_f16 import rows, step_attention
+
+    g = torch.Generator().manual_seed(N + n_new)
+    KVH, G, D = 3, 3, 64
+    k = (torch.randn(KVH, N, D, generator=g) * 3).half()
+    v = torch.randn(KVH, N, D, generator=g).half()
+    buf_k = torch.randn(KVH, start + n_new + 4, D, generator=g) * 3  # rows past start + n_new: not read
+    buf_v = torch.randn(KVH, start + n_new + 4, D, generator=g)
+    q = torch.randn(KVH, G, 1, D, generator=g)
+    o, lse = step_attention(q, rows(k.numpy()), rows(v.numpy()), (buf_k.numpy(), start), (buf_v.numpy(), start), n_new, 0.125)
+    k_all = torch.cat([k.float(), buf_k[:, start:start + n_new]], 1)[:, None]
+    v_all = torch.cat([v.float(), buf_v[:, start:start + n_new]], 1)[:, None]
+    want_o, want_lse = partial_attention(q, k_all, v_all, 0.125)
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_a_documents_exact_step_in_one_kernel_equals_its_parts_and_the_reference():
+    """DocumentLayer over the `exact` kind, laid out as the engine lays out a store: the layer's
+    whole fp16 K/V, rows a..b offloaded, the rest static (widened), then a question and a step.
+    The one-kernel step (whole_step, the default) and the parts merged (whole_step=False) both
+    equal the naive reference over every key in float64."""
+    from core.attention import reference_attention
+    from core.index import ExactLayerIndex
+    from core.layer import DocumentLayer, ExactPositions, Retriever, StaticKV
+
+    g = torch.Generator().manual_seed(5)
+    KVH, G, D, N, a, b, T = 3, 3, 64, 1500, 16, 1468, 4
+    k = (torch.randn(KVH, N, D, generator=g) * 3).half().numpy()
+    v = torch.randn(KVH, N, D, generator=g).half().numpy()
+    new_k, new_v = torch.randn(1, KVH, T + 1, D, generator=g), torch.randn(1, KVH, T + 1, D, generator=g)
+    q = torch.randn(1, KVH * G, 1, D, generator=g)
+    outs = []
+    for whole in (True, False):
+        static = StaticKV(torch.from_numpy(np.concatenate([k[:, :a], k[:, b:]], 1)).float()[None],
+                          torch.from_numpy(np.concatenate([v[:, :a], v[:, b:]], 1)).float()[None], N - (b - a) + T + 1)
+        retriever = Retriever(k, v, ExactLayerIndex(torch.from_numpy(k[:, a:b])), span=(a, b))
+        layer = DocumentLayer(static, retriever, ExactPositions(), 100, N, whole_step=whole)
+        layer.update(new_k[:, :, :T], new_v[:, :, :T])  # the question (several tokens: the parts)
+        key, value = layer.update(new_k[:, :, T:], new_v[:, :, T:])  # one answer token
+        outs.append(layer.attend(q, key, value, 0.125))
+        assert (retriever._doc is not None) == whole  # the one-kernel step ran only where asked
+    k_all = torch.cat([torch.from_numpy(k).double(), new_k[0].double()], 1)[:, None]
+    v_all = torch.cat([torch.from_numpy(v).double(), new_v[0].double()], 1)[:, None]
+    ref = reference_attention(q[0].double().reshape(KVH, G, 1, D), k_all, v_all, 0.125)  # every key visible
+    for out in outs:
+        torch.testing.assert_close(out[0].transpose(0, 1).reshape(KVH, G, 1, D).double(), ref, rtol=1e-5, atol=1e-5)
