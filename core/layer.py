@@ -152,6 +152,8 @@ class Retriever:
         return step_attention(q, *self._doc, *static.new_rows(), scale)
 
     def can_step_whole(self, q, static: StaticKV) -> bool:
+        """Whether `whole_step` serves this query (the caller checks that the static rows are the
+        store's rows as stored: ExactPositions, not a remapped document's re-rotated window)."""
         return (self.exact and self._stepwise(q) and static.k.device.type == "cpu"
                 and static.k.dtype == torch.float32 and static.glob_k.shape[1] == 0)
 
@@ -312,7 +314,8 @@ class DocumentLayer(CacheLayerMixin):
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
         exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
-        if exact and self.tally is None and self.whole_step and self.retriever.can_step_whole(q, self.static):
+        if (exact and self.tally is None and self.whole_step and isinstance(self.policy, ExactPositions)
+                and self.retriever.can_step_whole(q, self.static)):  # the static rows are the store's own
             with span("ra.attend", self.trace):  # the parts below, in one kernel: the fast path
                 o, _ = self.retriever.whole_step(q, self.static, scale)
             self.last = None
