@@ -290,10 +290,12 @@ def main() -> None:
     for n in sizes if args.row_out is not None else []:
         doc = make_entry(engine, base, n)
         row = {"tokens": n}
+        log(f"{n:>7,} tokens: timing full attention")
         row["full"] = time_decode(engine, doc, "full", "flat", args.steps)
         for ix in indexes:
             if (ix == "hnsw" and n > args.hnsw_max) or (ix == "graph" and args.graph_max and n > args.graph_max):
                 continue
+            log(f"{n:>7,} tokens: timing {ix}")
             row[ix] = time_decode(engine, doc, "retrieval", ix, args.steps)
         entry = engine.store.open(engine.key(doc))
         row["kv_bytes"] = (entry.path / "keys.npy").stat().st_size + (entry.path / "values.npy").stat().st_size

@@ -106,7 +106,7 @@ step index_recall_cluster_b python benchmarks/index_recall.py --work "$OUT/index
 step index_recall_cluster_c python benchmarks/index_recall.py --work "$OUT/index_recall_cluster" \
     --indexes graph,cluster --ef 175 --cluster-budgets 0.003:0.232,0.004:0.232,0.005:0.232
 step decode_scaling python benchmarks/decode_scaling.py --sizes 1024,4096,16384,32768,65536,131072 --steps 8 \
-    --hnsw-max 16384 --rss-min 16384 --prefill-rate 150 --work "$OUT/decode_scaling" \
+    --indexes exact,flat,cluster,graph --graph-max 32768 --rss-min 16384 --work "$OUT/decode_scaling" \
     --plot benchmarks/decode_scaling.png --json "$OUT/decode_scaling.json"
 
 # whole books past the embedded model's 8K window
@@ -131,6 +131,10 @@ E=(--configs ra:100,cluster:s=1000000:r=0:e=1:d=0,cluster:s=1000000:r=0:e=1:d=24
 step heldout_est_alice python benchmarks/long_context.py needle --book alice --lengths whole --depths 30,70 --seed 1 "${E[@]}"
 step heldout_est_sherlock python benchmarks/long_context.py needle --book sherlock --lengths 16000,32000 --depths 25,75 "${E[@]}"
 step past_cluster python benchmarks/long_context.py needle --book frankenstein --lengths 16000,32000 --depths 10,50,90 \
+    --configs ra:100,cluster:s=1000000:r=0:e=1,cluster --home "$OUT/long_home" --jsonl "$OUT/past_cluster.jsonl"
+step past_cluster_more python benchmarks/long_context.py needle --book frankenstein --lengths 64000,whole --depths 10,50,90 \
+    --configs ra:100,cluster:s=1000000:r=0:e=1,cluster --home "$OUT/long_home" --jsonl "$OUT/past_cluster.jsonl"
+step past_cluster_sherlock python benchmarks/long_context.py needle --book sherlock --lengths 64000 --depths 30,70 \
     --configs ra:100,cluster:s=1000000:r=0:e=1,cluster --home "$OUT/long_home" --jsonl "$OUT/past_cluster.jsonl"
 step long_graph python benchmarks/long_context.py needle --book alice --lengths whole --depths 10,50,90 \
     --configs ra:100 --index graph --home "$OUT/long_home" --jsonl "$OUT/long_graph.jsonl"

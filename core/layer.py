@@ -29,7 +29,7 @@ step would enter ~150 of them.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.profiler import record_function
@@ -287,7 +287,7 @@ class DocumentLayer(CacheLayerMixin):
         self.device = static.k.device
         self.keys, self.values = static.k[:, :, :static.n], static.v[:, :, :static.n]
         self.is_initialized = True
-        self.last: Selection | None = None  # the last step's selection (tests, citations)
+        self.last: Selection | None = None  # the last step's selection, values dropped (tests)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # built initialized
         pass
@@ -334,7 +334,10 @@ class DocumentLayer(CacheLayerMixin):
                     parts.append(part)
         else:
             sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy
-        self.last = sel
+        # kept for tests without its values: those are the big part ([KVH, G, T, K, D]: ~0.5 GiB a layer
+        # for a question over 128K keys with the clustered index's whole clusters), and 30 layers of them
+        # held until the next step ran a 24 GiB machine out of memory
+        self.last = None if sel is None else replace(sel, values=None)
         with span("ra.attend", self.trace):
             parts += self.policy.global_partials(q, pos, self.static, 0 if sel is None else sel.ids.shape[-1], scale)
             if sel is not None and not exact:
