@@ -40,6 +40,7 @@ step decode_profile python benchmarks/decode_profile.py
 step decode_profile_exact python benchmarks/decode_profile.py --index exact
 # the one-token steps on a bf16 copy of the weights (--step-dtype, issue 20): speed, then the serve ratio with it
 step step_dtype python benchmarks/step_dtype.py --runs 5
+step exact_step python benchmarks/exact_step.py
 step serve_ask_bf16 python benchmarks/serve_ask.py --step-dtype bfloat16
 step serve_ask_fp32 python benchmarks/serve_ask.py --step-dtype float32
 # host memory of converting a GGUF (issue 17): the embedded file, and its blocks repeated 8 times (878M parameters)

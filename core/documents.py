@@ -101,14 +101,14 @@ def load_document(source: str, stdin=None, include=(), exclude=(), max_file_byte
 def _from_bytes(data: bytes, name: str) -> Document:
     if data.startswith(b"%PDF-"):
         return _pdf(data, name)
-    if not data.strip():
-        raise DocumentError(f"{name} is empty")
     if b"\x00" in data[:8192]:
         raise DocumentError(f"{name} looks like a binary file, not text or PDF")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DocumentError(f"{name} is not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.strip():  # as text: Unicode whitespace (\x1c-\x1f too, which bytes.strip keeps), a lone BOM
+        raise DocumentError(f"{name} is empty")
     return Document(text=text.replace("\r\n", "\n"), name=name, kind="text")
 
 

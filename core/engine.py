@@ -475,10 +475,12 @@ class Engine:
 
     # ------------------------------------------------------------------ answering
 
-    def build_cache(self, prepared: Prepared, capacity: int = 0, tally=None):
+    def build_cache(self, prepared: Prepared, capacity: int = 0, tally=None, whole_step: bool = True):
         """A fresh transformers Cache for one question: DocumentLayers, or the whole KV for `full`.
         capacity: tokens that will follow the document (question + answer), preallocated.
-        tally: a core/citations.Tally every layer adds its attention mass to (retrieval only)."""
+        tally: a core/citations.Tally every layer adds its attention mass to (retrieval only).
+        whole_step: the `exact` kind's one-kernel decode step where it applies (False: its parts,
+        merged; benchmarks/exact_step.py compares the two)."""
         import torch
         from transformers.cache_utils import DynamicLayer
 
@@ -516,7 +518,8 @@ class Engine:
                 v = np.concatenate([e.values[layer, :, :a], e.values[layer, :, b:]], axis=1)
                 static = StaticKV(to_dev(k)[None], to_dev(v)[None], k.shape[1] + capacity)
             retriever = prepared.retrievers[layer] if prepared.retrievers else None
-            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens, layer, tally, s.trace))
+            layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens, layer, tally, s.trace,
+                                        whole_step))
         return RaCache(layers)
 
     def passages(self, prepared: Prepared):
