@@ -150,6 +150,20 @@ def rows(a: np.ndarray, start: int = 0, stop: int | None = None):
     return (a.view(np.uint16) if a.dtype == np.float16 else a), start
 
 
+def _slice_parts(KVH: int, S: int, M: int, D: int):
+    """(o_part [KVH, S, M, D], m_part [KVH, S, M], l_part [KVH, S, M]) for `_slices` / `_slices2` to fill."""
+    return np.empty((KVH, S, M, D), np.float32), np.empty((KVH, S, M), np.float32), np.empty((KVH, S, M), np.float32)
+
+
+def _merged(parts, G: int, T: int):
+    """The slices' partials merged by `_combine` -> (o [KVH, G, T, D], lse [KVH, G, T])."""
+    KVH, _, M, D = parts[0].shape
+    o = torch.empty(KVH, M, D)
+    lse = torch.empty(KVH, M)
+    call(_combine, *parts, o.numpy(), lse.numpy())
+    return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T)
+
+
 def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False, n: int | None = None):
     """q [KVH, G, T, D] (fp32, CPU) over n keys (default all) of k, v: arrays [KVH, N, D] (fp16 or
     fp32) or `rows` results (array, start) -> (o [KVH, G, T, D], lse [KVH, G, T]) as
@@ -162,15 +176,12 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     S = math.ceil(N / SLICE)
     M = G * T
     logits = torch.empty(KVH, M, N if keep_logits else 1)
-    o_part = np.empty((KVH, S, M, D), np.float32)
-    m_part = np.empty((KVH, S, M), np.float32)
-    l_part = np.empty((KVH, S, M), np.float32)
+    parts = _slice_parts(KVH, S, M, D)
     if S:
-        call(_slices, q.reshape(KVH, M, D).contiguous().numpy(), kb, ks, vb, vs, N, np.float32(scale), o_part, m_part, l_part, logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32))
-    o = torch.empty(KVH, M, D)
-    lse = torch.empty(KVH, M)
-    call(_combine, o_part, m_part, l_part, o.numpy(), lse.numpy())
-    return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T), (logits if keep_logits else None)
+        call(_slices, q.reshape(KVH, M, D).contiguous().numpy(), kb, ks, vb, vs, N, np.float32(scale), *parts,
+             logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32))
+    o, lse = _merged(parts, G, T)
+    return o, lse, (logits if keep_logits else None)
 
 
 def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float):
@@ -186,12 +197,7 @@ def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scal
     na = ka.shape[1]
     S = math.ceil(na / SLICE) + math.ceil(nb / SLICE)
     M = G * T
-    o_part = np.empty((KVH, S, M, D), np.float32)
-    m_part = np.empty((KVH, S, M), np.float32)
-    l_part = np.empty((KVH, S, M), np.float32)
+    parts = _slice_parts(KVH, S, M, D)
     call(_slices2, q.reshape(KVH, M, D).contiguous().numpy(), ka, va, na, kb, kb0, vb, vb0, nb, np.float32(scale),
-         o_part, m_part, l_part)
-    o = torch.empty(KVH, M, D)
-    lse = torch.empty(KVH, M)
-    call(_combine, o_part, m_part, l_part, o.numpy(), lse.numpy())
-    return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T)
+         *parts)
+    return _merged(parts, G, T)

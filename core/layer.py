@@ -143,8 +143,8 @@ class Retriever:
         """A decode step of the `exact` kind in one kernel (core/attention_f16.step_attention):
         q [KVH, G, 1, D] over every key of the document, read from the store (its static rows
         too: they are the same values), and the static zone's tokens after it -> (o, lse). Equals
-        merging `static.partial` with `partial` (tests/test_layer.py); only for one token's query
-        on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`."""
+        merging `static.partial` with `partial` (tests/test_attention_f16.py); only for one
+        token's query on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`."""
         from .attention_f16 import rows, step_attention
 
         if self._doc is None:
@@ -154,8 +154,7 @@ class Retriever:
     def can_step_whole(self, q, static: StaticKV) -> bool:
         """Whether `whole_step` serves this query (the caller checks that the static rows are the
         store's rows as stored: ExactPositions, not a remapped document's re-rotated window)."""
-        return (self.exact and self._stepwise(q) and static.k.device.type == "cpu"
-                and static.k.dtype == torch.float32 and static.glob_k.shape[1] == 0)
+        return self._stepwise(q) and static.k.device.type == "cpu" and static.k.dtype == torch.float32
 
     def partial(self, q, scale: float):
         """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: a decode step through
