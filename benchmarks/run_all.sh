@@ -106,6 +106,9 @@ step index_recall_cluster_b python benchmarks/index_recall.py --work "$OUT/index
     --indexes graph,cluster --ef 175 --cluster-budgets 0.018:0.232,0.018:1,0.005:0.232,0.005:1,0.01:0.232,0.1:1
 step index_recall_cluster_c python benchmarks/index_recall.py --work "$OUT/index_recall_cluster" \
     --indexes graph,cluster --ef 175 --cluster-budgets 0.003:0.232,0.004:0.232,0.005:0.232
+# the same after the build took numpy's argmax, its own capture (prefill) in the same run
+step index_recall_cluster_d python benchmarks/index_recall.py --work "$OUT/index_recall_cluster_d" \
+    --indexes graph,cluster --ef 175 --cluster-budgets 0.003:0.232,0.005:0.232,0.1:1
 step decode_scaling python benchmarks/decode_scaling.py --sizes 1024,4096,16384,32768,65536,131072 --steps 8 \
     --indexes exact,flat,cluster,graph --graph-max 32768 --rss-min 16384 --work "$OUT/decode_scaling" \
     --plot benchmarks/decode_scaling.png --json "$OUT/decode_scaling.json"
