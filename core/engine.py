@@ -173,6 +173,9 @@ class Engine:
                 self.notice("first answer with this model: finding its 4/8-bit weight blocks for the decode step "
                             "(kept for next time) and compiling ra's CPU kernels (once per install)")
             self._step_model, done, total = block_copy(self.model, kept)
+            from .fused import fuse_layers
+
+            fuse_layers(self._step_model)  # Llama layers over Q4 blocks: a one-token step as kernel calls
             if done < total:
                 self.notice(f"--step-dtype blocks: {done} of {total} linear layers are 4/8-bit blocks; "
                             "the others step in float32")

@@ -67,13 +67,17 @@ class StaticKV:
         self.glob_k = empty if glob_k is None else glob_k
         self.glob_v = empty if glob_v is None else glob_v
 
-    def append(self, k, v):
-        """k, v: [1, KVH, T, D] -> the filled rows [1, KVH, n, D] (views, no copy)."""
-        T = k.shape[-2]
+    def room(self, T: int) -> None:
+        """Make room for T more rows (doubling the buffers if an answer outgrew its capacity)."""
         if self.n + T > self.k.shape[-2]:
             grow = max(self.k.shape[-2], T)
             self.k = torch.cat([self.k, self.k.new_empty(*self.k.shape[:2], grow, self.k.shape[-1])], dim=-2)
             self.v = torch.cat([self.v, self.v.new_empty(*self.v.shape[:2], grow, self.v.shape[-1])], dim=-2)
+
+    def append(self, k, v):
+        """k, v: [1, KVH, T, D] -> the filled rows [1, KVH, n, D] (views, no copy)."""
+        T = k.shape[-2]
+        self.room(T)
         self.k[:, :, self.n:self.n + T] = k
         self.v[:, :, self.n:self.n + T] = v
         self.n += T
@@ -145,16 +149,22 @@ class Retriever:
         too: they are the same values), and the static zone's tokens after it -> (o, lse). Equals
         merging `static.partial` with `partial` (tests/test_attention_f16.py); only for one
         token's query on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`."""
-        from .attention_f16 import rows, step_attention
+        from .attention_f16 import step_attention
+
+        return step_attention(q, *self.document_rows(), *static.new_rows(), scale)
+
+    def document_rows(self):
+        """Every key and value of the document as core/attention_f16 reads them (made once)."""
+        from .attention_f16 import rows
 
         if self._doc is None:
             self._doc = rows(self.keys), rows(self.values)
-        return step_attention(q, *self._doc, *static.new_rows(), scale)
+        return self._doc
 
     def can_step_whole(self, q, static: StaticKV) -> bool:
-        """Whether `whole_step` serves this query (the caller checks that the static rows are the
-        store's rows as stored: ExactPositions, not a remapped document's re-rotated window)."""
-        return self._stepwise(q) and static.k.device.type == "cpu" and static.k.dtype == torch.float32
+        """Whether `whole_step` serves this query (the caller, DocumentLayer.fusable, checks the
+        rest: the static rows are the store's rows as stored, fp32 on the CPU)."""
+        return self._stepwise(q)
 
     def partial(self, q, scale: float):
         """q [KVH, G, T, D] -> (o, lse) over every offloaded key, exact: a decode step through
@@ -305,6 +315,30 @@ class DocumentLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.static.n + query_length, 0  # attend builds its own mask; keep the unused one small
 
+    def fusable(self) -> bool:
+        """Whether a one-token step over this layer may run in one kernel (`attend`'s fast path, and
+        core/fused.FusedStepLayer's whole layer): the `exact` kind at true positions (the static
+        rows are the store's own), no tally, fp16 store K/V, fp32 static rows on the CPU."""
+        r = self.retriever
+        return (self.whole_step and r is not None and r.exact and r.n > 0 and self.top_k > 0 and self.tally is None
+                and isinstance(self.policy, ExactPositions) and r.k.dtype == torch.float16
+                and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32)
+
+    def step_rows(self):
+        """For a one-token step that writes its own K/V (core/fused.py): room for them in the static
+        zone -> ((document K, V as core/attention_f16.rows gives them), (static K, V: fp32 numpy
+        [KVH, capacity, D]), the static zone's first row after the document, the row to write).
+        `stepped()` records the row once written."""
+        self.static.room(1)
+        st = self.static
+        return self.retriever.document_rows(), (st.k[0].numpy(), st.v[0].numpy()), st.n0, st.n
+
+    def stepped(self) -> None:
+        self.static.n += 1
+        self.n_new += 1
+        self.keys, self.values = self.static.k[:, :, :self.static.n], self.static.v[:, :, :self.static.n]
+        self.last = None
+
     def attend(self, query, key, value, scale: float):
         """query: [1, Hq, T, D]; key/value: the StaticKV rows returned by update -> [1, T, Hq, D]."""
         _, Hq, T, D = query.shape
@@ -313,8 +347,7 @@ class DocumentLayer(CacheLayerMixin):
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
         exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
-        if (exact and self.tally is None and self.whole_step and isinstance(self.policy, ExactPositions)
-                and self.retriever.can_step_whole(q, self.static)):  # the static rows are the store's own
+        if self.fusable() and self.retriever.can_step_whole(q, self.static):
             with span("ra.attend", self.trace):  # the parts below, in one kernel: the fast path
                 o, _ = self.retriever.whole_step(q, self.static, scale)
             self.last = None
