@@ -7,7 +7,7 @@ import torch
 from conftest import book_text
 
 from core.documents import Document
-from core.engine import AnswerStats, Engine, Settings
+from core.engine import Engine, Settings
 from core.fused import FusedStepLayer, _add_rmsnorm, _rmsnorm, _rope_rows, _silu_mul, fuse_layers
 from core.generation import forward
 from core.prompt import question_ids
