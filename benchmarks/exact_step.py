@@ -1,14 +1,17 @@
-"""The `exact` kind's decode step: one kernel per layer (the default) against its parts merged.
+"""The `exact` kind's decode step three ways: the whole layer in kernel calls (the default), the
+one-kernel attention inside transformers' layer, and the attention's parts merged.
 
     python benchmarks/exact_step.py [--chars 26000] [--tokens 32] [--rounds 3]
 
 One document (the start of Alice, ~7K tokens, the llama.cpp peer's), one question, the default
-settings (`exact`, the GGUF's block steps). Each round decodes the same answer twice from a fresh
-cache: once with the one-kernel step (core/attention_f16.step_attention: every document row read
-from the store and the tokens after it, one softmax per layer) and once with the parts it
+settings (`exact`, the GGUF's block steps). Each round decodes the same answer three times, each
+from a fresh cache: (1) fused: each Llama layer's one-token step as kernel calls on numpy arrays
+(core/fused.FusedStepLayer); (2) one kernel: transformers' layer, its attention one kernel per
+layer (core/attention_f16.step_attention: every document row read from the store and the tokens
+after it, one softmax); (3) parts: transformers' layer, the attention as the parts that kernel
 replaces (the static zone through PyTorch's fused kernel, every offloaded key through
-core/attention_f16, the two merged by core/attention.merge). Prints the median ms per answer
-token of each and their ratio per round, and whether the two answers are the same tokens.
+core/attention_f16, merged by core/attention.merge). Prints the median ms per answer token of
+each, the ratios, and whether the three answers are the same tokens.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ from core.generation import forward  # noqa: E402
 from core.prompt import question_ids  # noqa: E402
 
 
-def decode(engine, prepared, q: list[int], n: int, whole_step: bool):
+def decode(engine, prepared, q: list[int], n: int, whole_step: bool, fuse: bool):
     """-> (ms per answer step, median; the answer's token ids)."""
-    cache = engine.build_cache(prepared, capacity=len(q) + n + 1, whole_step=whole_step)
+    cache = engine.build_cache(prepared, capacity=len(q) + n + 1, whole_step=whole_step, fuse=fuse)
     step_model = engine.step_model(prepared.settings)
     pos = prepared.entry.n_tokens
     logits = forward(engine.model, cache, q, pos)
@@ -66,16 +69,20 @@ def main() -> None:
         q = question_ids(tok, QUESTION)
         rows = []
         for r in range(args.rounds):
-            one, ids_one = decode(engine, p, q, args.tokens, True)
-            parts, ids_parts = decode(engine, p, q, args.tokens, False)
-            rows.append((one, parts, ids_one == ids_parts))
-            print(f"round {r + 1}: one kernel {one:.1f} ms, parts {parts:.1f} ms", file=sys.stderr, flush=True)
+            fused, ids_fused = decode(engine, p, q, args.tokens, True, True)
+            one, ids_one = decode(engine, p, q, args.tokens, True, False)
+            parts, ids_parts = decode(engine, p, q, args.tokens, False, False)
+            rows.append((fused, one, parts, ids_fused == ids_one == ids_parts))
+            print(f"round {r + 1}: fused {fused:.1f} ms, one kernel {one:.1f} ms, parts {parts:.1f} ms",
+                  file=sys.stderr, flush=True)
     print(f"machine: {machine()}; document: {p.entry.n_tokens:,} tokens; {args.tokens} answer tokens; "
           f"median ms per answer step\n")
-    print("| round | one kernel (default) | parts merged | one / parts | same answer |")
-    print("|---:|---:|---:|---:|---|")
-    for i, (one, parts, same) in enumerate(rows, 1):
-        print(f"| {i} | {one:.1f} | {parts:.1f} | {one / parts:.2f}x | {'yes' if same else 'NO'} |")
+    print("| round | fused layer (default) | one-kernel attention | parts merged | fused / one kernel | one kernel / parts "
+          "| same answer |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for i, (fused, one, parts, same) in enumerate(rows, 1):
+        print(f"| {i} | {fused:.1f} | {one:.1f} | {parts:.1f} | {fused / one:.2f}x | {one / parts:.2f}x "
+              f"| {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -478,12 +478,14 @@ class Engine:
 
     # ------------------------------------------------------------------ answering
 
-    def build_cache(self, prepared: Prepared, capacity: int = 0, tally=None, whole_step: bool = True):
+    def build_cache(self, prepared: Prepared, capacity: int = 0, tally=None, whole_step: bool = True,
+                    fuse: bool = True):
         """A fresh transformers Cache for one question: DocumentLayers, or the whole KV for `full`.
         capacity: tokens that will follow the document (question + answer), preallocated.
         tally: a core/citations.Tally every layer adds its attention mass to (retrieval only).
         whole_step: the `exact` kind's one-kernel decode step where it applies (False: its parts,
-        merged; benchmarks/exact_step.py compares the two)."""
+        merged; benchmarks/exact_step.py compares the two). fuse: with it, the whole layer's step in
+        kernel calls where it applies (core/fused.py; False: transformers' layer around the step)."""
         import torch
         from transformers.cache_utils import DynamicLayer
 
@@ -522,7 +524,7 @@ class Engine:
                 static = StaticKV(to_dev(k)[None], to_dev(v)[None], k.shape[1] + capacity)
             retriever = prepared.retrievers[layer] if prepared.retrievers else None
             layers.append(DocumentLayer(static, retriever, policy, s.top_k, e.n_tokens, layer, tally, s.trace,
-                                        whole_step))
+                                        whole_step, fuse))
         return RaCache(layers)
 
     def passages(self, prepared: Prepared):

@@ -5,7 +5,7 @@ rotary, views, residuals, the attention interface), each a few microseconds: on 
 model at ~7K tokens that overhead was about a third of the step (BENCHMARKS.md, "The decode
 step"). `FusedStepLayer` replaces a decoder layer of the block-weight step copy (core/blocks.py)
 and, for the one case that dominates `ra ask` (one token, the `exact` kind over a document inside
-the window: core/layer.DocumentLayer.fusable), runs the same computation as a handful of kernel
+the window: core/layer.DocumentLayer.layer_fusable), runs the same computation as a handful of kernel
 calls on numpy arrays:
 
     h = rmsnorm(x) * w1                        _rmsnorm
@@ -140,7 +140,7 @@ class FusedStepLayer(torch.nn.Module):
                 and hidden_states.device.type == "cpu" and position_embeddings is not None):
             layers = getattr(cache, "layers", ())
             cl = layers[self.layer_idx] if self.layer_idx < len(layers) else None
-        if cl is None or not getattr(cl, "fusable", lambda: False)():
+        if cl is None or not getattr(cl, "layer_fusable", lambda: False)():
             return self.inner(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                               use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         return self._step(hidden_states, position_embeddings, cl)

@@ -285,9 +285,10 @@ class DocumentLayer(CacheLayerMixin):
     by core/attention.ra_attention."""
 
     def __init__(self, static: StaticKV, retriever: Retriever | None, policy, top_k: int, n_document: int,
-                 layer: int = 0, tally=None, trace: bool = False, whole_step: bool = True):
+                 layer: int = 0, tally=None, trace: bool = False, whole_step: bool = True, fuse: bool = True):
         super().__init__()
         self.whole_step = whole_step  # the `exact` kind's one-kernel step where it applies (off: the parts, merged)
+        self.fuse = fuse              # with it, the whole layer's step in kernel calls (core/fused.py) where it applies
         self.static, self.retriever, self.policy, self.top_k = static, retriever, policy, top_k
         self.trace = trace  # profiler ranges (see the module docstring)
         self.layer, self.tally = layer, tally  # tally: a core/citations.Tally (attention mass for sources), or None
@@ -323,6 +324,10 @@ class DocumentLayer(CacheLayerMixin):
         return (self.whole_step and r is not None and r.exact and r.n > 0 and self.top_k > 0 and self.tally is None
                 and isinstance(self.policy, ExactPositions) and r.k.dtype == torch.float16
                 and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32)
+
+    def layer_fusable(self) -> bool:
+        """Whether core/fused.FusedStepLayer may run a one-token step of its layer over this one."""
+        return self.fuse and self.fusable()
 
     def step_rows(self):
         """For a one-token step that writes its own K/V (core/fused.py): room for them in the static

@@ -8,10 +8,12 @@ from core.attention import partial_attention
 from core.attention_f16 import SLICE, attention_f16
 
 
-@pytest.mark.parametrize("N,G,T", [(1, 3, 1), (7, 3, 1), (SLICE, 4, 1), (SLICE + 1, 3, 2), (2 * SLICE + 517, 3, 1)])
-def test_fp16_attention_equals_the_reference(N, G, T):
+@pytest.mark.parametrize("N,G,T,D", [(1, 3, 1, 64), (7, 3, 1, 128), (SLICE, 4, 1, 64), (SLICE + 1, 3, 2, 48),
+                                     (2 * SLICE + 517, 3, 1, 128)])
+def test_fp16_attention_equals_the_reference(N, G, T, D):
+    """Head sizes 64 and 128 (compiled as constants) and 48 (any other size)."""
     g = torch.Generator().manual_seed(N)
-    KVH, D = 3, 64
+    KVH = 3
     k = (torch.randn(KVH, N, D, generator=g) * 3).half()
     v = torch.randn(KVH, N, D, generator=g).half()
     special = torch.tensor([0.0, -0.0, 6e-8, -6e-8, 3e-5, -1e-6, 65504.0 / 1e3, -2.0]).half()  # zeros, subnormals
@@ -62,15 +64,16 @@ def test_the_kernels_exp_is_within_a_few_ulp_of_the_exact_value():
     assert got[-4] == 1.0 and np.all(got[~normal] == 0)
 
 
-@pytest.mark.parametrize("N,n_new,start", [(1, 1, 1), (SLICE, 5, 640), (SLICE + 1, SLICE + 3, 7), (2 * SLICE + 517, 1, 3)])
-def test_one_kernel_step_equals_the_reference(N, n_new, start):
+@pytest.mark.parametrize("N,n_new,start,D", [(1, 1, 1, 64), (SLICE, 5, 640, 128), (SLICE + 1, SLICE + 3, 7, 64),
+                                             (2 * SLICE + 517, 1, 3, 80)])
+def test_one_kernel_step_equals_the_reference(N, n_new, start, D):
     """step_attention: the document's fp16 rows and the fp32 rows after it (at an offset in a
     larger buffer, as StaticKV holds them) in one softmax, against the reference over the two
     concatenated (widened by torch)."""
     from core.attention_f16 import rows, step_attention
 
     g = torch.Generator().manual_seed(N + n_new)
-    KVH, G, D = 3, 3, 64
+    KVH, G = 3, 3
     k = (torch.randn(KVH, N, D, generator=g) * 3).half()
     v = torch.randn(KVH, N, D, generator=g).half()
     buf_k = torch.randn(KVH, start + n_new + 4, D, generator=g) * 3  # rows past start + n_new: not read

@@ -50,10 +50,10 @@ def test_kernels_equal_transformers_modules(smol):
     torch.testing.assert_close(torch.from_numpy(a), torch.nn.functional.silu(gu[:100]) * gu[100:], rtol=1e-5, atol=1e-6)
 
 
-def _steps(engine, prepared, step_model, ids, n, whole, capacity):
+def _steps(engine, prepared, step_model, ids, n, whole, capacity, fuse=True):
     """The question through the model, then n greedy one-token steps through step_model ->
     (logits [n, V], the static zone's K rows after the steps of layer 5)."""
-    cache = engine.build_cache(prepared, capacity=capacity, whole_step=whole)
+    cache = engine.build_cache(prepared, capacity=capacity, whole_step=whole, fuse=fuse)
     pos = prepared.entry.n_tokens
     logits = forward(engine.model, cache, ids, pos)
     pos += len(ids)
@@ -68,9 +68,9 @@ def _steps(engine, prepared, step_model, ids, n, whole, capacity):
 
 def test_fused_step_equals_the_layers_parts(smol, tmp_path):
     """Eight steps fused (the default) and through transformers' layer with the attention's parts
-    merged (whole_step=False, which also turns the fusion off): the same logits within fp32
-    rounding, the same tokens, the same K rows kept; an answer longer than the cache's capacity
-    grows it on both paths."""
+    merged (whole_step=False, which also turns the fusion off), and through the layer with the
+    one-kernel attention (fuse=False): the same logits within fp32 rounding, the same tokens, the
+    same K rows kept; an answer longer than the cache's capacity grows it on every path."""
     model, tok, identity = smol
     s = Settings(sink=16, recent=32, max_tokens=8, index="exact", step_dtype="blocks")
     engine = Engine(tmp_path, s, loaded=(model, tok, identity))
@@ -88,6 +88,10 @@ def test_fused_step_equals_the_layers_parts(smol, tmp_path):
     assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
     assert ka.shape[1] == kb.shape[1] == len(ids) + 8
     torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+    c, kc = _steps(engine, prepared, step, ids, 8, True, capacity=len(ids) + 3, fuse=False)  # the layer, one-kernel attention
+    assert fused[0].fused_steps == before + 8
+    torch.testing.assert_close(a, c, rtol=0, atol=2e-4)
+    torch.testing.assert_close(ka, kc, rtol=1e-5, atol=1e-5)
 
 
 def test_fusion_leaves_every_other_case_to_the_layer(smol, tmp_path):
@@ -108,9 +112,9 @@ def test_fusion_leaves_every_other_case_to_the_layer(smol, tmp_path):
     forward(step, cache, [5], prepared.entry.n_tokens + len(ids))
     assert layer0.fused_steps == n + 1
     cache = engine.build_cache(prepared, capacity=len(ids) + 2, tally=engine.tally(prepared))
-    assert not cache.layers[0].fusable()
+    assert not cache.layers[0].layer_fusable()
     flat = engine.prepare(Document(text=book_text(2000), name="alice-part", kind="text"), s.but(index="flat"))
-    assert not engine.build_cache(flat, capacity=4).layers[0].fusable()
+    assert not engine.build_cache(flat, capacity=4).layers[0].layer_fusable()
 
 
 @pytest.mark.parametrize("arch", ["qwen2"])
