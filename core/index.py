@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UsageError
+from .settings import INDEXES
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
@@ -242,6 +243,7 @@ KINDS: dict[str, IndexKind] = {k.name: k for k in (
     # tripartite: retrieved + estimated clusters (core/cluster.py)
     IndexKind("cluster", _build_cluster, _open_cluster, options=("retrieve", "estimate", "scan_max")),
 )}
+assert tuple(KINDS) == INDEXES, "core/settings.INDEXES names the kinds (the CLI checks --index without numpy)"
 
 
 def kind(name: str) -> IndexKind:

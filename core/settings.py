@@ -18,6 +18,7 @@ DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 STEP_DTYPES = DTYPES + ("blocks",)  # blocks: core/blocks.py
 KV_DTYPES = ("float16", "float32")
 ATTENTIONS = ("retrieval", "full")
+INDEXES = ("flat", "exact", "hnsw", "graph", "cluster")  # core/index.py's KINDS, in its order (checked there)
 
 
 DECODE_ONLY = ("ordered", "estimate_distance")  # RemapScheme fields the stored KV does not depend on
@@ -110,8 +111,6 @@ class Settings:
 
     def check(self) -> "Settings":
         """Raise UsageError for a value no command could use; returns self."""
-        from .index import KINDS
-
         def one_of(name, value, allowed):
             if value not in allowed:
                 raise UsageError(f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
@@ -121,7 +120,7 @@ class Settings:
         one_of("dtype", self.dtype, DTYPES)
         one_of("step_dtype", self.step_dtype, STEP_DTYPES)
         one_of("attention", self.attention, ATTENTIONS)
-        one_of("index", self.index, ("auto",) + tuple(KINDS))
+        one_of("index", self.index, ("auto",) + INDEXES)
         one_of("kv_dtype", self.kv_dtype, KV_DTYPES)
         for name, low in (("top_k", 1), ("sink", 0), ("recent", 0), ("chunk_size", 16), ("max_tokens", 1), ("scan_max", 0)):
             if getattr(self, name) < low:

@@ -81,11 +81,12 @@ def test_openai_client_gets_ra_asks_answer_and_a_restart_needs_no_prefill(ra_hom
     try:
         again, info = chat(server.client, text, QUESTION, stream=False)
         assert info["cache_hit"] is True and again == answer and "open, no prefill" in server.text()
-        # `ra ask` finds the server through the data directory's socket: same record, no torch imported
+        # `ra ask` finds the server through the data directory's socket: same record, no torch (nor numpy) imported
         code = ("import sys\nfrom ra_cli.main import main\n"
                 f"sys.argv = ['ra', 'ask', '--json', '-n', '12', {str(book)!r}, {QUESTION!r}]\n"
                 "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-                "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+                "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+                "assert 'numpy' not in sys.modules, 'numpy imported'\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                            env=dict(os.environ, RA_HOME=str(ra_home)), timeout=120)
         assert r.returncode == 0, r.stderr
