@@ -93,7 +93,7 @@ def _task(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep):
         _slice(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep, D)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
     """Each slice of SLICE keys' partial (`_slice`), the KV heads' slices spread over the threads:
     n keys, rows k0.. of k and v0.. of v; slice s of head h into o_part[h, s] [M, D],
@@ -108,7 +108,7 @@ def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
         _task(q, h, k, k0, v, v0, a, min(a + SLICE, n), scale, o_part[h, s], m_part[h, s], l_part[h, s], logits, keep)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part):
     """`_slices` over two key sets at once: rows 0..na of ka, va (the document's fp16 rows) in
     the first slices of each head, rows kb0.. / vb0.. (nb of them) of kb, vb (the tokens after
@@ -127,7 +127,7 @@ def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part)
             _task(q, h, kb, kb0, vb, vb0, a, min(a + SLICE, nb), scale, o_part[h, s], m_part[h, s], l_part[h, s], none, False)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _combine(o_part, m_part, l_part, o, lse):
     """The slices' partials merged by the log-sum-exp rule (core/attention.merge's): o [KVH, M, D],
     lse [KVH, M]; no slice (no key) gives o = 0, lse = -inf."""

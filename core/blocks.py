@@ -83,7 +83,7 @@ def unpack4(p: np.ndarray) -> np.ndarray:
     return np.concatenate([b & 15, b >> 4], axis=2).reshape(N, 2 * H)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _gemv4(p, d, m, x, y):
     """y [N] = Q4 blocks (p [N, K/2] packed as pack4; d, m [N, K/32] fp16 bits) times x [K]. Four
     rows at a time (x read once for four rows); N a multiple of 4 (BlockLinear pads the rows)."""
@@ -120,7 +120,7 @@ def _gemv4(p, d, m, x, y):
         y[n], y[n + 1], y[n + 2], y[n + 3] = a0, a1, a2, a3
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _gemv8(q, d, x, y):
     """y [N] = Q8 blocks (q [N, K] int8, d [N, K/32] fp16 bits; no offsets) times x [K]; four rows
     at a time, N a multiple of 4."""

@@ -33,7 +33,7 @@ from .blocks import BlockLinear, _gemv4
 from .jit import call
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def _rmsnorm(x, w, eps, out):
     """out = x / sqrt(mean(x^2) + eps) * w (transformers' LlamaRMSNorm in fp32)."""
     s = np.float32(0.0)
@@ -44,7 +44,7 @@ def _rmsnorm(x, w, eps, out):
         out[i] = w[i] * (x[i] * r)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def _add_rmsnorm(x, t, w, eps, out):
     """x += t (the residual), then out = rmsnorm(x) * w."""
     for i in range(x.shape[0]):
@@ -52,7 +52,7 @@ def _add_rmsnorm(x, t, w, eps, out):
     _rmsnorm(x, w, eps, out)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def _rope_rows(qkv, cos, sin, n_q, n_kv, q_out, k_rows, v_rows, row):
     """qkv [(n_q + 2 n_kv) * D] (q, k, v heads in order) -> q_out [n_q, D] rotated; the rotated
     key and the value written to row `row` of k_rows, v_rows [n_kv, capacity, D]. Rotation as
@@ -74,7 +74,7 @@ def _rope_rows(qkv, cos, sin, n_q, n_kv, q_out, k_rows, v_rows, row):
             v_rows[h, row, d] = qkv[(n_q + n_kv + h) * D + d]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def _silu_mul(gu, n, out):
     """out [n] = silu(gu[:n]) * gu[n:2n] (the MLP's activation; silu(a) = a / (1 + exp(-a)))."""
     for i in range(n):

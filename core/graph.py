@@ -87,7 +87,7 @@ def spherical_kmeans(x: torch.Tensor, n: int, iters: int = 12, seed: int = 0):
     return c, (x @ c.T).argmax(dim=-1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _project(lists, n_keys, degree, hub_norm=False):
     """lists int32 [m, fan] (best first) -> neighbours int32 [n_keys, degree], -1 padded.
 
@@ -195,7 +195,7 @@ def key_graph(keys: np.ndarray, degree: int, tmp: Path, ef_construction: int = 6
         f.unlink()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _merge(a, b, degree):
     """Row-wise union of two neighbour tables (a first), deduplicated, -1 padded to degree."""
     n = a.shape[0]
@@ -358,7 +358,7 @@ def _dot_f32(q, row):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, ef, k, positional,
                 visited, mark, out_ids, out_scores):
     """Best-first search for one query q [D] over one head. Returns the number of vectors scored."""
@@ -453,7 +453,7 @@ def _search_one(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_
     return scanned
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _search_layer(q, keys, graph, cents, entries, coarse, bounds, coarse_probe, n_probe, ef, k, positional,
                   visited, epoch, out_ids, out_scores):
     """q float32 [KVH, M, D]; keys uint16 [KVH, N, D]; visited int32 [S, N] (S parallel slots).

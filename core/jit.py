@@ -8,6 +8,10 @@ vcvtph2ps, 16 at a time) where the kernel's loop vectorizes. numba has no float1
 numba's disk cache keys a kernel by its own file only: a change to them here must come with a
 change to those files (or a cleared cache, `NUMBA_CACHE_DIR`), or old kernels are loaded.
 
+The kernels are compiled with nogil: they touch no Python object, and releasing the GIL lets
+other threads run while one is inside a kernel (`ra serve` streams an answer from its HTTP threads
+while the model's thread steps; holding it, each streamed token waited for a kernel to return).
+
 Numba loads a kernel from its disk cache, or compiles it, at the kernel's first call in a process
 (per argument types), through LLVM callbacks that llvmlite makes with ctypes; an exception raised
 inside such a callback is printed ("Exception ignored on calling ctypes callback function") and
