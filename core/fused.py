@@ -4,21 +4,24 @@ A decode step through transformers' modules runs ~60 small torch operators per l
 rotary, views, residuals, the attention interface), each a few microseconds: on the embedded
 model at ~7K tokens that overhead was about a third of the step (BENCHMARKS.md, "The decode
 step"). `FusedStepLayer` replaces a decoder layer of the block-weight step copy (core/blocks.py)
-and, for the one case that dominates `ra ask` (one token, the `exact` kind over a document inside
-the window: core/layer.DocumentLayer.layer_fusable), runs the same computation as a handful of kernel
-calls on numpy arrays:
+and, for every one-token step over a document (a core/layer.DocumentLayer on the CPU:
+`layer_fusable`), runs the same computation as a handful of kernel calls on numpy arrays:
 
     h = rmsnorm(x) * w1                        _rmsnorm
     q, k, v = Wqkv h                           core/blocks._gemv4 (q, k and v rows stacked)
-    rotate q, k; k, v -> the static zone's row _rope_rows
-    o = attention(q; document + new tokens)    core/attention_f16.step_attention's kernels
+    rotate q, k                                _rope_rows
+    o = attention(q)                           the DocumentLayer's own: see below
     x += Wo o; h = rmsnorm(x) * w2             _gemv4, _add_rmsnorm
     x += Wdown (silu(Wgate h) * Wup h)         _gemv4 (gate and up stacked), _silu_mul, _gemv4
 
-Every other call (a question's tokens, other index kinds, a tally, a remapped document, weights
-that are not all Q4 blocks) goes to the wrapped transformers layer unchanged. The arithmetic is
-the same fp32 arithmetic as the layer's (sums in another order: results within ~1e-6 relative);
-tests/test_fused.py checks the step against the wrapped layer and the answers against it.
+The attention is the cache layer's: for the `exact` kind inside the window (`fusable`, the
+default there) the new token's K/V are written straight into the static zone's next row and
+core/attention_f16.step_attention attends the document and the tokens after it in one call; any
+other layer (another index kind, a tally for --sources, a remapped document) gets its own
+`update` and `attend`, as transformers' attention module would call them. A question's tokens,
+full attention and weights that are not all Q4 blocks go to the wrapped transformers layer. The
+arithmetic is the same fp32 arithmetic as the layer's (sums in another order: results within
+~1e-6 relative); tests/test_fused.py checks the steps against the wrapped layer's.
 
 Plugged in as BlockLinear is: a module of the step copy replaced through nn.Module's public API
 (`fuse_layers`); the model's own forward still runs the embedding, rotary, layers and head.
@@ -109,7 +112,7 @@ def fusable_layer(layer, config) -> bool:
 
 class FusedStepLayer(torch.nn.Module):
     """A Llama decoder layer (`inner`, kept and called for everything but the fused case) whose
-    one-token step over a fusable cache layer runs as kernel calls (see the module docstring)."""
+    one-token step over a document's cache layer runs as kernel calls (see the module docstring)."""
 
     def __init__(self, inner, config):
         super().__init__()
@@ -158,13 +161,22 @@ class FusedStepLayer(torch.nn.Module):
         qkv = np.empty(self.qkv[0].shape[0], np.float32)                 # q, k, v (and pad rows)
         run(_gemv4, *self.qkv[:3], h, qkv)
         q = np.empty((n_q, D), np.float32)
-        (doc_k, doc_v), (k_rows, v_rows), n0, row = cl.step_rows()       # room for this token's K/V
-        run(_rope_rows, qkv, cos, sin, n_q, n_kv, q, k_rows, v_rows, row)
-        o, _ = step_attention(torch.from_numpy(q).reshape(n_kv, n_q // n_kv, 1, D), doc_k, doc_v,
-                              (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale)  # o: [KVH, G, 1, D]
-        cl.stepped()
+        if cl.fusable():  # the `exact` kind: K/V written in place, one kernel over the document and after
+            (doc_k, doc_v), (k_rows, v_rows), n0, row = cl.step_rows()   # room for this token's K/V
+            run(_rope_rows, qkv, cos, sin, n_q, n_kv, q, k_rows, v_rows, row)
+            o, _ = step_attention(torch.from_numpy(q).reshape(n_kv, n_q // n_kv, 1, D), doc_k, doc_v,
+                                  (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale)  # o: [KVH, G, 1, D]
+            cl.stepped()
+            o = o.numpy().reshape(-1)                                     # heads in order: h = kv * G + g
+        else:             # the layer's own update and attend, as transformers' attention module calls them
+            kv = np.empty((2, n_kv, 1, D), np.float32)
+            run(_rope_rows, qkv, cos, sin, n_q, n_kv, q, kv[0], kv[1], 0)
+            k_new, v_new = torch.from_numpy(kv)[:, None]                  # [1, KVH, 1, D] each
+            keys, values = cl.update(k_new, v_new)
+            o = cl.attend(torch.from_numpy(q)[None, :, None], keys, values, self.scale)  # [1, 1, Hq, D]
+            o = o.float().contiguous().numpy().reshape(-1)
         t = np.empty(self.o[0].shape[0], np.float32)
-        run(_gemv4, *self.o[:3], o.numpy().reshape(-1), t)               # heads in order: h = kv * G + g
+        run(_gemv4, *self.o[:3], o, t)
         run(_add_rmsnorm, x, t, self.w2, self.eps2, h)
         gu = np.empty(self.gu[0].shape[0], np.float32)                   # gate, up
         run(_gemv4, *self.gu[:3], h, gu)

@@ -326,8 +326,10 @@ class DocumentLayer(CacheLayerMixin):
                 and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32)
 
     def layer_fusable(self) -> bool:
-        """Whether core/fused.FusedStepLayer may run a one-token step of its layer over this one."""
-        return self.fuse and self.fusable()
+        """Whether core/fused.FusedStepLayer may run a one-token step of its layer over this one
+        (with `fusable`, writing the K/V in place and attending in one kernel; else through
+        `update` and `attend`): fp32 static rows on the CPU."""
+        return self.fuse and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32
 
     def step_rows(self):
         """For a one-token step that writes its own K/V (core/fused.py): room for them in the static

@@ -50,10 +50,10 @@ def test_kernels_equal_transformers_modules(smol):
     torch.testing.assert_close(torch.from_numpy(a), torch.nn.functional.silu(gu[:100]) * gu[100:], rtol=1e-5, atol=1e-6)
 
 
-def _steps(engine, prepared, step_model, ids, n, whole, capacity, fuse=True):
+def _steps(engine, prepared, step_model, ids, n, whole, capacity, fuse=True, tally=None):
     """The question through the model, then n greedy one-token steps through step_model ->
     (logits [n, V], the static zone's K rows after the steps of layer 5)."""
-    cache = engine.build_cache(prepared, capacity=capacity, whole_step=whole, fuse=fuse)
+    cache = engine.build_cache(prepared, capacity=capacity, whole_step=whole, fuse=fuse, tally=tally)
     pos = prepared.entry.n_tokens
     logits = forward(engine.model, cache, ids, pos)
     pos += len(ids)
@@ -68,9 +68,9 @@ def _steps(engine, prepared, step_model, ids, n, whole, capacity, fuse=True):
 
 def test_fused_step_equals_the_layers_parts(smol, tmp_path):
     """Eight steps fused (the default) and through transformers' layer with the attention's parts
-    merged (whole_step=False, which also turns the fusion off), and through the layer with the
-    one-kernel attention (fuse=False): the same logits within fp32 rounding, the same tokens, the
-    same K rows kept; an answer longer than the cache's capacity grows it on every path."""
+    merged (whole_step=False, fuse=False), and through the layer with the one-kernel attention
+    (fuse=False): the same logits within fp32 rounding, the same tokens, the same K rows kept; an
+    answer longer than the cache's capacity grows it on every path."""
     model, tok, identity = smol
     s = Settings(sink=16, recent=32, max_tokens=8, index="exact", step_dtype="blocks")
     engine = Engine(tmp_path, s, loaded=(model, tok, identity))
@@ -82,8 +82,8 @@ def test_fused_step_equals_the_layers_parts(smol, tmp_path):
     before = fused[0].fused_steps
     a, ka = _steps(engine, prepared, step, ids, 8, True, capacity=len(ids) + 3)
     assert fused[0].fused_steps == before + 8 and fused[-1].fused_steps == fused[0].fused_steps
-    b, kb = _steps(engine, prepared, step, ids, 8, False, capacity=len(ids) + 3)
-    assert fused[0].fused_steps == before + 8  # the parts path never fused
+    b, kb = _steps(engine, prepared, step, ids, 8, False, capacity=len(ids) + 3, fuse=False)
+    assert fused[0].fused_steps == before + 8  # transformers' layer, the attention's parts
     torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
     assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
     assert ka.shape[1] == kb.shape[1] == len(ids) + 8
@@ -94,27 +94,35 @@ def test_fused_step_equals_the_layers_parts(smol, tmp_path):
     torch.testing.assert_close(ka, kc, rtol=1e-5, atol=1e-5)
 
 
-def test_fusion_leaves_every_other_case_to_the_layer(smol, tmp_path):
-    """A question's several tokens, a tally (citations) and another index kind run transformers'
-    layer; a model that is not Q4 blocks has nothing fused."""
+def test_other_layers_step_through_their_own_update_and_attend(smol, tmp_path):
+    """Flat top-k retrieval and a tally (--sources) are fused too, through the cache layer's own
+    update and attend: the same logits, tokens and attention mass as transformers' layer around
+    them (fuse=False). A question's several tokens run transformers' layer; a model whose linear
+    layers are not blocks has nothing fused."""
     model, tok, identity = smol
     assert fuse_layers(model) == 0  # fp32 linear layers: not blocks
-    s = Settings(sink=16, recent=32, max_tokens=4, index="exact", step_dtype="blocks")
+    s = Settings(sink=16, recent=32, max_tokens=6, index="flat", top_k=20, step_dtype="blocks")
     engine = Engine(tmp_path, s, loaded=(model, tok, identity))
-    prepared = engine.prepare(Document(text=book_text(2000), name="alice-part", kind="text"))
+    doc = Document(text=book_text(2000), name="alice-part", kind="text")
     step = engine.step_model(s)
     layer0 = step.model.layers[0]
     ids = question_ids(tok, QUESTION)
-    n = layer0.fused_steps
+    for prepared in (engine.prepare(doc), engine.prepare(doc, s.but(index="exact"))):
+        ta, tb = engine.tally(prepared), engine.tally(prepared)
+        n = layer0.fused_steps
+        a, ka = _steps(engine, prepared, step, ids, 6, True, capacity=len(ids) + 6, tally=ta)
+        assert layer0.fused_steps == n + 6
+        b, kb = _steps(engine, prepared, step, ids, 6, True, capacity=len(ids) + 6, fuse=False, tally=tb)
+        assert layer0.fused_steps == n + 6
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+        assert ta.mass.sum() > 0
+        torch.testing.assert_close(ta.mass, tb.mass, rtol=1e-4, atol=1e-6)
     cache = engine.build_cache(prepared, capacity=len(ids) + 2)
-    forward(step, cache, ids, prepared.entry.n_tokens)  # several tokens at once
+    n = layer0.fused_steps
+    forward(step, cache, ids, prepared.entry.n_tokens)  # several tokens at once: transformers' layer
     assert layer0.fused_steps == n
-    forward(step, cache, [5], prepared.entry.n_tokens + len(ids))
-    assert layer0.fused_steps == n + 1
-    cache = engine.build_cache(prepared, capacity=len(ids) + 2, tally=engine.tally(prepared))
-    assert not cache.layers[0].layer_fusable()
-    flat = engine.prepare(Document(text=book_text(2000), name="alice-part", kind="text"), s.but(index="flat"))
-    assert not engine.build_cache(flat, capacity=4).layers[0].layer_fusable()
 
 
 @pytest.mark.parametrize("arch", ["qwen2"])
