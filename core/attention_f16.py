@@ -109,19 +109,21 @@ def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part):
+def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part, logits):
     """`_slices` over two key sets at once: rows 0..na of ka, va (the document's fp16 rows) in
     the first slices of each head, rows kb0.. / vb0.. (nb of them) of kb, vb (the tokens after
-    it, fp32) in the rest."""
+    it, fp32) in the rest. `logits` [KVH, M, na] gets the document rows' unscaled q.k when it is
+    na wide (a tally wants them), else it is a [1, 1, 1] placeholder."""
     KVH = q.shape[0]
     S = o_part.shape[1]
     Sa = (na + SLICE - 1) // SLICE
+    keep = logits.shape[2] == na
     none = np.empty((1, 1, 1), np.float32)
     for task in prange(KVH * S):
         h, s = task // S, task % S
         if s < Sa:
             a = s * SLICE
-            _task(q, h, ka, 0, va, 0, a, min(a + SLICE, na), scale, o_part[h, s], m_part[h, s], l_part[h, s], none, False)
+            _task(q, h, ka, 0, va, 0, a, min(a + SLICE, na), scale, o_part[h, s], m_part[h, s], l_part[h, s], logits, keep)
         else:
             a = (s - Sa) * SLICE
             _task(q, h, kb, kb0, vb, vb0, a, min(a + SLICE, nb), scale, o_part[h, s], m_part[h, s], l_part[h, s], none, False)
@@ -198,13 +200,15 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     return o, lse, (logits if keep_logits else None)
 
 
-def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float):
+def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float, keep_logits: bool = False):
     """One decode step of the `exact` kind in one kernel: q [KVH, G, 1, D] (fp32, CPU) over every
     key of the document, read as stored (doc_k, doc_v: `rows` results (fp16 bits [KVH, N, D], 0)),
     and the n_new tokens after it (new_k, new_v: (fp32 [KVH, >= start + n_new, D], start)) ->
-    (o [KVH, G, 1, D], lse [KVH, G, 1]). The same softmax as `attention_f16` over the document
-    merged with a partial over the new tokens (core/layer: the static zone's partial, the
-    offloaded keys' partial and core/attention.merge), in one pass and one call per layer."""
+    (o [KVH, G, 1, D], lse [KVH, G, 1]), and with keep_logits the unscaled logits of every
+    document row, in document order, [KVH, G, N] (a tally's). The same softmax as `attention_f16`
+    over the document merged with a partial over the new tokens (core/layer: the static zone's
+    partial, the offloaded keys' partial and core/attention.merge), in one pass and one call per
+    layer."""
     KVH, G, T, D = q.shape
     (ka, _), (va, _) = doc_k, doc_v
     (kb, kb0), (vb, vb0), nb = new_k, new_v, n_new
@@ -212,6 +216,8 @@ def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scal
     S = math.ceil(na / SLICE) + math.ceil(nb / SLICE)
     M = G * T
     parts = _slice_parts(KVH, S, M, D)
+    logits = torch.empty(KVH, M, na if keep_logits else 1)
     call(_slices2, q.reshape(KVH, M, D).contiguous().numpy(), ka, va, na, kb, kb0, vb, vb0, nb, np.float32(scale),
-         *parts)
-    return _merged(parts, G, T)
+         *parts, logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32))
+    o, lse = _merged(parts, G, T)
+    return (o, lse, logits.reshape(KVH, G, na)) if keep_logits else (o, lse)

@@ -274,6 +274,17 @@ class Tally:
         self.scale = scale
         self._open = True
 
+    def record_document(self, layer: int, q, lse, logits, scale: float) -> None:
+        """`record` for a decode step whose attention kept the logits of every document token in
+        document order (core/attention_f16.step_attention): q [KVH, G, 1, D], lse [KVH, G, 1] of
+        the whole softmax, logits [KVH, G, n] unscaled."""
+        if layer == 0:
+            self._flush()
+            self.steps += 1
+        self._rows.append((q[:, :, -1], lse[:, :, -1].float(), "document", logits))
+        self.scale = scale
+        self._open = True
+
     @staticmethod
     def _row(row: int, q, lse, sel):
         """What one layer's query row adds, kept until the step ends: (q [KVH, G, D], lse [KVH, G],
@@ -295,6 +306,14 @@ class Tally:
         import torch
 
         L = len(rows)
+        if isinstance(rows[0][2], str):  # record_document: every document token's logit, in order
+            lse = torch.stack([r[1] for r in rows])[..., None]                    # [L, KVH, G, 1]
+            p = torch.exp(torch.stack([r[3] for r in rows]) * self.scale - lse)   # [L, KVH, G, n]
+            p = p.reshape(L, -1, p.shape[-1])
+            out[:L].index_add_(2, self.units, p)
+            if tokens:
+                self.tokens[:p.shape[-1]] += p.double().sum((0, 1))
+            return
         if self._keys is None:  # every layer has been recorded once: stack their keys, once
             self._keys, self._kdoc = torch.stack(self._kdoc), None                # [L, KVH, D, S]
         q = torch.stack([r[0] for r in rows])                                     # [L, KVH, G, D]

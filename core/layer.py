@@ -143,7 +143,7 @@ class Retriever:
             self._rows = rows(self.keys, *self.span), rows(self.values, *self.span)
         return attention_f16(q, *self._rows, scale, keep_logits, n=self.n)
 
-    def whole_step(self, q, static: StaticKV, scale: float):
+    def whole_step(self, q, static: StaticKV, scale: float, keep_logits: bool = False):
         """A decode step of the `exact` kind in one kernel (core/attention_f16.step_attention):
         q [KVH, G, 1, D] over every key of the document, read from the store (its static rows
         too: they are the same values), and the static zone's tokens after it -> (o, lse). Equals
@@ -151,7 +151,7 @@ class Retriever:
         token's query on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`."""
         from .attention_f16 import step_attention
 
-        return step_attention(q, *self.document_rows(), *static.new_rows(), scale)
+        return step_attention(q, *self.document_rows(), *static.new_rows(), scale, keep_logits)
 
     def document_rows(self):
         """Every key and value of the document as core/attention_f16 reads them (made once)."""
@@ -316,14 +316,19 @@ class DocumentLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.static.n + query_length, 0  # attend builds its own mask; keep the unused one small
 
-    def fusable(self) -> bool:
-        """Whether a one-token step over this layer may run in one kernel (`attend`'s fast path, and
-        core/fused.FusedStepLayer's whole layer): the `exact` kind at true positions (the static
-        rows are the store's own), no tally, fp16 store K/V, fp32 static rows on the CPU."""
+    def one_kernel(self) -> bool:
+        """Whether a one-token step's attention over this layer may run in one kernel (`attend`'s
+        fast path): the `exact` kind at true positions (the static rows are the store's own),
+        fp16 store K/V, fp32 static rows on the CPU."""
         r = self.retriever
-        return (self.whole_step and r is not None and r.exact and r.n > 0 and self.top_k > 0 and self.tally is None
+        return (self.whole_step and r is not None and r.exact and r.n > 0 and self.top_k > 0
                 and isinstance(self.policy, ExactPositions) and r.k.dtype == torch.float16
                 and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32)
+
+    def fusable(self) -> bool:
+        """`one_kernel` with nothing else to do (no tally): core/fused.FusedStepLayer writes the new
+        token's K/V in place and calls the kernel itself."""
+        return self.tally is None and self.one_kernel()
 
     def layer_fusable(self) -> bool:
         """Whether core/fused.FusedStepLayer may run a one-token step of its layer over this one
@@ -354,9 +359,13 @@ class DocumentLayer(CacheLayerMixin):
         q = query[0].float().reshape(KVH, Hq // KVH, T, D)  # query head h uses KV head h // G
         k = min(self.top_k, self.retriever.n) if self.retriever is not None else 0
         exact = k > 0 and self.retriever.exact  # the `exact` kind: every offloaded key, nothing selected
-        if self.fusable() and self.retriever.can_step_whole(q, self.static):
+        if self.one_kernel() and self.retriever.can_step_whole(q, self.static):
             with span("ra.attend", self.trace):  # the parts below, in one kernel: the fast path
-                o, _ = self.retriever.whole_step(q, self.static, scale)
+                if self.tally is None:
+                    o, _ = self.retriever.whole_step(q, self.static, scale)
+                else:  # the tally reads every document key's logit: kept by the kernel
+                    o, lse, logits = self.retriever.whole_step(q, self.static, scale, keep_logits=True)
+                    self.tally.record_document(self.layer, q, lse, logits, scale)
             self.last = None
             return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
         end = self.get_seq_length()

@@ -96,9 +96,11 @@ def test_fused_step_equals_the_layers_parts(smol, tmp_path):
 
 def test_other_layers_step_through_their_own_update_and_attend(smol, tmp_path):
     """Flat top-k retrieval and a tally (--sources) are fused too, through the cache layer's own
-    update and attend: the same logits, tokens and attention mass as transformers' layer around
-    them (fuse=False). A question's several tokens run transformers' layer; a model whose linear
-    layers are not blocks has nothing fused."""
+    update and attend (over `exact` with a tally: the one kernel keeping every document key's
+    logit, Tally.record_document): the same logits, tokens and attention mass as transformers'
+    layer around the attention's parts (fuse=False, whole_step=False: Tally.record over the static
+    rows and the offloaded keys). A question's several tokens run transformers' layer; a model
+    whose linear layers are not blocks has nothing fused."""
     model, tok, identity = smol
     assert fuse_layers(model) == 0  # fp32 linear layers: not blocks
     s = Settings(sink=16, recent=32, max_tokens=6, index="flat", top_k=20, step_dtype="blocks")
@@ -112,7 +114,7 @@ def test_other_layers_step_through_their_own_update_and_attend(smol, tmp_path):
         n = layer0.fused_steps
         a, ka = _steps(engine, prepared, step, ids, 6, True, capacity=len(ids) + 6, tally=ta)
         assert layer0.fused_steps == n + 6
-        b, kb = _steps(engine, prepared, step, ids, 6, True, capacity=len(ids) + 6, fuse=False, tally=tb)
+        b, kb = _steps(engine, prepared, step, ids, 6, False, capacity=len(ids) + 6, fuse=False, tally=tb)
         assert layer0.fused_steps == n + 6
         torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
