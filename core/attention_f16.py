@@ -154,6 +154,33 @@ def _combine(o_part, m_part, l_part, o, lse):
             lse[h, r] = mx + np.log(total)
 
 
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _shares(logits, lse, scale, units, out, tokens):
+    """Each key's share of its query row's softmax, p = exp(scale * logit - lse), added to
+    out[l, r, units[i]] and tokens[l, i]: logits [L, R, n] unscaled, lse [L, R], units [n] int64
+    in [0, out.shape[2]); out [L, R, U] and tokens [L, n] fp32, added to. Layers over the threads."""
+    L, R, n = logits.shape
+    for l in prange(L):
+        for r in range(R):
+            m = lse[l, r]
+            for i in range(n):
+                p = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
+                out[l, r, units[i]] += p
+                tokens[l, i] += p
+
+
+def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, units: np.ndarray, out: torch.Tensor):
+    """A tally's step over every document key (core/citations.Tally): logits [L, R, n] (fp32,
+    unscaled), lse [L, R] of each row's whole softmax -> the shares exp(scale * logit - lse) added
+    to out [L, R, U] (fp32, in place) by units [n] (each key's passage); returns each key's shares
+    summed over layers and rows [n] (fp64). One pass, no [L, R, n] temporary."""
+    L, R, n = logits.shape
+    tokens = np.zeros((L, n), np.float32)
+    call(_shares, logits.contiguous().numpy(), lse.float().contiguous().numpy(), np.float32(scale), units,
+         out.numpy(), tokens)
+    return torch.from_numpy(tokens.sum(0, dtype=np.float64))
+
+
 def rows(a: np.ndarray, start: int = 0, stop: int | None = None):
     """K or V [KVH, N, D] (rows start..stop of it) as the kernels read them: (an array [KVH, >= stop,
     D], C-contiguous: fp16 as its uint16 bits, fp32 as it is; start). A view where `a` is

@@ -307,12 +307,14 @@ class Tally:
 
         L = len(rows)
         if isinstance(rows[0][2], str):  # record_document: every document token's logit, in order
-            lse = torch.stack([r[1] for r in rows])[..., None]                    # [L, KVH, G, 1]
-            p = torch.exp(torch.stack([r[3] for r in rows]) * self.scale - lse)   # [L, KVH, G, n]
-            p = p.reshape(L, -1, p.shape[-1])
-            out[:L].index_add_(2, self.units, p)
+            from .attention_f16 import scatter_shares  # numba: imported where it is used
+
+            logits = torch.stack([r[3] for r in rows])                            # [L, KVH, G, n]
+            lse = torch.stack([r[1] for r in rows]).reshape(L, -1)                # [L, Hq]
+            per_token = scatter_shares(logits.reshape(L, -1, logits.shape[-1]), lse, self.scale,
+                                       self.units.numpy(), out[:L])
             if tokens:
-                self.tokens[:p.shape[-1]] += p.double().sum((0, 1))
+                self.tokens[:len(per_token)] += per_token
             return
         if self._keys is None:  # every layer has been recorded once: stack their keys, once
             self._keys, self._kdoc = torch.stack(self._kdoc), None                # [L, KVH, D, S]

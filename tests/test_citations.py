@@ -365,3 +365,21 @@ def test_sources_options_are_checked(ra_home):
     assert r.returncode == 2 and "--sources" in r.stderr and "Traceback" not in r.stderr
     r = _ra(["ask", str(SAMPLES / "alice-ch1-2.txt"), "Who?", "--sources", "--attention", "full"], ra_home)
     assert r.returncode == 2 and "retrieval attention" in r.stderr
+
+
+def test_scatter_shares_equals_the_plain_computation():
+    """core/attention_f16.scatter_shares (the tally's step over every document key, numba) against
+    exp and index_add in torch (float64)."""
+    from core.attention_f16 import scatter_shares
+
+    g = torch.Generator().manual_seed(3)
+    L, R, n, U = 4, 9, 1037, 12
+    logits = torch.randn(L, R, n, generator=g) * 4
+    lse = torch.logsumexp(logits.double() * 0.125, -1).float() + 0.3  # the whole softmax holds other keys too
+    units = torch.sort(torch.randint(0, U, (n,), generator=g)).values
+    out = torch.rand(L, R, U, generator=g)
+    want_p = torch.exp(logits.double() * 0.125 - lse.double()[..., None])
+    want = out.double().index_add(2, units, want_p)
+    got_tokens = scatter_shares(logits, lse, 0.125, units.numpy(), out)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_tokens, want_p.sum((0, 1)), rtol=1e-5, atol=1e-7)
