@@ -161,12 +161,14 @@ def _shares(logits, lse, scale, units, out, tokens):
     in [0, out.shape[2]); out [L, R, U] and tokens [L, n] fp32, added to. Layers over the threads."""
     L, R, n = logits.shape
     for l in prange(L):
+        p = np.empty(n, np.float32)
         for r in range(R):
             m = lse[l, r]
-            for i in range(n):
-                p = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
-                out[l, r, units[i]] += p
-                tokens[l, i] += p
+            for i in range(n):  # vectorizes
+                p[i] = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
+                tokens[l, i] += p[i]
+            for i in range(n):  # a scatter: one add per key
+                out[l, r, units[i]] += p[i]
 
 
 def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, units: np.ndarray, out: torch.Tensor):
@@ -227,12 +229,13 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     return o, lse, (logits if keep_logits else None)
 
 
-def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float, keep_logits: bool = False):
+def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float, keep_logits=None):
     """One decode step of the `exact` kind in one kernel: q [KVH, G, 1, D] (fp32, CPU) over every
     key of the document, read as stored (doc_k, doc_v: `rows` results (fp16 bits [KVH, N, D], 0)),
     and the n_new tokens after it (new_k, new_v: (fp32 [KVH, >= start + n_new, D], start)) ->
-    (o [KVH, G, 1, D], lse [KVH, G, 1]), and with keep_logits the unscaled logits of every
-    document row, in document order, [KVH, G, N] (a tally's). The same softmax as `attention_f16`
+    (o [KVH, G, 1, D], lse [KVH, G, 1]); keep_logits: a tally's buffer [KVH, G, N] (fp32,
+    C-contiguous) that gets the unscaled logits of every document row, in document order, returned
+    as the third value (True: a new one). The same softmax as `attention_f16`
     over the document merged with a partial over the new tokens (core/layer: the static zone's
     partial, the offloaded keys' partial and core/attention.merge), in one pass and one call per
     layer."""
@@ -243,8 +246,11 @@ def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scal
     S = math.ceil(na / SLICE) + math.ceil(nb / SLICE)
     M = G * T
     parts = _slice_parts(KVH, S, M, D)
-    logits = torch.empty(KVH, M, na if keep_logits else 1)
+    keep = keep_logits is not None and keep_logits is not False
+    logits = (torch.empty(KVH, G, na) if keep_logits is True else keep_logits) if keep else None
+    if keep and tuple(logits.shape) != (KVH, G, na):
+        raise ValueError(f"logits buffer {tuple(logits.shape)}, not {(KVH, G, na)}")
     call(_slices2, q.reshape(KVH, M, D).contiguous().numpy(), ka, va, na, kb, kb0, vb, vb0, nb, np.float32(scale),
-         *parts, logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32))
+         *parts, logits.numpy().reshape(KVH, M, na) if keep else np.empty((1, 1, 1), np.float32))
     o, lse = _merged(parts, G, T)
-    return (o, lse, logits.reshape(KVH, G, na)) if keep_logits else (o, lse)
+    return (o, lse, logits) if keep else (o, lse)

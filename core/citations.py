@@ -250,6 +250,7 @@ class Tally:
         self._open = False
         self._rows, self._start_rows = [], []  # the step's query rows per layer (see _row)
         self._kdoc, self._keys, self.scale = [], None, 1.0  # the static document keys: per layer [KVH, D, S], then stacked
+        self._doc_logits = None  # document_logits' buffer [L, Hq, n], made at its first use
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -274,14 +275,26 @@ class Tally:
         self.scale = scale
         self._open = True
 
-    def record_document(self, layer: int, q, lse, logits, scale: float) -> None:
-        """`record` for a decode step whose attention kept the logits of every document token in
-        document order (core/attention_f16.step_attention): q [KVH, G, 1, D], lse [KVH, G, 1] of
-        the whole softmax, logits [KVH, G, n] unscaled."""
+    def document_logits(self, layer: int, kv_heads: int):
+        """Layer `layer`'s rows of the buffer a decode step's attention writes every document
+        token's unscaled logit into, in document order ([KVH, G, n] fp32, a view; record_document
+        reads it)."""
+        import torch
+
+        if layer == 0:  # a new step: the last one is added up before its logits are overwritten
+            self._flush()
+        if self._doc_logits is None:
+            self._doc_logits = torch.empty(self.mass.shape[0], self.mass.shape[1], self.n)  # [L, Hq, n]
+        return self._doc_logits[layer].view(kv_heads, -1, self.n)
+
+    def record_document(self, layer: int, q, lse, scale: float) -> None:
+        """`record` for a decode step whose attention wrote the logits of every document token in
+        document order into `document_logits(layer)` (core/attention_f16.step_attention): q
+        [KVH, G, 1, D], lse [KVH, G, 1] of the whole softmax."""
         if layer == 0:
             self._flush()
             self.steps += 1
-        self._rows.append((q[:, :, -1], lse[:, :, -1].float(), "document", logits))
+        self._rows.append((q[:, :, -1], lse[:, :, -1].float(), "document", layer))
         self.scale = scale
         self._open = True
 
@@ -309,10 +322,9 @@ class Tally:
         if isinstance(rows[0][2], str):  # record_document: every document token's logit, in order
             from .attention_f16 import scatter_shares  # numba: imported where it is used
 
-            logits = torch.stack([r[3] for r in rows])                            # [L, KVH, G, n]
+            assert [r[3] for r in rows] == list(range(L))                         # layers 0..L-1, in order
             lse = torch.stack([r[1] for r in rows]).reshape(L, -1)                # [L, Hq]
-            per_token = scatter_shares(logits.reshape(L, -1, logits.shape[-1]), lse, self.scale,
-                                       self.units.numpy(), out[:L])
+            per_token = scatter_shares(self._doc_logits[:L], lse, self.scale, self.units.numpy(), out[:L])
             if tokens:
                 self.tokens[:len(per_token)] += per_token
             return

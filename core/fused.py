@@ -16,9 +16,10 @@ and, for every one-token step over a document (a core/layer.DocumentLayer on the
 
 The attention is the cache layer's: for the `exact` kind inside the window (`fusable`, the
 default there) the new token's K/V are written straight into the static zone's next row and
-core/attention_f16.step_attention attends the document and the tokens after it in one call; any
-other layer (another index kind, a tally for --sources, a remapped document) gets its own
-`update` and `attend`, as transformers' attention module would call them. A question's tokens,
+core/attention_f16.step_attention attends the document and the tokens after it in one call
+(keeping every document key's logit in a tally's buffer for --sources); any other layer (another
+index kind, a remapped document) gets its own `update` and `attend`, as transformers' attention
+module would call them. A question's tokens,
 full attention and weights that are not all Q4 blocks go to the wrapped transformers layer. The
 arithmetic is the same fp32 arithmetic as the layer's (sums in another order: results within
 ~1e-6 relative); tests/test_fused.py checks the steps against the wrapped layer's.
@@ -164,9 +165,10 @@ class FusedStepLayer(torch.nn.Module):
         if cl.fusable():  # the `exact` kind: K/V written in place, one kernel over the document and after
             (doc_k, doc_v), (k_rows, v_rows), n0, row = cl.step_rows()   # room for this token's K/V
             run(_rope_rows, qkv, cos, sin, n_q, n_kv, q, k_rows, v_rows, row)
-            o, _ = step_attention(torch.from_numpy(q).reshape(n_kv, n_q // n_kv, 1, D), doc_k, doc_v,
-                                  (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale)  # o: [KVH, G, 1, D]
-            cl.stepped()
+            qt = torch.from_numpy(q).reshape(n_kv, n_q // n_kv, 1, D)
+            o, lse, *_ = step_attention(qt, doc_k, doc_v, (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale,
+                                        cl.tally_logits())               # o: [KVH, G, 1, D]
+            cl.stepped(qt, lse, self.scale)
             o = o.numpy().reshape(-1)                                     # heads in order: h = kv * G + g
         else:             # the layer's own update and attend, as transformers' attention module calls them
             kv = np.empty((2, n_kv, 1, D), np.float32)

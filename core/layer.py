@@ -143,12 +143,13 @@ class Retriever:
             self._rows = rows(self.keys, *self.span), rows(self.values, *self.span)
         return attention_f16(q, *self._rows, scale, keep_logits, n=self.n)
 
-    def whole_step(self, q, static: StaticKV, scale: float, keep_logits: bool = False):
+    def whole_step(self, q, static: StaticKV, scale: float, keep_logits=None):
         """A decode step of the `exact` kind in one kernel (core/attention_f16.step_attention):
         q [KVH, G, 1, D] over every key of the document, read from the store (its static rows
         too: they are the same values), and the static zone's tokens after it -> (o, lse). Equals
         merging `static.partial` with `partial` (tests/test_attention_f16.py); only for one
-        token's query on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`."""
+        token's query on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`.
+        keep_logits: a tally's buffer for every document key's logit (step_attention)."""
         from .attention_f16 import step_attention
 
         return step_attention(q, *self.document_rows(), *static.new_rows(), scale, keep_logits)
@@ -326,9 +327,9 @@ class DocumentLayer(CacheLayerMixin):
                 and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32)
 
     def fusable(self) -> bool:
-        """`one_kernel` with nothing else to do (no tally): core/fused.FusedStepLayer writes the new
-        token's K/V in place and calls the kernel itself."""
-        return self.tally is None and self.one_kernel()
+        """`one_kernel`, for core/fused.FusedStepLayer, which writes the new token's K/V in place
+        and calls the kernel itself (`step_rows`, `stepped`; a tally's logits kept in its buffer)."""
+        return self.one_kernel()
 
     def layer_fusable(self) -> bool:
         """Whether core/fused.FusedStepLayer may run a one-token step of its layer over this one
@@ -345,7 +346,15 @@ class DocumentLayer(CacheLayerMixin):
         st = self.static
         return self.retriever.document_rows(), (st.k[0].numpy(), st.v[0].numpy()), st.n0, st.n
 
-    def stepped(self) -> None:
+    def tally_logits(self):
+        """The tally's buffer for this layer's document logits [KVH, G, n], or None (no tally)."""
+        return None if self.tally is None else self.tally.document_logits(self.layer, self.static.k.shape[1])
+
+    def stepped(self, q=None, lse=None, scale: float = 1.0) -> None:
+        """The row from `step_rows` written and attended; with a tally, its step recorded (q
+        [KVH, G, 1, D], lse [KVH, G, 1]; the logits in the tally's buffer)."""
+        if self.tally is not None:
+            self.tally.record_document(self.layer, q, lse, scale)
         self.static.n += 1
         self.n_new += 1
         self.keys, self.values = self.static.k[:, :, :self.static.n], self.static.v[:, :, :self.static.n]
@@ -363,9 +372,9 @@ class DocumentLayer(CacheLayerMixin):
             with span("ra.attend", self.trace):  # the parts below, in one kernel: the fast path
                 if self.tally is None:
                     o, _ = self.retriever.whole_step(q, self.static, scale)
-                else:  # the tally reads every document key's logit: kept by the kernel
-                    o, lse, logits = self.retriever.whole_step(q, self.static, scale, keep_logits=True)
-                    self.tally.record_document(self.layer, q, lse, logits, scale)
+                else:  # the tally reads every document key's logit: kept by the kernel, in its buffer
+                    o, lse, _ = self.retriever.whole_step(q, self.static, scale, self.tally_logits())
+                    self.tally.record_document(self.layer, q, lse, scale)
             self.last = None
             return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
         end = self.get_seq_length()
