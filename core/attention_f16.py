@@ -158,7 +158,8 @@ def _combine(o_part, m_part, l_part, o, lse):
 def _shares(logits, lse, scale, units, out, tokens):
     """Each key's share of its query row's softmax, p = exp(scale * logit - lse), added to
     out[l, r, units[i]] and tokens[l, i]: logits [L, R, n] unscaled, lse [L, R], units [n] int64
-    in [0, out.shape[2]); out [L, R, U] and tokens [L, n] fp32, added to. Layers over the threads."""
+    in [0, out.shape[2]) (any order; runs of one passage, as in document order, are the fast
+    case); out [L, R, U] and tokens [L, n] fp32, added to. Layers over the threads."""
     L, R, n = logits.shape
     for l in prange(L):
         p = np.empty(n, np.float32)
@@ -167,8 +168,19 @@ def _shares(logits, lse, scale, units, out, tokens):
             for i in range(n):  # vectorizes
                 p[i] = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
                 tokens[l, i] += p[i]
-            for i in range(n):  # a scatter: one add per key
-                out[l, r, units[i]] += p[i]
+            for b in range(0, n, 16):  # by passage: in document order most blocks of 16 keys share one
+                e = min(b + 16, n)
+                one = True
+                for i in range(b + 1, e):
+                    one &= units[i] == units[b]
+                if one:
+                    t = np.float32(0.0)
+                    for i in range(b, e):
+                        t += p[i]
+                    out[l, r, units[b]] += t
+                else:
+                    for i in range(b, e):
+                        out[l, r, units[i]] += p[i]
 
 
 def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, units: np.ndarray, out: torch.Tensor):

@@ -376,10 +376,16 @@ def test_scatter_shares_equals_the_plain_computation():
     L, R, n, U = 4, 9, 1037, 12
     logits = torch.randn(L, R, n, generator=g) * 4
     lse = torch.logsumexp(logits.double() * 0.125, -1).float() + 0.3  # the whole softmax holds other keys too
-    units = torch.sort(torch.randint(0, U, (n,), generator=g)).values
+    units = torch.sort(torch.randint(0, U - 1, (n,), generator=g)).values
+    units[::37] = U - 1  # "nowhere" tokens (template, whitespace) inside passages, as a real document has
     out = torch.rand(L, R, U, generator=g)
     want_p = torch.exp(logits.double() * 0.125 - lse.double()[..., None])
     want = out.double().index_add(2, units, want_p)
     got_tokens = scatter_shares(logits, lse, 0.125, units.numpy(), out)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_tokens, want_p.sum((0, 1)), rtol=1e-5, atol=1e-7)
+    shuffled = torch.randperm(n, generator=g)  # units in no order (blocks of mixed passages): the same sums
+    out2 = torch.zeros(L, R, U)
+    scatter_shares(logits[..., shuffled], lse, 0.125, units[shuffled].numpy(), out2)
+    want2 = torch.zeros(L, R, U, dtype=torch.float64).index_add(2, units, want_p)
+    torch.testing.assert_close(out2.double(), want2, rtol=1e-5, atol=1e-6)
