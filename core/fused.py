@@ -151,6 +151,7 @@ class FusedStepLayer(torch.nn.Module):
 
     def _step(self, hidden_states, position_embeddings, cl):
         from .attention_f16 import step_attention
+        from .layer import span
 
         run = call if not self._warm else (lambda kernel, *args: kernel(*args))  # jit.call: first calls only
         out = hidden_states.detach().clone()
@@ -166,9 +167,10 @@ class FusedStepLayer(torch.nn.Module):
             (doc_k, doc_v), (k_rows, v_rows), n0, row = cl.step_rows()   # room for this token's K/V
             run(_rope_rows, qkv, cos, sin, n_q, n_kv, q, k_rows, v_rows, row)
             qt = torch.from_numpy(q).reshape(n_kv, n_q // n_kv, 1, D)
-            o, lse, *_ = step_attention(qt, doc_k, doc_v, (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale,
-                                        cl.tally_logits())               # o: [KVH, G, 1, D]
-            cl.stepped(qt, lse, self.scale)
+            with span("ra.attend", cl.trace):                             # a profiler range only with trace on
+                o, lse, *_ = step_attention(qt, doc_k, doc_v, (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale,
+                                            cl.tally_logits())           # o: [KVH, G, 1, D]
+                cl.stepped(qt, lse, self.scale)
             o = o.numpy().reshape(-1)                                     # heads in order: h = kv * G + g
         else:             # the layer's own update and attend, as transformers' attention module calls them
             kv = np.empty((2, n_kv, 1, D), np.float32)
