@@ -131,7 +131,7 @@ class Timed:
 
     def __getattr__(self, attr):
         fn = getattr(self.inner, attr)
-        if not callable(fn) or attr in ("partial", "partial_kept", "whole_step"):
+        if not callable(fn) or attr in ("partial", "partial_kept", "whole_step", "document_rows"):
             return fn  # attention over every offloaded key (the `exact` kind): attention, not retrieval
 
         def timed(*a, **kw):
@@ -166,6 +166,20 @@ def time_decode(engine, doc, attention: str, index: str, steps: int) -> dict:
                 return r
 
             layer.attend = attend
+            # the fused layer's one-kernel step (core/fused.py) does not call attend: from taking
+            # its row (step_rows) to recording it (stepped) is its attention
+            rows_, stepped_ = layer.step_rows, layer.stepped
+
+            def step_rows(rows_=rows_):
+                counter["t0"] = time.perf_counter()
+                return rows_()
+
+            def stepped(*a, stepped_=stepped_, **kw):
+                r = stepped_(*a, **kw)
+                counter["attend"] += time.perf_counter() - counter["t0"]
+                return r
+
+            layer.step_rows, layer.stepped = step_rows, stepped
     from core.prompt import question_ids
 
     q = question_ids(engine.tokenizer, QUESTION)
@@ -182,7 +196,8 @@ def time_decode(engine, doc, attention: str, index: str, steps: int) -> dict:
         split.append((counter["retrieval"], counter["attend"] - counter["retrieval"]))
         pos += 1
     for layer in cache.layers:  # the timing wrappers hold their layer (a cycle): undone, so the
-        layer.__dict__.pop("attend", None)  # cache (GiBs at 128K) is freed here, not at a later collection
+        for name in ("attend", "step_rows", "stepped"):  # cache (GiBs at 128K) is freed here, not later
+            layer.__dict__.pop(name, None)
     index_s = p.index_s
     del cache, p
     gc.collect()
