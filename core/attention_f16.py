@@ -82,8 +82,8 @@ def _slice(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep, D
 
 @njit(fastmath=True, inline="always")
 def _task(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep):
-    """`_slice` with the head size as a compile-time constant where it is 64 or 128 (~10% faster
-    per step than a loop over a run-time size on the hosts measured), any other size as it is."""
+    """`_slice` with the head size as a compile-time constant where it is 64 or 128 (a loop of a
+    known length compiles to straight vector code), any other size as it is."""
     D = q.shape[2]
     if D == 64:
         _slice(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep, 64)
@@ -241,13 +241,13 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     return o, lse, (logits if keep_logits else None)
 
 
-def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float, keep_logits=None):
+def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scale: float, logits=None):
     """One decode step of the `exact` kind in one kernel: q [KVH, G, 1, D] (fp32, CPU) over every
     key of the document, read as stored (doc_k, doc_v: `rows` results (fp16 bits [KVH, N, D], 0)),
     and the n_new tokens after it (new_k, new_v: (fp32 [KVH, >= start + n_new, D], start)) ->
-    (o [KVH, G, 1, D], lse [KVH, G, 1]); keep_logits: a tally's buffer [KVH, G, N] (fp32,
-    C-contiguous) that gets the unscaled logits of every document row, in document order, returned
-    as the third value (True: a new one). The same softmax as `attention_f16`
+(o [KVH, G, 1, D], lse [KVH, G, 1]); logits: None, or a buffer [KVH, G, N] (fp32, C-contiguous;
+    a tally's) that gets the unscaled logits of every document row, in document order. The same
+    softmax as `attention_f16`
     over the document merged with a partial over the new tokens (core/layer: the static zone's
     partial, the offloaded keys' partial and core/attention.merge), in one pass and one call per
     layer."""
@@ -258,11 +258,8 @@ def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scal
     S = math.ceil(na / SLICE) + math.ceil(nb / SLICE)
     M = G * T
     parts = _slice_parts(KVH, S, M, D)
-    keep = keep_logits is not None and keep_logits is not False
-    logits = (torch.empty(KVH, G, na) if keep_logits is True else keep_logits) if keep else None
-    if keep and tuple(logits.shape) != (KVH, G, na):
+    if logits is not None and tuple(logits.shape) != (KVH, G, na):
         raise ValueError(f"logits buffer {tuple(logits.shape)}, not {(KVH, G, na)}")
     call(_slices2, q.reshape(KVH, M, D).contiguous().numpy(), ka, va, na, kb, kb0, vb, vb0, nb, np.float32(scale),
-         *parts, logits.numpy().reshape(KVH, M, na) if keep else np.empty((1, 1, 1), np.float32))
-    o, lse = _merged(parts, G, T)
-    return (o, lse, logits) if keep else (o, lse)
+         *parts, np.empty((1, 1, 1), np.float32) if logits is None else logits.numpy().reshape(KVH, M, na))
+    return _merged(parts, G, T)

@@ -290,9 +290,9 @@ class Tally:
     def record_document(self, layer: int, q, lse, scale: float) -> None:
         """`record` for a decode step whose attention wrote the logits of every document token in
         document order into `document_logits(layer)` (core/attention_f16.step_attention): q
-        [KVH, G, 1, D], lse [KVH, G, 1] of the whole softmax."""
+        [KVH, G, 1, D], lse [KVH, G, 1] of the whole softmax. (The step before was added up when
+        layer 0 asked for its buffer.)"""
         if layer == 0:
-            self._flush()
             self.steps += 1
         self._rows.append((q[:, :, -1], lse[:, :, -1].float(), "document", layer))
         self.scale = scale

@@ -2,8 +2,8 @@
 
 A decode step through transformers' modules runs ~60 small torch operators per layer (norms,
 rotary, views, residuals, the attention interface), each a few microseconds: on the embedded
-model at ~7K tokens that overhead was about a third of the step (BENCHMARKS.md, "The decode
-step"). `FusedStepLayer` replaces a decoder layer of the block-weight step copy (core/blocks.py)
+model at ~7K tokens the step took 1.25x as long with it (BENCHMARKS.md, "The whole layer
+fused"). `FusedStepLayer` replaces a decoder layer of the block-weight step copy (core/blocks.py)
 and, for every one-token step over a document (a core/layer.DocumentLayer on the CPU:
 `layer_fusable`), runs the same computation as a handful of kernel calls on numpy arrays:
 
@@ -14,7 +14,7 @@ and, for every one-token step over a document (a core/layer.DocumentLayer on the
     x += Wo o; h = rmsnorm(x) * w2             _gemv4, _add_rmsnorm
     x += Wdown (silu(Wgate h) * Wup h)         _gemv4 (gate and up stacked), _silu_mul, _gemv4
 
-The attention is the cache layer's: for the `exact` kind inside the window (`fusable`, the
+The attention is the cache layer's: for the `exact` kind inside the window (`one_kernel`, the
 default there) the new token's K/V are written straight into the static zone's next row and
 core/attention_f16.step_attention attends the document and the tokens after it in one call
 (keeping every document key's logit in a tally's buffer for --sources); any other layer (another
@@ -88,13 +88,13 @@ def _silu_mul(gu, n, out):
 
 def _stacked(*linears: BlockLinear):
     """The Q4 blocks of several linear layers over the same input, rows stacked (one kernel call
-    for q, k and v, or gate and up) and padded to a multiple of four -> (p, d, m, rows)."""
+    for q, k and v, or gate and up) and padded to a multiple of four -> (p, d, m) for _gemv4."""
     parts = [tuple(lin.blocks[k] for k in ("q4", "d", "m")) for lin in linears]
     rows = sum(p[0].shape[0] for p in parts)
     pad = -rows % 4
     stack = lambda i: np.ascontiguousarray(np.concatenate(  # noqa: E731
         [p[i] for p in parts] + [np.zeros((pad, parts[0][i].shape[1]), parts[0][i].dtype)]))
-    return stack(0), stack(1), stack(2), rows
+    return stack(0), stack(1), stack(2)
 
 
 def fusable_layer(layer, config) -> bool:
@@ -161,15 +161,15 @@ class FusedStepLayer(torch.nn.Module):
         h = np.empty(self.hidden, np.float32)
         run(_rmsnorm, x, self.w1, self.eps1, h)
         qkv = np.empty(self.qkv[0].shape[0], np.float32)                 # q, k, v (and pad rows)
-        run(_gemv4, *self.qkv[:3], h, qkv)
+        run(_gemv4, *self.qkv, h, qkv)
         q = np.empty((n_q, D), np.float32)
-        if cl.fusable():  # the `exact` kind: K/V written in place, one kernel over the document and after
+        if cl.one_kernel():  # the `exact` kind: K/V written in place, one kernel over the document and after
             (doc_k, doc_v), (k_rows, v_rows), n0, row = cl.step_rows()   # room for this token's K/V
             run(_rope_rows, qkv, cos, sin, n_q, n_kv, q, k_rows, v_rows, row)
             qt = torch.from_numpy(q).reshape(n_kv, n_q // n_kv, 1, D)
             with span("ra.attend", cl.trace):                             # a profiler range only with trace on
-                o, lse, *_ = step_attention(qt, doc_k, doc_v, (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale,
-                                            cl.tally_logits())           # o: [KVH, G, 1, D]
+                o, lse = step_attention(qt, doc_k, doc_v, (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale,
+                                        cl.tally_logits())               # o: [KVH, G, 1, D]
                 cl.stepped(qt, lse, self.scale)
             o = o.numpy().reshape(-1)                                     # heads in order: h = kv * G + g
         else:             # the layer's own update and attend, as transformers' attention module calls them
@@ -180,13 +180,13 @@ class FusedStepLayer(torch.nn.Module):
             o = cl.attend(torch.from_numpy(q)[None, :, None], keys, values, self.scale)  # [1, 1, Hq, D]
             o = o.float().contiguous().numpy().reshape(-1)
         t = np.empty(self.o[0].shape[0], np.float32)
-        run(_gemv4, *self.o[:3], o, t)
+        run(_gemv4, *self.o, o, t)
         run(_add_rmsnorm, x, t, self.w2, self.eps2, h)
         gu = np.empty(self.gu[0].shape[0], np.float32)                   # gate, up
-        run(_gemv4, *self.gu[:3], h, gu)
+        run(_gemv4, *self.gu, h, gu)
         a = np.empty(self.inter, np.float32)
         run(_silu_mul, gu, self.inter, a)
-        run(_gemv4, *self.down[:3], a, t)
+        run(_gemv4, *self.down, a, t)
         x += t[:self.hidden]
         self._warm = True
         self.fused_steps += 1

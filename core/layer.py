@@ -143,16 +143,16 @@ class Retriever:
             self._rows = rows(self.keys, *self.span), rows(self.values, *self.span)
         return attention_f16(q, *self._rows, scale, keep_logits, n=self.n)
 
-    def whole_step(self, q, static: StaticKV, scale: float, keep_logits=None):
+    def whole_step(self, q, static: StaticKV, scale: float, logits=None):
         """A decode step of the `exact` kind in one kernel (core/attention_f16.step_attention):
         q [KVH, G, 1, D] over every key of the document, read from the store (its static rows
         too: they are the same values), and the static zone's tokens after it -> (o, lse). Equals
         merging `static.partial` with `partial` (tests/test_attention_f16.py); only for one
         token's query on the CPU over fp16 K/V with fp32 static rows: `can_step_whole`.
-        keep_logits: a tally's buffer for every document key's logit (step_attention)."""
+        logits: a tally's buffer for every document key's logit (step_attention)."""
         from .attention_f16 import step_attention
 
-        return step_attention(q, *self.document_rows(), *static.new_rows(), scale, keep_logits)
+        return step_attention(q, *self.document_rows(), *static.new_rows(), scale, logits)
 
     def document_rows(self):
         """Every key and value of the document as core/attention_f16 reads them (made once)."""
@@ -163,7 +163,7 @@ class Retriever:
         return self._doc
 
     def can_step_whole(self, q, static: StaticKV) -> bool:
-        """Whether `whole_step` serves this query (the caller, DocumentLayer.fusable, checks the
+        """Whether `whole_step` serves this query (the caller, DocumentLayer.one_kernel, checks the
         rest: the static rows are the store's rows as stored, fp32 on the CPU)."""
         return self._stepwise(q)
 
@@ -319,21 +319,17 @@ class DocumentLayer(CacheLayerMixin):
 
     def one_kernel(self) -> bool:
         """Whether a one-token step's attention over this layer may run in one kernel (`attend`'s
-        fast path): the `exact` kind at true positions (the static rows are the store's own),
-        fp16 store K/V, fp32 static rows on the CPU."""
+        fast path; core/fused.FusedStepLayer then writes the new token's K/V in place and calls the
+        kernel itself: `step_rows`, `stepped`): the `exact` kind at true positions (the static rows
+        are the store's own), fp16 store K/V, fp32 static rows on the CPU."""
         r = self.retriever
         return (self.whole_step and r is not None and r.exact and r.n > 0 and self.top_k > 0
                 and isinstance(self.policy, ExactPositions) and r.k.dtype == torch.float16
                 and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32)
 
-    def fusable(self) -> bool:
-        """`one_kernel`, for core/fused.FusedStepLayer, which writes the new token's K/V in place
-        and calls the kernel itself (`step_rows`, `stepped`; a tally's logits kept in its buffer)."""
-        return self.one_kernel()
-
     def layer_fusable(self) -> bool:
         """Whether core/fused.FusedStepLayer may run a one-token step of its layer over this one
-        (with `fusable`, writing the K/V in place and attending in one kernel; else through
+        (with `one_kernel`, writing the K/V in place and attending in one kernel; else through
         `update` and `attend`): fp32 static rows on the CPU."""
         return self.fuse and self.static.k.device.type == "cpu" and self.static.k.dtype == torch.float32
 
@@ -373,7 +369,7 @@ class DocumentLayer(CacheLayerMixin):
                 if self.tally is None:
                     o, _ = self.retriever.whole_step(q, self.static, scale)
                 else:  # the tally reads every document key's logit: kept by the kernel, in its buffer
-                    o, lse, _ = self.retriever.whole_step(q, self.static, scale, self.tally_logits())
+                    o, lse = self.retriever.whole_step(q, self.static, scale, self.tally_logits())
                     self.tally.record_document(self.layer, q, lse, scale)
             self.last = None
             return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
