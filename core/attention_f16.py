@@ -155,11 +155,12 @@ def _combine(o_part, m_part, l_part, o, lse):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _shares(logits, lse, scale, units, out, tokens):
+def _shares(logits, lse, scale, starts, run_units, out, tokens):
     """Each key's share of its query row's softmax, p = exp(scale * logit - lse), added to
-    out[l, r, units[i]] and tokens[l, i]: logits [L, R, n] unscaled, lse [L, R], units [n] int64
-    in [0, out.shape[2]) (any order; runs of one passage, as in document order, are the fast
-    case); out [L, R, U] and tokens [L, n] fp32, added to. Layers over the threads."""
+    out[l, r, run_units[j]] for every key of run j (keys starts[j]..starts[j + 1]) and to
+    tokens[l, i]: logits [L, R, n] unscaled, lse [L, R]; out [L, R, U] and tokens [L, n] fp32,
+    added to. Two passes per row: the shares (vectorized), then one sum per run. Layers over the
+    threads."""
     L, R, n = logits.shape
     for l in prange(L):
         p = np.empty(n, np.float32)
@@ -168,30 +169,24 @@ def _shares(logits, lse, scale, units, out, tokens):
             for i in range(n):  # vectorizes
                 p[i] = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
                 tokens[l, i] += p[i]
-            for b in range(0, n, 16):  # by passage: in document order most blocks of 16 keys share one
-                e = min(b + 16, n)
-                one = True
-                for i in range(b + 1, e):
-                    one &= units[i] == units[b]
-                if one:
-                    t = np.float32(0.0)
-                    for i in range(b, e):
-                        t += p[i]
-                    out[l, r, units[b]] += t
-                else:
-                    for i in range(b, e):
-                        out[l, r, units[i]] += p[i]
+            for j in range(len(run_units)):
+                t = np.float32(0.0)
+                for i in range(starts[j], starts[j + 1]):
+                    t += p[i]
+                out[l, r, run_units[j]] += t
 
 
-def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, units: np.ndarray, out: torch.Tensor):
+def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, runs, out: torch.Tensor):
     """A tally's step over every document key (core/citations.Tally): logits [L, R, n] (fp32,
     unscaled), lse [L, R] of each row's whole softmax -> the shares exp(scale * logit - lse) added
-    to out [L, R, U] (fp32, in place) by units [n] (each key's passage); returns each key's shares
-    summed over layers and rows [n] (fp64). One pass, no [L, R, n] temporary."""
+    to out [L, R, U] (fp32, in place) by `runs` (core/citations.unit_runs of the keys' passages);
+    returns each key's shares summed over layers and rows [n] (fp64). No [L, R, n] temporary."""
     L, R, n = logits.shape
+    starts, run_units = runs
+    assert starts[-1] == n, (starts[-1], n)
     tokens = np.zeros((L, n), np.float32)
-    call(_shares, logits.contiguous().numpy(), lse.float().contiguous().numpy(), np.float32(scale), units,
-         out.numpy(), tokens)
+    call(_shares, logits.contiguous().numpy(), lse.float().contiguous().numpy(), np.float32(scale), starts,
+         run_units, out.numpy(), tokens)
     return torch.from_numpy(tokens.sum(0, dtype=np.float64))
 
 

@@ -209,6 +209,16 @@ def token_units(offsets, passages: Passages) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the tally
 
+def unit_runs(units) -> tuple[np.ndarray, np.ndarray]:
+    """units [n] (each token's passage) as runs of equal neighbours: (starts [R + 1] int64, each
+    run's unit [R] int64), as core/attention_f16.scatter_shares reads them. In document order a
+    passage is one run, or a few where whitespace tokens (which map to none) cut it; any order
+    works (runs of one)."""
+    units = np.asarray(units, np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(units)) + 1, len(units)].astype(np.int64)
+    return starts, units[starts[:-1]].copy()
+
+
 class Tally:
     """Attention mass of one answer, summed over its decoding steps.
 
@@ -240,6 +250,8 @@ class Tally:
         self.static_units = self.units[self.static_tokens]
         self.offload_start, self.n_offloaded = offload_start, n_offloaded
         self.offload_units = self.units[offload_start:offload_start + n_offloaded]
+        self.runs = unit_runs(units)                                      # scatter_shares' view of units
+        self.offload_runs = unit_runs(self.offload_units.numpy())         # ... and of the offloaded range's
         self.clusters = tuple(clusters)
         self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
         self.steps = 0
@@ -275,6 +287,12 @@ class Tally:
         self.scale = scale
         self._open = True
 
+    def rows(self, T: int) -> tuple[int, ...]:
+        """The query rows of a T-token step that `record` reads: the last (it predicts the next
+        token) and, on the question's step, the first too (`start`). An attention that keeps
+        logits for the tally need keep only these (Retriever.partial_kept)."""
+        return (0, T - 1) if T > 1 and self.steps <= 1 else (T - 1,)
+
     def document_logits(self, layer: int, kv_heads: int):
         """Layer `layer`'s rows of the buffer a decode step's attention writes every document
         token's unscaled logit into, in document order ([KVH, G, n] fp32, a view; record_document
@@ -308,8 +326,9 @@ class Tally:
             return q[:, :, row], lse[:, :, row].float(), None, None
         K = sel.logits.shape[-1]
         ids = None if sel.every else sel.ids.reshape(KVH, G, T, K)[:, :, row].clone()
+        kept = row if sel.rows is None else sel.rows.index(row)  # logits kept for some rows only
         # copies: a view would keep the layer's whole [KVH, G, T, K] logits alive until the step ends
-        return q[:, :, row], lse[:, :, row].float(), ids, sel.logits[:, :, row].clone()
+        return q[:, :, row], lse[:, :, row].float(), ids, sel.logits[:, :, kept].clone()
 
     def _add(self, rows, out, tokens: bool) -> None:
         """Add every layer's query row's shares of the merged softmax to `out` [L, Hq, U + 1] (per
@@ -318,13 +337,13 @@ class Tally:
         and the retrieved keys' (a pad: logit -inf, share 0)."""
         import torch
 
+        from .attention_f16 import scatter_shares  # numba: imported where it is used
+
         L = len(rows)
         if isinstance(rows[0][2], str):  # record_document: every document token's logit, in order
-            from .attention_f16 import scatter_shares  # numba: imported where it is used
-
             assert [r[3] for r in rows] == list(range(L))                         # layers 0..L-1, in order
             lse = torch.stack([r[1] for r in rows]).reshape(L, -1)                # [L, Hq]
-            per_token = scatter_shares(self._doc_logits[:L], lse, self.scale, self.units.numpy(), out[:L])
+            per_token = scatter_shares(self._doc_logits[:L], lse, self.scale, self.runs, out[:L])
             if tokens:
                 self.tokens[:len(per_token)] += per_token
             return
@@ -339,11 +358,11 @@ class Tally:
             self.tokens.index_add_(0, self.static_tokens, p.double().sum((0, 1)))
         if rows[0][3] is None:  # nothing retrieved
             return
-        if rows[0][2] is None:  # every offloaded key, in order (`exact`): per passage in one index_add
-            p = torch.exp(torch.stack([r[3] for r in rows]) * self.scale - lse).reshape(L, Hq, -1)  # [L, Hq, N]
-            out[:L].index_add_(2, self.offload_units, p)
+        if rows[0][2] is None:  # every offloaded key, in order (`exact`): by runs of one passage
+            logits = torch.stack([r[3] for r in rows]).reshape(L, Hq, -1)      # [L, Hq, N]
+            per_token = scatter_shares(logits, lse.reshape(L, Hq), self.scale, self.offload_runs, out[:L])
             if tokens:
-                self.tokens[self.offload_start:self.offload_start + p.shape[-1]] += p.double().sum((0, 1))
+                self.tokens[self.offload_start:self.offload_start + len(per_token)] += per_token
             return
         K = max(r[2].shape[-1] for r in rows)  # the clustered index retrieves unequal numbers
         pad = lambda x, value: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=value)

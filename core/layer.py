@@ -106,6 +106,7 @@ class Selection:
     values: torch.Tensor
     estimate: Estimate | None = None
     every: bool = False  # ids are every offloaded key in order (0..N-1: the `exact` kind), K = N
+    rows: tuple | None = None  # logits kept for these query rows only ([KVH, G, len(rows), K]; None: all T)
 
 
 class Retriever:
@@ -178,24 +179,25 @@ class Retriever:
             o, lse = local_attention(qc, self.k.float(), self.v.float(), scale)
         return o.to(q.device), lse.to(q.device)
 
-    def partial_kept(self, q, scale: float):
-        """`partial`, keeping each key's logit for a tally (citations): a decode step's from
-        core/attention_f16; several tokens' plainly (one product for the logits, keys x queries,
-        which reads the keys once; their softmax; one for the values).
+    def partial_kept(self, q, scale: float, rows=None):
+        """`partial`, keeping the logits of query rows `rows` (None: all) over every key for a
+        tally (citations): a decode step's from core/attention_f16, which computes them anyway;
+        several tokens' (a question) from one product of those rows with the keys, beside the
+        fused kernel's attention (the tally reads two rows of a question: Tally.rows).
         -> ((o, lse), Selection of every offloaded key: ids, unscaled logits, no values)."""
         KVH, G, T, D = q.shape
         qc = q.to("cpu", torch.float32)
-        if self._stepwise(q):
+        rows = tuple(range(T)) if rows is None else tuple(rows)
+        if self._stepwise(q):  # one row: rows is (0,)
             o, lse, logits = self._f16(qc, scale, True)
+            logits = logits.reshape(KVH, G, 1, self.n)
         else:
-            keys, values = self.k.float(), self.v.float()
-            qr = qc.reshape(KVH, G * T, D)
-            logits = torch.bmm(keys, qr.transpose(1, 2)).transpose(1, 2).contiguous()  # [KVH, G*T, N] unscaled
-            s = logits * scale
-            lse = torch.logsumexp(s, dim=-1)                               # [KVH, G*T]
-            o = torch.bmm(s.sub_(lse[..., None]).exp_(), values)           # [KVH, G*T, D]
+            keys = self.k.float()
+            o, lse = local_attention(qc, keys, self.v.float(), scale)
+            qr = qc[:, :, list(rows)].reshape(KVH, G * len(rows), D)
+            logits = torch.bmm(qr, keys.transpose(1, 2)).reshape(KVH, G, len(rows), self.n)  # unscaled
         ids = torch.arange(self.n).expand(KVH, G * T, self.n)              # a view: nothing allocated
-        sel = Selection(ids, logits.reshape(KVH, G, T, self.n).to(q.device), None, every=True)
+        sel = Selection(ids, logits.to(q.device), None, every=True, rows=rows)
         return (o.reshape(KVH, G, T, -1).to(q.device), lse.reshape(KVH, G, T).to(q.device)), sel
 
     def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
@@ -383,7 +385,7 @@ class DocumentLayer(CacheLayerMixin):
                     parts.append(self.retriever.partial(q, scale))
                     sel = None
                 else:  # the tally reads every key's logit: computed once, by the attention itself
-                    part, sel = self.retriever.partial_kept(q, scale)
+                    part, sel = self.retriever.partial_kept(q, scale, self.tally.rows(T))
                     parts.append(part)
         else:
             sel = self.policy.select(q, pos, self.retriever, k, scale) if k > 0 else None  # ra.select, ra.copy

@@ -171,7 +171,7 @@ def test_tally_equals_softmax_weights_of_the_keys_attended(top_k, index):
     ref_start = np.zeros((KVH * G, U + 1))
     new_keys = [[] for _ in range(KVH)]
     for step in range(2):
-        T = 2 if step == 0 else 1  # a 2-token "question", then one answer token
+        T = 3 if step == 0 else 1  # a 3-token "question" (rows 0 and 2 are tallied), then one answer token
         k_new, v_new = torch.randn(1, KVH, T, D), torch.randn(1, KVH, T, D)
         key, value = layer.update(k_new, v_new)
         for h in range(KVH):
@@ -371,6 +371,7 @@ def test_scatter_shares_equals_the_plain_computation():
     """core/attention_f16.scatter_shares (the tally's step over every document key, numba) against
     exp and index_add in torch (float64)."""
     from core.attention_f16 import scatter_shares
+    from core.citations import unit_runs
 
     g = torch.Generator().manual_seed(3)
     L, R, n, U = 4, 9, 1037, 12
@@ -381,11 +382,11 @@ def test_scatter_shares_equals_the_plain_computation():
     out = torch.rand(L, R, U, generator=g)
     want_p = torch.exp(logits.double() * 0.125 - lse.double()[..., None])
     want = out.double().index_add(2, units, want_p)
-    got_tokens = scatter_shares(logits, lse, 0.125, units.numpy(), out)
+    got_tokens = scatter_shares(logits, lse, 0.125, unit_runs(units.numpy()), out)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_tokens, want_p.sum((0, 1)), rtol=1e-5, atol=1e-7)
-    shuffled = torch.randperm(n, generator=g)  # units in no order (blocks of mixed passages): the same sums
+    shuffled = torch.randperm(n, generator=g)  # units in no order (runs of one): the same sums
     out2 = torch.zeros(L, R, U)
-    scatter_shares(logits[..., shuffled], lse, 0.125, units[shuffled].numpy(), out2)
+    scatter_shares(logits[..., shuffled], lse, 0.125, unit_runs(units[shuffled].numpy()), out2)
     want2 = torch.zeros(L, R, U, dtype=torch.float64).index_add(2, units, want_p)
     torch.testing.assert_close(out2.double(), want2, rtol=1e-5, atol=1e-6)

@@ -129,9 +129,9 @@ def test_bf16_steps_stay_close_to_fp32_full_attention(smol, tmp_path):
 
 
 def test_exact_with_sources_answers_as_without(smol, tmp_path):
-    """With a tally (sources) the `exact` kind attends through a plain product that keeps every
-    key's logit (Retriever.partial_kept), not the fused kernel: the same logits within fp32
-    rounding, and the sources come out of it."""
+    """With a tally (sources) the `exact` kind keeps the logits the tally reads (Retriever.
+    partial_kept for the question, the one kernel's buffer at a decode step): the same logits
+    within fp32 rounding, and the sources come out of it."""
     model, tok, identity = smol
     doc = Document(text=book_text(3000), name="alice-part", kind="text")
     engine = Engine(tmp_path, Settings(sink=16, recent=32, max_tokens=5, index="exact"), loaded=(model, tok, identity))
