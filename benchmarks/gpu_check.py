@@ -39,17 +39,19 @@ Time at 131,072 tokens on an H100 (16 CPU cores), estimated (not yet run there),
                                    fp32 matmul + softmax: ~4.5 PFLOP at ~45 TFLOP/s and ~350 TB of score
                                    traffic at ~2.5 TB/s over 32 layers, then the 16 GiB store write)
   flat index               ~10 s  (one pass over the 8 GiB of keys: their means)
-  retrieval answer, plain  ~45 s  (the first step scores the question's ~20 queries against every key
-                                   and copies the keys to fp32; then ~0.8 s per token: the flat search
-                                   reads 32 layers x 8 heads x 131K fp32 keys and ranks them on the CPU,
-                                   as the engine does on CUDA today: issue 17's item 2 is not built)
-  retrieval answer, profiled ~40 s
+  open                     ~30 s  (core/device.py: every offloaded key to the GPU in fp8, 4 GiB; the
+                                   offloaded K/V, 16 GiB, copied into pinned host memory)
+  retrieval answer, plain  ~10 s  (the search on the GPU: fp8 scores of every key, the top candidates'
+                                   rows read from pinned memory through a UVA view; not yet timed)
+  retrieval answer, profiled ~10 s
   full attention           ~15 s  (16 GiB of K/V copied to the GPU, then ~40 ms per token)
---index defaults to flat, not `auto`: past 16K offloaded keys auto picks the graph index, whose build
-needs hnswlib (not installed on the GPU machine) and would take over 20 minutes (BENCHMARKS.md,
-decode_scaling: ~30 min for 90 heads of 131K keys on 2 cores; here 256 heads of twice the width);
-the cluster index's build took 19 s for one head of 131K x 128 keys on the repo's 2-core machine,
-~80 min for 256 heads there, ~10 min on 16 cores. Flat's build is a pass over the keys.
+--index defaults to flat, which is what `auto` picks on a GPU (the search on the device,
+core/device.py). On the CPU (--small) auto would pick by length; flat keeps the two runs alike.
+The host's indexes are slow to build at this size: the graph (hnswlib, not installed on the GPU
+machine) over 20 minutes (BENCHMARKS.md, decode_scaling: ~30 min for 90 heads of 131K keys on 2
+cores; here 256 heads of twice the width); the cluster index's 19 s for one head of 131K x 128
+keys on the repo's 2-core machine, ~10 min for 256 heads on 16 cores. Flat's build is a pass over
+the keys.
 """
 from __future__ import annotations
 
@@ -176,7 +178,9 @@ def engine_logits(model, tok, doc: Document, settings: Settings):
         logits = []
         "".join(e.ask(p, Q, AnswerStats(), on_logits=lambda l: logits.append(l.float().cpu())))
         layer = e.build_cache(p).layers[0]
-        where = f"static KV on {layer.keys.device}, offloaded KV on {layer.retriever.k.device}"
+        r = layer.retriever
+        where = (f"static KV on {layer.keys.device}, offloaded KV on {r.k.device}, searched on "
+                 f"{getattr(r, 'device', 'cpu')}" + (f" (UVA gather: {r.uva})" if hasattr(r, "uva") else ""))
         return torch.stack(logits), p.entry.n_tokens, where
 
 
@@ -225,7 +229,7 @@ def planned(model, n: int, s: Settings, dtype, cap: int | None) -> dict:
     """core/plan.py's peaks for this job (what the engine checks before a prefill on CUDA)."""
     p = plan(Shape.from_config(model.config.to_dict()),
              PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(dtype).bits // 8, chunk=s.chunk_size,
-                       sink=s.sink, recent=s.recent, top_k=s.top_k, index="flat" if s.index == "flat" else "cluster"),
+                       sink=s.sink, recent=s.recent, top_k=s.top_k, index="flat" if s.index in ("flat", "auto") else "cluster"),
              cap)
     r, f = p["retrieval"], p["full"]
     out = {"retrieval_prefill_gib": r["prefill_peak_bytes"] / GiB, "retrieval_decode_gib": r["decode_peak_bytes"] / GiB,
@@ -319,6 +323,10 @@ def retrieval(e: Engine, doc: Document, device: str) -> dict:
         return out
     out.update(ms_per_token=st.ms_per_token, first_token_s=st.first_token_s, answer_tokens=st.answer_tokens,
                question_tokens=st.question_tokens, peak_decode_gib=peak_gib(device))
+    r = p.retrievers[0] if p.retrievers else None
+    out.update(searched_on=str(getattr(r, "device", "cpu")), uva_gather=getattr(r, "uva", None))
+    say(f"search on {out['searched_on']}" + (f", rows read through a UVA view: {out['uva_gather']}"
+                                              if out["uva_gather"] is not None else ""))
     say(f"decode, retrieval attention ({p.index_kind}, k={p.settings.top_k}): {out['ms_per_token']:,.1f} ms/token over "
         f"{st.answer_tokens} tokens (first token, with the {st.question_tokens}-token question: {st.first_token_s:.2f} s); "
         f"peak GPU memory {gib(out['peak_decode_gib'])}")
@@ -416,7 +424,7 @@ def main() -> int:
     ap.add_argument("--gpu-memory", default="24GiB", help="the process's GPU memory cap (CUDA), e.g. 24GiB")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--index", default="flat", choices=("flat", "cluster", "graph", "auto"),
-                    help="flat: its build fits the time budget at 128K (the docstring says why not auto)")
+                    help="flat: what auto picks on a GPU, searched there (the docstring says more)")
     ap.add_argument("--config", type=Path, help="a model config.json (default: Llama-3.1-8B's)")
     ap.add_argument("--small", action="store_true", help="a reduced model (2 layers, hidden 1024) for the CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object with every number at the end")

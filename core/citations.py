@@ -271,7 +271,14 @@ class Tally:
         step (the question's prefill) its first row is also kept as `start`."""
         import torch
 
+        from dataclasses import replace
+
         KVH, G, T, D = q.shape
+        if q.device.type != "cpu":  # a GPU's step: added up on the host (a copy per layer, with sources only)
+            q, k_static, lse = q.cpu(), k_static.cpu(), lse.cpu()
+            if sel is not None:
+                est = sel.estimate and replace(sel.estimate, logits=sel.estimate.logits.cpu())
+                sel = replace(sel, ids=sel.ids.cpu(), logits=sel.logits.cpu(), values=None, estimate=est)
         if layer == 0:  # a new step: the last one's mass is complete
             self._flush()
             self.steps += 1

@@ -292,6 +292,9 @@ class Engine:
             the clustered index's scan + estimate, and its answers are full attention's
             (BENCHMARKS.md, "exact");
           - a longer one: the query-aware graph (fp16 stores, the default; else flat);
+          - on a GPU: flat, searched on the device (core/device.py: fp8 scores there, only the
+            chosen rows read from pinned host memory), where the host's indexes put the CPU and a
+            round trip per layer on every step's path;
           - a document past the model's window (remapped positions): exact flat search, where the
             graph at its default width missed passcodes exact search finds (2 of whole Alice's 3)
             and the clustered index finds what flat finds (7 of 9 needles each) with its estimated
@@ -302,7 +305,7 @@ class Engine:
                 raise UsageError("--index exact attends every key at its true position: it is for documents inside "
                                  "the model's window (this one is past it; use auto, flat, cluster or graph)")
             return s.index
-        if entry.remapped:
+        if entry.remapped or self.device != "cpu":
             return "flat"
         a, b = entry.split(*self.static_sizes(entry, s))
         if b - a >= s.graph_min_keys:
@@ -457,7 +460,8 @@ class Engine:
         available = min(available, int(fraction * total))
         p = plan(Shape.from_config(self.model.config.to_dict()),
                  PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                           chunk=s.chunk_size, sink=s.sink, recent=s.recent, top_k=s.top_k))
+                           chunk=s.chunk_size, sink=s.sink, recent=s.recent, top_k=s.top_k,
+                           index="flat" if s.index == "auto" else s.index))
         why = refusal(p, s.attention, available)
         if why:
             raise DocumentTooLong(why)
@@ -472,8 +476,13 @@ class Engine:
             return ()
         k = index_kind(kind)
         options = {name: getattr(s, name) for name in k.options}
-        return tuple(Retriever(entry.keys[layer], entry.values[layer],
-                               k.open(index_dir, layer, entry.keys[layer, :, a:b], **options), span=(a, b))
+        make = Retriever
+        if self.device != "cpu" and kind == "flat" and not entry.remapped:  # searched on the device (core/device.py)
+            from .device import DeviceRetriever
+
+            make = lambda keys, values, index, span: DeviceRetriever(keys, values, index, span, self.device)
+        return tuple(make(entry.keys[layer], entry.values[layer],
+                          k.open(index_dir, layer, entry.keys[layer, :, a:b], **options), span=(a, b))
                      for layer in range(entry.n_layers))
 
     # ------------------------------------------------------------------ answering

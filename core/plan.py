@@ -12,9 +12,13 @@ cache, or a .gguf file's metadata. Every number is the arithmetic of what ra all
   retrieval        prefill (core/generation.prefill_layerwise): weights + every token's hidden
                    state + one layer's K/V + one chunk's activations; decode: weights + the static
                    K/V (sinks, recent window, question and answer) + one step's workspace. The
-                   offloaded K/V stays in the store (page cache), the index on the host.
+                   offloaded K/V stays in the store (page cache), the index on the host; but
+                   `flat` on a GPU (what `auto` picks there) is searched on the device
+                   (core/device.py): every offloaded key in fp8 on the device, plus one layer's
+                   keys widened to bf16 and a block of ROWS query rows' scores while a step searches
   host             retrieval: the opened index's in-memory tables (core/cluster.py: centroids,
-                   sizes, value sums, order; flat: an fp32 copy of every offloaded key)
+                   sizes, value sums, order); flat on the GPU: the offloaded K and V copied into
+                   pinned memory, which the device reads the chosen rows of
   disk             the store entry: fp16 K/V + prefill queries + the index files
 
 `activations(c)`: the hidden state, the q/k/v/o projections and the MLP's intermediates of c
@@ -33,6 +37,7 @@ from .errors import UsageError
 from .settings import DEFAULTS
 
 GiB = 1024 ** 3
+DEVICE_ROWS = 256  # core/device.ROWS: query rows a device search scores at once (no torch import here)
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
 
 
@@ -155,7 +160,7 @@ class PlanInput:
     recent: int = DEFAULTS.recent
     top_k: int = DEFAULTS.top_k
     retrieve: float = DEFAULTS.retrieve
-    index: str = "cluster"      # cluster | flat | exact (what the host holds while answering)
+    index: str = "flat"         # flat (searched on the GPU) | cluster | exact (on the host)
     scan_max: int = DEFAULTS.scan_max  # cluster index: up to this many offloaded keys per head it also scans every key
     query_samples: int = DEFAULTS.query_samples
 
@@ -178,12 +183,16 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
     clusters = math.ceil(offloaded / 16)
     retrieved = max(x.top_k, math.ceil(x.retrieve * clusters) * 16)  # keys per query head and step
     step = shape.q_heads * (clusters + retrieved) * 4 + shape.q_heads * retrieved * D * 4 * 2  # scores + K/V rows, one layer
+    heads = L * KVH
+    device_index = 0
+    if x.index == "flat":  # core/device.DeviceRetriever: fp8 keys on the device; a step widens one layer's to bf16
+        device_index = heads * offloaded * D
+        step = max(step, KVH * offloaded * D * 2 + KVH * DEVICE_ROWS * offloaded * 2)  # + scores of ROWS rows
     decode_ws = shape.activations(1, w) + step
     prefill_peak = weights + hidden + one_layer + act
-    decode_peak = weights + static + decode_ws
-    heads = L * KVH
-    if x.index == "flat":
-        host_index = heads * offloaded * D * 4
+    decode_peak = weights + static + device_index + decode_ws
+    if x.index == "flat":  # the offloaded K and V in pinned host memory
+        host_index = heads * offloaded * D * x.store_bytes * 2
     elif x.index == "exact":  # a question's fp32 conversion of one layer's offloaded K and V (core/layer.Retriever.partial;
         host_index = KVH * offloaded * D * 4 * 2  # a decode step reads the stored fp16 as it is)
     else:  # core/cluster.ClusterLayerIndex: fp32 centroids + log sizes, int64 sizes/offsets/order; value sums mapped
@@ -199,7 +208,8 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
                       "prefill_hidden_bytes": hidden, "prefill_layer_kv_bytes": one_layer,
                       "prefill_activation_bytes": act, "decode_workspace_bytes": decode_ws,
                       "prefill_peak_bytes": prefill_peak, "decode_peak_bytes": decode_peak,
-                      "peak_bytes": max(prefill_peak, decode_peak), "host_index_bytes": host_index,
+                      "peak_bytes": max(prefill_peak, decode_peak), "device_index_bytes": device_index,
+                      "host_index_bytes": host_index,
                       "disk_bytes": disk, "index": x.index, "keys_retrieved_per_head": retrieved},
         "full": {"weights_bytes": weights, "kv_bytes": full_kv, "activation_bytes": act,
                  "peak_bytes": weights + full_kv + act, "disk_bytes": disk},
@@ -223,9 +233,10 @@ def explain(p: dict) -> str:
         f"retrieval attention: peak {g(r['peak_bytes'])}{verdict(r)}",
         f"  prefill: weights {g(r['weights_bytes'])} + hidden states {g(r['prefill_hidden_bytes'])} + one layer's K/V "
         f"{g(r['prefill_layer_kv_bytes'])} + chunk {g(r['prefill_activation_bytes'])} = {g(r['prefill_peak_bytes'])}",
-        f"  decode:  weights + static K/V {g(r['static_kv_bytes'])} ({r['static_tokens']:,} tokens) + workspace "
-        f"{g(r['decode_workspace_bytes'])} = {g(r['decode_peak_bytes'])}",
-        f"  host: {r['index']} index {g(r['host_index_bytes'])}; disk: {g(r['disk_bytes'])} (store entry)",
+        f"  decode:  weights + static K/V {g(r['static_kv_bytes'])} ({r['static_tokens']:,} tokens)"
+        + (f" + fp8 keys to search {g(r['device_index_bytes'])}" if r["device_index_bytes"] else "")
+        + f" + workspace {g(r['decode_workspace_bytes'])} = {g(r['decode_peak_bytes'])}",
+        f"  host: {r['index']} index {g(r['host_index_bytes'])}{' (the offloaded K/V, pinned)' if r['index'] == 'flat' else ''}; disk: {g(r['disk_bytes'])} (store entry)",
         f"full attention: peak {g(f['peak_bytes'])}{verdict(f)}",
         f"  weights {g(f['weights_bytes'])} + K/V {g(f['kv_bytes'])} + chunk {g(f['activation_bytes'])}",
     ]

@@ -418,7 +418,8 @@ def plan(
     tokens: int = typer.Option(..., "--tokens", "-t", min=1, help="Document length in tokens."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, e.g. 24GiB."),
     dtype: str = typer.Option("bfloat16", help="Weights and device K/V: bfloat16, float16 or float32."),
-    index: str = typer.Option("cluster", help="Index the host holds while answering: cluster, flat or exact."),
+    index: str = typer.Option("flat", help="Index while answering: flat (on a GPU, what auto picks: searched on "
+                              "the device, fp8 keys there), cluster or exact (on the host)."),
     as_json: bool = typer.Option(False, "--json", help="The plan as one JSON object."),
 ):
     """Say what a document of N tokens needs with a model (GPU, host, disk), for retrieval and full attention."""

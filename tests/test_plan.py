@@ -100,7 +100,7 @@ def test_refusal_names_the_numbers_and_the_way_out():
     p = plan(shape, PlanInput(131072))
     assert refusal(p, "retrieval", 24 * 2**30) is None
     why = refusal(p, "full", 24 * 2**30)
-    assert "131,072 tokens need about 31.2 GiB" in why and "retrieval attention would need 16.6 GiB" in why
+    assert "131,072 tokens need about 31.2 GiB" in why and "retrieval attention would need 19.8 GiB" in why
     assert "retrieval attention would" not in (refusal(p, "full", 10 * 2**30) or "")
 
 
@@ -138,3 +138,27 @@ def test_plan_host_bytes_of_the_exact_kind_are_what_answering_allocates(smol, tm
     _, shape = read_shape(None)
     want = plan(shape, PlanInput(p.entry.n_tokens, sink=16, recent=32, index="exact"))["retrieval"]["host_index_bytes"]
     assert one_layer == want > 0
+
+
+def test_plan_bytes_of_the_device_search_are_what_it_allocates(smol, tmp_path):
+    """`flat` on a GPU (core/device.DeviceRetriever, built here on the CPU): the plan's device
+    bytes are its fp8 keys of every layer, its host bytes the offloaded K and V it reads rows of,
+    and its step workspace holds one layer's keys widened to the score dtype plus a block of
+    scores."""
+    from conftest import book_text
+    from core.device import ROWS, DeviceRetriever
+    from core.documents import Document
+    from core.engine import Engine, Settings
+
+    s = Settings(sink=16, recent=32, max_tokens=2, index="flat")
+    engine = Engine(tmp_path, s, loaded=smol)
+    p = engine.prepare(Document(text=book_text(1500), name="alice-part", kind="text"))
+    dev = [DeviceRetriever(r.keys, r.values, r.index, r.span, "cpu") for r in p.retrievers]
+    _, shape = read_shape(None)
+    r = plan(shape, PlanInput(p.entry.n_tokens, sink=16, recent=32, index="flat"))["retrieval"]
+    assert r["device_index_bytes"] == sum(d.k8.nbytes for d in dev) > 0
+    assert r["host_index_bytes"] == sum(d.host_k.nbytes + d.host_v.nbytes for d in dev)
+    KVH, N, D = dev[0].k8.shape
+    widened = dev[0].k8.to(torch.bfloat16)
+    scores = torch.empty(KVH, ROWS, N, dtype=torch.bfloat16)
+    assert r["decode_workspace_bytes"] >= widened.nbytes + scores.nbytes

@@ -1,0 +1,117 @@
+"""The offloaded zone searched on the compute device (issue 17): a CUDA decode step with no CPU
+work and no host round trip on its path.
+
+On the CPU a layer's retriever scores, ranks and gathers on the host (core/layer.Retriever over
+core/index.py). On a GPU that meant, per layer and step, the queries copied to the host, the
+search there, the rows gathered and copied back: a synchronisation per layer and the CPU's speed
+on the critical path (181 ms per token on an H100 at 32K, BENCHMARKS.md). `DeviceRetriever` keeps
+what a step needs where the step runs:
+
+  scoring keys  every offloaded key of the layer on the device in fp8 (e4m3, one scale per KV
+                head): a quarter of bf16's bytes, 4.0 GiB for Llama-3.1-8B at 128K tokens, where
+                bf16 keys (8.0 GiB) would not fit beside the 15 GiB of weights in 24 GiB
+  K/V as stored in pinned host memory; the device reads only the rows a step selects, through a
+                UVA view (a CUDA tensor over the pinned pages: the gather kernel reads them over
+                the bus, no host copy, no synchronisation). Where no such view can be made (no
+                UVA), the rows are gathered on the host and copied: correct, slower (`uva`)
+  a step        scores = q . K8 (one batched product), the `widen * k` best by that score, their
+                keys as stored gathered, exact logits, the best k of those kept and their values
+                gathered: the flat index's zone (the exact top-k), found through fp8 scores, with
+                the candidates widened so that the rounding does not push a top-k key out
+
+Equal to the flat retriever where the candidates hold every key (tests/test_device.py, on the
+CPU: the same code with the device being the CPU; a GPU run is benchmarks/gpu_check.py's).
+"""
+from __future__ import annotations
+
+import torch
+
+from .cluster import Zones
+from .layer import Retriever
+from .plan import DEVICE_ROWS as ROWS  # query rows scored at once (the [KVH, ROWS, N] scores bounded)
+
+WIDEN = 2              # candidates per query row: WIDEN x k by fp8 score, the best k of them by exact logit
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0        # e4m3's largest finite value
+
+
+def scoring_keys(keys: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [KVH, N, D] (any float, host) -> (fp8 [KVH, N, D] on `device`, fp32 scale [KVH, 1, 1]):
+    keys ~= fp8 * scale, each KV head scaled so its largest |key| is e4m3's largest value. One
+    head at a time: the transient is one head's keys in fp32."""
+    KVH, N, D = keys.shape
+    out = torch.empty(KVH, N, D, dtype=FP8, device=device)
+    scale = torch.empty(KVH, 1, 1, dtype=torch.float32, device=device)
+    for h in range(KVH):
+        k = keys[h].to(device).float()
+        s = k.abs().amax().clamp_min(1e-12) / FP8_MAX
+        out[h] = (k / s).to(FP8)
+        scale[h] = s
+    return out, scale
+
+
+def uva_view(t: torch.Tensor, device) -> torch.Tensor | None:
+    """A CUDA tensor over the pinned host tensor `t` (no copy: kernels read its pages over the
+    bus), or None where it cannot be made. With unified virtual addressing, pinned host memory has
+    the same address on the device; the view is made through the CUDA array interface, as
+    integers of the element's size (the interface has no bf16), and must not outlive `t`."""
+    if torch.device(device).type != "cuda" or not t.is_pinned() or t.element_size() not in (2, 4):
+        return None
+
+    class _Pages:
+        __cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": f"<i{t.element_size()}",
+                                    "data": (t.data_ptr(), True), "version": 2, "strides": None}
+
+    try:
+        return torch.as_tensor(_Pages(), device=device).view(t.dtype)
+    except Exception:  # no UVA, or a torch that will not wrap host pages: the host gather serves
+        return None
+
+
+class DeviceRetriever(Retriever):
+    """A Retriever whose search and gathers run on `device` (see the module docstring). Made from
+    the same memory maps as Retriever; reads every offloaded key once (the fp8 copy) and, on a
+    GPU, copies the offloaded K/V into pinned host memory."""
+
+    def __init__(self, keys, values, index, span: tuple[int, int] | None = None, device="cpu", widen: int = WIDEN):
+        super().__init__(keys, values, index, span)
+        self.device, self.widen = torch.device(device), widen
+        self.k8, self.kscale = scoring_keys(self.k, self.device)       # [KVH, N, D] fp8, [KVH, 1, 1]
+        if self.device.type == "cuda":
+            self.host_k = torch.empty(self.k.shape, dtype=self.k.dtype, pin_memory=True).copy_(self.k)
+            self.host_v = torch.empty(self.v.shape, dtype=self.v.dtype, pin_memory=True).copy_(self.v)
+        else:
+            self.host_k, self.host_v = self.k, self.v
+        self.rows_k, self.rows_v = uva_view(self.host_k, self.device), uva_view(self.host_v, self.device)
+        self.uva = self.rows_k is not None and self.rows_v is not None
+
+    def _gather(self, rows, host, ids):
+        """rows[h, ids[h]] -> [KVH, M, K, D] on the device, as stored. ids [KVH, M, K] (device)."""
+        KVH, M, K = ids.shape
+        N, D = host.shape[1], host.shape[2]
+        flat = (ids + torch.arange(KVH, device=ids.device)[:, None, None] * N).reshape(-1)
+        if rows is not None or self.device.type == "cpu":  # a device kernel over the pages, or plain host memory
+            src = rows if rows is not None else host
+            return torch.index_select(src.reshape(KVH * N, D), 0, flat.to(src.device)).reshape(KVH, M, K, D).to(self.device)
+        out = torch.index_select(host.reshape(KVH * N, D), 0, flat.cpu())  # no UVA: a host gather and a copy
+        return out.pin_memory().to(self.device, non_blocking=True).reshape(KVH, M, K, D)
+
+    def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
+        """q [KVH, M, D] -> the exact top-k's zone, found on the device: ids [KVH, M, k] and their
+        exact unscaled logits (the best k of min(N, widen * k) candidates by fp8 score)."""
+        q = q.to(self.device, torch.float32)                            # [KVH, M, D]
+        c = min(self.n, self.widen * k)
+        dt = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        kt = self.k8.to(dt).transpose(1, 2)                             # [KVH, D, N] (x kscale: one order per head)
+        ids = torch.cat([torch.bmm(q[:, i:i + ROWS].to(dt), kt).topk(c, dim=-1, sorted=False).indices
+                         for i in range(0, q.shape[1], ROWS)], 1)        # [KVH, M, c]
+        keys = self._gather(self.rows_k, self.host_k, ids).float()      # [KVH, M, c, D]
+        logits = torch.matmul(keys, q[..., None])[..., 0]               # [KVH, M, c] exact
+        logits, best = logits.topk(min(k, c), dim=-1)                   # the exact top-k of the candidates
+        return Zones(ids.gather(-1, best), logits, None)
+
+    def gather_values(self, ids):
+        return self._gather(self.rows_v, self.host_v, ids.to(self.device)).float()
+
+    def gather_keys(self, ids):
+        return self._gather(self.rows_k, self.host_k, ids.to(self.device)).float()
