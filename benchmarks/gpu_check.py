@@ -220,7 +220,35 @@ def exactness(tok, device: str, index: str) -> list[dict]:
                           f"the same engine run on the CPU ({where})"))
     else:
         say("exactness cuda vs cpu: skipped (--device cpu: there is no CUDA run to compare with the CPU's)")
+    rows.append(device_search(device))
     return rows
+
+
+def device_search(device: str, N: int = 20000, k: int = 100) -> dict:
+    """core/device.DeviceRetriever on `device` at a small k: its zone against the exact top-k of
+    float64 scores written out here (random fp16 keys, two heads of different scale), and its
+    rows as stored; says whether the rows were read through a UVA view."""
+    import numpy as np
+
+    from core.device import DeviceRetriever
+    from core.index import FlatLayerIndex
+
+    g = np.random.default_rng(0)
+    keys = (g.standard_normal((2, N, 128)) * np.array([1.0, 6.0])[:, None, None]).astype(np.float16)
+    values = g.standard_normal((2, N, 128)).astype(np.float16)
+    r = DeviceRetriever(keys, values, FlatLayerIndex(keys), device=device)
+    q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(1))
+    z = r.zones(q.to(device), k, 1.0)
+    ids = z.ids.cpu().numpy()
+    exact = np.einsum("hnd,hmd->hmn", keys.astype(np.float64), q.double().numpy())
+    missed = sum(len(set(np.argsort(-exact[h, m])[:k].tolist()) - set(ids[h, m].tolist()))
+                 for h in range(2) for m in range(8))
+    diff = float(np.abs(z.scores.double().cpu().numpy() - np.take_along_axis(exact, ids, -1)).max())
+    rows_ok = np.array_equal(r.gather_values(z.ids).cpu().numpy()[1, 3], values[1, ids[1, 3]].astype(np.float32))
+    ok = missed == 0 and diff <= 1e-3 and rows_ok
+    say(f"exactness device search on {device}: top-{k} of {N:,} keys, {missed} missed, max|logit diff| "
+        f"{diff:.2e}, rows {'equal' if rows_ok else 'DIFFER'}; read through a UVA view: {r.uva} {'OK' if ok else 'FAIL'}")
+    return {"check": f"device search on {device}", "max_abs_diff": diff, "missed": missed, "uva": r.uva, "ok": ok}
 
 
 # ----------------------------------------------------------------------------- 2. scale

@@ -54,13 +54,14 @@ def uva_view(t: torch.Tensor, device) -> torch.Tensor | None:
     """A CUDA tensor over the pinned host tensor `t` (no copy: kernels read its pages over the
     bus), or None where it cannot be made. With unified virtual addressing, pinned host memory has
     the same address on the device; the view is made through the CUDA array interface, as
-    integers of the element's size (the interface has no bf16), and must not outlive `t`."""
+    integers of the element's size (the interface has no bf16), writable as torch requires (ra
+    never writes through it), and must not outlive `t`."""
     if torch.device(device).type != "cuda" or not t.is_pinned() or t.element_size() not in (2, 4):
         return None
 
     class _Pages:
         __cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": f"<i{t.element_size()}",
-                                    "data": (t.data_ptr(), True), "version": 2, "strides": None}
+                                    "data": (t.data_ptr(), False), "version": 2, "strides": None}
 
     try:
         return torch.as_tensor(_Pages(), device=device).view(t.dtype)
