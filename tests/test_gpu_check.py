@@ -25,13 +25,14 @@ def test_gpu_check_runs_reduced_on_the_cpu_without_optional_packages():
     report = json.loads(r.stdout.splitlines()[-1])
     assert report["ok"] and report["device"] == "cpu"
     checks = {row["check"]: row for row in report["exactness"]}
-    assert set(checks) == {"cpu float32 vs transformers", "cpu bfloat16 vs transformers"}
+    assert set(checks) == {"cpu float32 vs transformers", "cpu bfloat16 vs transformers", "device search on cpu"}
     assert checks["cpu float32 vs transformers"]["max_abs_diff"] <= 1e-4
+    assert checks["device search on cpu"]["missed"] == 0 and checks["device search on cpu"]["uva"] is False
     assert "exactness cuda vs cpu: skipped" in r.stdout
 
     scale = report["scale"]
     ret, full = scale["retrieval"], scale["full"]
-    assert ret["refused"] is None and ret["index"] == "flat"
+    assert ret["refused"] is None and ret["index"] == "flat" and ret["searched_on"] == "cpu"
     assert ret["document_tokens"] == 1024 - ret["question_tokens"] - 8  # the conversation is --tokens long
     assert ret["prefill_s"] > 0 and ret["prefill_tokens_per_s"] > 0 and ret["index_s"] >= 0 and ret["store_gib"] > 0
     assert ret["answer_tokens"] == 8 and ret["ms_per_token"] > 0
