@@ -63,6 +63,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -299,7 +300,9 @@ def split(e: Engine, p, device: str, plain_ms: float) -> dict:
             prof.start()
         marks.append(time.perf_counter())
     st = AnswerStats()
-    traced = e.prepare(p.doc, p.settings.but(trace=True))  # the same entry, its layers naming their parts
+    # the same entry and retrievers (a second prepare would hold a second copy of the device's fp8
+    # keys: 4 GiB at 128K, past the cap), its layers naming their parts
+    traced = replace(p, settings=p.settings.but(trace=True))
     "".join(e.ask(traced, Q, st, on_logits=on_logits))
     sync(device)
     prof.stop()
