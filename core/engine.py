@@ -313,6 +313,8 @@ class Engine:
         return "exact"
 
     def _build_entry(self, doc: Document, key: StoreKey, s: Settings) -> None:
+        import torch
+
         from . import longctx
         from .generation import QueryCapture, layerwise_supported, prefill, prefill_layerwise
         from .prompt import build_prefix
@@ -373,7 +375,8 @@ class Engine:
                         w.checkpoint(done, _to_numpy(hidden), meta)
                 hidden = _from_numpy(state["hidden"], self.device) if kept else None
                 prefill_layerwise(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report,
-                                  start_layer=kept, hidden=hidden, on_layer=on_layer)
+                                  start_layer=kept, hidden=hidden, on_layer=on_layer,
+                                  store_dtype=getattr(torch, s.kv_dtype))
             else:
                 prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
             manifest = Manifest(

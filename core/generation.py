@@ -76,7 +76,7 @@ def layerwise_supported(model) -> bool:
 @torch.inference_mode()
 def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
                       progress=None, start_layer: int = 0, hidden: torch.Tensor | None = None,
-                      on_layer=None) -> None:
+                      on_layer=None, store_dtype: torch.dtype = torch.float32) -> None:
     """`prefill` with memory that does not grow with the layers: one layer at a time over the whole
     prefix. The hidden states of every token [1, N, H] stay on the device; layer i runs over them
     chunk by chunk (each chunk attends to the chunks before it through a cache holding this layer's
@@ -86,7 +86,9 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     activations (against all L layers' K/V for `prefill`).
 
     Resuming: `hidden` [1, N, H] is every token's state after layers [0, start_layer) (a
-    checkpoint); on_layer(layers_done, hidden) is called after each layer (to checkpoint it)."""
+    checkpoint); on_layer(layers_done, hidden) is called after each layer (to checkpoint it).
+    store_dtype: the K/V leave the device in it (fp16: half of fp32's bytes over the bus; the
+    rounding is the one the store's own conversion would make)."""
     from .layer import PrefillKV, RaCache
 
     device = next(model.parameters()).device
@@ -107,7 +109,8 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
                 capture.set_chunk(start, end)
             hidden[:, start:end] = layer(x, attention_mask=None, position_ids=pos, cache=cache, use_cache=True,
                                          position_embeddings=body.rotary_emb(x, position_ids=pos), ra_cache=cache)
-            write_kv(i, start, kv.k_chunks[-1][0].float().cpu().numpy(), kv.v_chunks[-1][0].float().cpu().numpy())
+            write_kv(i, start, kv.k_chunks[-1][0].to(store_dtype).cpu().numpy(),
+                     kv.v_chunks[-1][0].to(store_dtype).cpu().numpy())
         del kv, cache
         if progress:
             progress(int(n * (i + 1) / L), n)
