@@ -53,9 +53,10 @@ step citations_dev python benchmarks/citations.py needle --seeds 3 --home "$OUT/
 step citations_rules python benchmarks/citations.py rules --steps "$OUT/cit_dev"
 step citations_needle python benchmarks/citations.py needle --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_needle.jsonl"
 step cit_exact python benchmarks/citations.py needle --seeds 0,1,2 --index exact --home "$OUT/acc_exact" --jsonl "$OUT/cit_exact.jsonl"
+step cit_distract python benchmarks/citations.py needle --seeds 0,1,2 --index exact --distractors 3 --home "$OUT/cit_distract" --jsonl "$OUT/cit_distract.jsonl"
 step citations_ruler python benchmarks/citations.py ruler --lengths 2000,4000,7500 --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_ruler.jsonl"
 step citations_qa python benchmarks/citations.py qa --home "$OUT/cit_home" --jsonl "$OUT/cit_qa.jsonl"
-step citations_cost python benchmarks/citations.py cost --length 7500 --runs 9 --max-tokens 64
+step citations_cost python benchmarks/citations.py cost --length 7500 --runs 9 --max-tokens 64 --index exact
 
 # accuracy against full attention on the same cached KV
 step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl "$OUT/needle.jsonl"
