@@ -88,12 +88,15 @@ class DeviceRetriever(Retriever):
 
     def _gather(self, rows, host, ids):
         """rows[h, ids[h]] -> [KVH, M, K, D] on the device, as stored. ids [KVH, M, K] (device)."""
+        from .index import gather_rows
+
         KVH, M, K = ids.shape
+        if self.device.type == "cpu":  # the memory maps themselves (tests; the CPU's own path is Retriever)
+            return gather_rows(host, ids, host.dtype)
         N, D = host.shape[1], host.shape[2]
         flat = (ids + torch.arange(KVH, device=ids.device)[:, None, None] * N).reshape(-1)
-        if rows is not None or self.device.type == "cpu":  # a device kernel over the pages, or plain host memory
-            src = rows if rows is not None else host
-            return torch.index_select(src.reshape(KVH * N, D), 0, flat.to(src.device)).reshape(KVH, M, K, D).to(self.device)
+        if rows is not None:  # one device kernel reads the chosen rows of the pinned pages
+            return torch.index_select(rows.reshape(KVH * N, D), 0, flat).reshape(KVH, M, K, D)
         out = torch.index_select(host.reshape(KVH * N, D), 0, flat.cpu())  # no UVA: a host gather and a copy
         return out.pin_memory().to(self.device, non_blocking=True).reshape(KVH, M, K, D)
 
