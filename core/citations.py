@@ -215,6 +215,8 @@ def unit_runs(units) -> tuple[np.ndarray, np.ndarray]:
     passage is one run, or a few where whitespace tokens (which map to none) cut it; any order
     works (runs of one)."""
     units = np.asarray(units, np.int64)
+    if not len(units):                                           # nothing offloaded: no runs
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
     starts = np.r_[0, np.flatnonzero(np.diff(units)) + 1, len(units)].astype(np.int64)
     return starts, units[starts[:-1]].copy()
 

@@ -390,3 +390,7 @@ def test_scatter_shares_equals_the_plain_computation():
     scatter_shares(logits[..., shuffled], lse, 0.125, unit_runs(units[shuffled].numpy()), out2)
     want2 = torch.zeros(L, R, U, dtype=torch.float64).index_add(2, units, want_p)
     torch.testing.assert_close(out2.double(), want2, rtol=1e-5, atol=1e-6)
+    # a document short enough to be all static offloads nothing: no runs, nothing added
+    out3 = torch.ones(L, R, U)
+    got3 = scatter_shares(torch.zeros(L, R, 0), lse, 0.125, unit_runs(np.zeros(0, np.int64)), out3)
+    assert got3.shape == (0,) and bool((out3 == 1).all())
