@@ -91,9 +91,15 @@ def distracted(case, n: int):
 
     from accuracy import insert_at
 
+    if not 0 <= n <= len(DISTRACTORS):
+        raise SystemExit(f"--distractors: 0 to {len(DISTRACTORS)}")
     rng = random.Random(f"distract-{case.name}")
     depths: list[int] = []
-    while len(depths) < n:
+    tries = 0
+    while len(depths) < n:  # a few draws for n <= 3; some needle depths leave no room for 5
+        tries += 1
+        if tries > 10_000:
+            raise SystemExit(f"{case.name}: no room for {n} distractors 10 points apart; ask for fewer")
         d = rng.randrange(3, 98)
         if all(abs(d - x) >= 10 for x in depths + [case.depth]):
             depths.append(d)

@@ -63,6 +63,43 @@ def local_attention(q, k, v, scale: float, causal_offset: int | None = None):
     return o.view(KVH, G, T, -1), lse.view(KVH, G, T)
 
 
+def flash_usable(q: torch.Tensor) -> bool:
+    """Whether `flash_attention` runs q ([..., D]) on its device: CUDA with sm80+ (PyTorch's flash
+    kernel) in fp16/bf16, or the CPU (its flash-style kernel, which tests use to check the
+    reshapes), with a head size the kernels take."""
+    D = q.shape[-1]
+    if D % 8 or D > 256:
+        return False
+    if q.device.type == "cuda":
+        return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def flash_attention(q, k, v, scale: float, causal: bool = False):
+    """partial_attention through PyTorch's flash kernel, which returns the log-sum-exp beside the
+    output and never holds a [T, S] score tensor: the prefill's attention on a GPU, in the model's
+    dtype (core/layer.PrefillKV). Check `flash_usable(q)` first.
+
+    q: [KVH, G, T, D] (GQA groups), k, v: [KVH, S, D] (the last dim contiguous; a slice of a larger
+    buffer is read in place) -> o: [KVH, G, T, D] (q's dtype), lse: [KVH, G, T] (fp32)
+    causal: S == T and query t sees keys <= t (a chunk over its own keys); else every key."""
+    KVH, G, T, D = q.shape
+    S = k.shape[1]
+    if causal:  # the mask is per row of one head: one head per query head (the chunk's K/V x G)
+        assert S == T, (S, T)
+        qh = q.reshape(1, KVH * G, T, D)
+        kh = k[:, None].expand(KVH, G, S, D).reshape(1, KVH * G, S, D)
+        vh = v[:, None].expand(KVH, G, S, D).reshape(1, KVH * G, S, D)
+    else:  # the G query heads of a KV head as G * T rows of one head: each K/V read once, in place
+        qh, kh, vh = q.reshape(1, KVH, G * T, D), k[None], v[None]
+    if q.device.type == "cuda":
+        out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)
+    else:
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
+    o, lse = out[0], out[1]  # o: [1, heads, rows, D]; lse: [1, heads, rows] (natural log, scaled logits)
+    return o.reshape(KVH, G, T, D), lse[..., :o.shape[-2]].float().reshape(KVH, G, T)
+
+
 def merge_partials(o1, lse1, o2, lse2):
     """Exact combination of two partial softmaxes over disjoint key sets (log-sum-exp rule).
 

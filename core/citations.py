@@ -277,7 +277,7 @@ class Tally:
 
         KVH, G, T, D = q.shape
         if q.device.type != "cpu":  # a GPU's step: added up on the host (a copy per layer, with sources only)
-            q, k_static, lse = q.cpu(), k_static.cpu(), lse.cpu()
+            q, lse = q.cpu(), lse.cpu()
             if sel is not None:
                 est = sel.estimate and replace(sel.estimate, logits=sel.estimate.logits.cpu())
                 sel = replace(sel, ids=sel.ids.cpu(), logits=sel.logits.cpu(), values=None, estimate=est)
@@ -289,7 +289,7 @@ class Tally:
             prev = self.cluster_mass.get(layer)
             self.cluster_mass[layer] = pe if prev is None else prev + pe
         if self._keys is None and len(self._kdoc) == layer:  # the static document rows do not change during an answer
-            self._kdoc.append(k_static[:, :len(self.static_tokens)].float().transpose(1, 2).contiguous())
+            self._kdoc.append(k_static[:, :len(self.static_tokens)].float().cpu().transpose(1, 2).contiguous())
         self._rows.append(self._row(T - 1, q, lse, sel))  # this step's query row, added up in _flush
         if self.steps == 1 and T > 1:
             self._start_rows.append(self._row(0, q, lse, sel))

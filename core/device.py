@@ -14,10 +14,11 @@ what a step needs where the step runs:
                 UVA view (a CUDA tensor over the pinned pages: the gather kernel reads them over
                 the bus, no host copy, no synchronisation). Where no such view can be made (no
                 UVA), the rows are gathered on the host and copied: correct, slower (`uva`)
-  a step        scores = q . K8 (one batched product), the `widen * k` best by that score, their
-                keys as stored gathered, exact logits, the best k of those kept and their values
-                gathered: the flat index's zone (the exact top-k), found through fp8 scores, with
-                the candidates widened so that the rounding does not push a top-k key out
+  a step        per block of query rows: scores = q . K8 (one batched product), the `widen * k`
+                best by that score, their keys as stored gathered, exact logits, the best k of
+                those kept and their values gathered. That is the flat index's zone (the exact
+                top-k) wherever fp8's rounding leaves each top-k key among the widen * k
+                candidates; tests check it on random keys, where widen = 1 would miss some
 
 Equal to the flat retriever where the candidates hold every key (tests/test_device.py, on the
 CPU: the same code with the device being the CPU; a GPU run is benchmarks/gpu_check.py's).
@@ -29,8 +30,7 @@ import torch
 from .cluster import Zones
 from .layer import Retriever
 from .plan import DEVICE_ROWS as ROWS  # query rows scored at once (the [KVH, ROWS, N] scores bounded)
-
-WIDEN = 2              # candidates per query row: WIDEN x k by fp8 score, the best k of them by exact logit
+from .plan import DEVICE_WIDEN as WIDEN  # candidates per query row: WIDEN x k by fp8 score, the best k by exact logit
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0        # e4m3's largest finite value
 
@@ -44,7 +44,7 @@ def scoring_keys(keys: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor
     scale = torch.empty(KVH, 1, 1, dtype=torch.float32, device=device)
     for h in range(KVH):
         k = keys[h].to(device).float()
-        s = k.abs().amax().clamp_min(1e-12) / FP8_MAX
+        s = (k.abs().amax() if N else k.new_zeros(())).clamp_min(1e-12) / FP8_MAX
         out[h] = (k / s).to(FP8)
         scale[h] = s
     return out, scale
@@ -87,10 +87,12 @@ class DeviceRetriever(Retriever):
         self.uva = self.rows_k is not None and self.rows_v is not None
 
     def _gather(self, rows, host, ids):
-        """rows[h, ids[h]] -> [KVH, M, K, D] on the device, as stored. ids [KVH, M, K] (device)."""
+        """rows[h, ids[h]] -> [KVH, M, K, D] on the device, as stored. ids [KVH, M, K] (device;
+        -1: a pad)."""
         from .index import gather_rows
 
         KVH, M, K = ids.shape
+        ids = ids.clamp_min(0)  # -1 pads read row 0, as Retriever's do
         if self.device.type == "cpu":  # the memory maps themselves (tests; the CPU's own path is Retriever)
             return gather_rows(host, ids, host.dtype)
         N, D = host.shape[1], host.shape[2]
@@ -101,18 +103,22 @@ class DeviceRetriever(Retriever):
         return out.pin_memory().to(self.device, non_blocking=True).reshape(KVH, M, K, D)
 
     def zones(self, q, k: int, scale: float, q_estimate=None) -> Zones:
-        """q [KVH, M, D] -> the exact top-k's zone, found on the device: ids [KVH, M, k] and their
-        exact unscaled logits (the best k of min(N, widen * k) candidates by fp8 score)."""
+        """q [KVH, M, D] -> the exact top-k of the candidates' zone, found on the device: ids
+        [KVH, M, k] and their exact unscaled logits. Per block of ROWS query rows: bf16 scores of
+        every key (fp8 x its head's scale: one order per head), the min(N, widen * k) best, their
+        keys as stored gathered, exact logits, the best k kept; only ids and logits outlive a block."""
         q = q.to(self.device, torch.float32)                            # [KVH, M, D]
         c = min(self.n, self.widen * k)
-        dt = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        kt = self.k8.to(dt).transpose(1, 2)                             # [KVH, D, N] (x kscale: one order per head)
-        ids = torch.cat([torch.bmm(q[:, i:i + ROWS].to(dt), kt).topk(c, dim=-1, sorted=False).indices
-                         for i in range(0, q.shape[1], ROWS)], 1)        # [KVH, M, c]
-        keys = self._gather(self.rows_k, self.host_k, ids).float()      # [KVH, M, c, D]
-        logits = torch.matmul(keys, q[..., None])[..., 0]               # [KVH, M, c] exact
-        logits, best = logits.topk(min(k, c), dim=-1)                   # the exact top-k of the candidates
-        return Zones(ids.gather(-1, best), logits, None)
+        kt = self.k8.to(torch.bfloat16).transpose(1, 2)                 # [KVH, D, N]: one layer widened
+        ids, logits = [], []
+        for i in range(0, q.shape[1], ROWS):
+            qb = q[:, i:i + ROWS]                                       # [KVH, R, D]
+            cand = torch.bmm(qb.to(torch.bfloat16), kt).topk(c, dim=-1, sorted=False).indices  # [KVH, R, c]
+            keys = self._gather(self.rows_k, self.host_k, cand).float()  # [KVH, R, c, D]
+            exact, best = torch.matmul(keys, qb[..., None])[..., 0].topk(min(k, c), dim=-1)  # [KVH, R, k]
+            ids.append(cand.gather(-1, best))
+            logits.append(exact)
+        return Zones(torch.cat(ids, 1), torch.cat(logits, 1), None)
 
     def gather_values(self, ids):
         return self._gather(self.rows_v, self.host_v, ids.to(self.device)).float()

@@ -4,7 +4,8 @@
     prepared = engine.prepare(load_document("book.pdf"))   # prefill once, or load from the store
     for piece in engine.ask(prepared, "Who is the narrator?"):
         print(piece, end="")
-    again = engine.prepare(doc, engine.settings.but(top_k=400))  # other settings: open again (cheap)
+    again = engine.prepare(doc, engine.settings.but(top_k=400))  # other settings: open again (cheap; a
+                                                          # GPU's device retrievers are shared)
 
 A token's K/V: prefill (core/generation.py, core/longctx.py past the window) -> the entry's
 keys.npy / values.npy (core/store.py, manifest core/manifest.py) -> split at open time into the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -115,6 +117,9 @@ class Engine:
         self.notice = notice or (lambda *a: None)
         self.confirm = confirm or (lambda question: True)
         self.store = Store(self.home / "store")
+        # device retrievers by (entry, created, layer, span): another prepare of an open document
+        # shares them (each holds the layer's keys on the GPU in fp8 and its K/V pinned on the host)
+        self._on_device = weakref.WeakValueDictionary()
         self.store.check_writable()  # before the model loads, not after a long prefill
         s = self.settings
         t = time.perf_counter()
@@ -332,7 +337,7 @@ class Engine:
                         f"prefilling in chunks with remapped positions ({scheme.local:,}-token local window, "
                         f"top-{scheme.prefill_topk} far keys per {scheme.block} tokens)")
         if self.device == "cuda":
-            self._refuse_if_too_big(n, s)
+            self._refuse_if_too_big(n, s, remap)
         self._announce(doc, n, s)
         q_pos = np.unique(np.linspace(0, n - 1, num=min(self.query_count(n, s), n)).astype(np.int64))
         layerwise = not remap and layerwise_supported(self.model)
@@ -448,9 +453,11 @@ class Engine:
                              f"{self.store.root} has {human_size(free)} free; free space (`ra cache gc --max-size`) "
                              f"or set RA_HOME elsewhere")
 
-    def _refuse_if_too_big(self, n: int, s: Settings) -> None:
+    def _refuse_if_too_big(self, n: int, s: Settings, remap: bool = False) -> None:
         """Before a prefill on CUDA: refuse, with the plan's numbers, a job that would run out of GPU
-        memory halfway (core/plan.py; what is already allocated, the weights, counts as available)."""
+        memory halfway (core/plan.py; what is already allocated, the weights, counts as available).
+        The plan's `flat` is the search on the device (fp8 keys there), which `auto` picks on a GPU;
+        a remapped entry (past the window) is searched on the host: no index bytes on the device."""
         import torch
 
         from .plan import PlanInput, Shape, plan, refusal
@@ -464,13 +471,16 @@ class Engine:
         p = plan(Shape.from_config(self.model.config.to_dict()),
                  PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(self.dtype).bits // 8,
                            chunk=s.chunk_size, sink=s.sink, recent=s.recent, top_k=s.top_k,
-                           index="flat" if s.index == "auto" else s.index))
+                           index="cluster" if remap and s.index in ("auto", "flat") else
+                           "flat" if s.index == "auto" else s.index))
         why = refusal(p, s.attention, available)
         if why:
             raise DocumentTooLong(why)
 
     def _open_retrievers(self, entry: Entry, split: tuple[int, int], index_dir: Path, kind: str, s: Settings) -> tuple:
-        """Per layer: the offloaded K/V (memory-map views) and its opened index. Reads no K/V."""
+        """Per layer: the offloaded K/V (memory-map views) and its opened index. Reads no K/V on the
+        CPU; a GPU's device retrievers read every offloaded key once, and are shared by every
+        prepare of the entry while one holds them."""
         from .index import kind as index_kind
         from .layer import Retriever
 
@@ -479,14 +489,21 @@ class Engine:
             return ()
         k = index_kind(kind)
         options = {name: getattr(s, name) for name in k.options}
-        make = Retriever
-        if self.device != "cpu" and kind == "flat" and not entry.remapped:  # searched on the device (core/device.py)
-            from .device import DeviceRetriever
+        if self.device == "cpu" or kind != "flat" or entry.remapped:
+            return tuple(Retriever(entry.keys[layer], entry.values[layer],
+                                   k.open(index_dir, layer, entry.keys[layer, :, a:b], **options), span=(a, b))
+                         for layer in range(entry.n_layers))
+        from .device import DeviceRetriever  # searched on the device (core/device.py)
 
-            make = lambda keys, values, index, span: DeviceRetriever(keys, values, index, span, self.device)
-        return tuple(make(entry.keys[layer], entry.values[layer],
-                          k.open(index_dir, layer, entry.keys[layer, :, a:b], **options), span=(a, b))
-                     for layer in range(entry.n_layers))
+        def on_device(layer):
+            key = (str(entry.path), entry.manifest.created, layer, a, b)
+            r = self._on_device.get(key)
+            if r is None:
+                r = DeviceRetriever(entry.keys[layer], entry.values[layer],
+                                    k.open(index_dir, layer, entry.keys[layer, :, a:b], **options), (a, b), self.device)
+                self._on_device[key] = r
+            return r
+        return tuple(on_device(layer) for layer in range(entry.n_layers))
 
     # ------------------------------------------------------------------ answering
 

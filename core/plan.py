@@ -38,6 +38,7 @@ from .settings import DEFAULTS
 
 GiB = 1024 ** 3
 DEVICE_ROWS = 256  # core/device.ROWS: query rows a device search scores at once (no torch import here)
+DEVICE_WIDEN = 2  # core/device.WIDEN: candidates per query row, x k
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
 
 
@@ -187,7 +188,8 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
     device_index = 0
     if x.index == "flat":  # core/device.DeviceRetriever: fp8 keys on the device; a step widens one layer's to bf16
         device_index = heads * offloaded * D
-        step = max(step, KVH * offloaded * D * 2 + KVH * DEVICE_ROWS * offloaded * 2)  # + scores of ROWS rows
+        step = max(step, KVH * offloaded * D * 2 + KVH * DEVICE_ROWS * offloaded * 2  # + scores of ROWS rows
+                   + KVH * DEVICE_ROWS * DEVICE_WIDEN * x.top_k * D * 4)        # + their candidates' keys
     decode_ws = shape.activations(1, w) + step
     prefill_peak = weights + hidden + one_layer + act
     decode_peak = weights + static + device_index + decode_ws

@@ -40,21 +40,31 @@ def test_scoring_keys_round_each_head_to_fp8():
 
 
 def test_device_zones_hold_the_exact_top_k_with_exact_logits():
-    """The zone, found through fp8 scores, is the exact top-k (float64 scores written out here)
-    with the exact q.k as logits."""
+    """The zone, found through fp8 scores in bf16 (as on a GPU), is the exact top-k (float64
+    scores written out here) with the exact q.k as logits, over more query rows than one block
+    (ROWS); without the widened candidates (widen=1) the rounding drops top-k keys."""
+    from core.device import ROWS
+
     k, v = _keys(N=2000, D=32, seed=1)
     r = DeviceRetriever(k, v, FlatLayerIndex(k), device="cpu")
-    q = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2))
+    M = ROWS + 7
+    q = torch.randn(2, M, 32, generator=torch.Generator().manual_seed(2))
     z = r.zones(q, 50, 1.0)
-    assert z.ids.shape == (2, 6, 50) and z.estimate is None
+    assert z.ids.shape == (2, M, 50) and z.estimate is None
     k64, q64 = k.astype(np.float64), q.double().numpy()
+    top = np.argsort(-np.einsum("hnd,hmd->hmn", k64, q64), -1)[..., :50]  # [2, M, 50]
     for h in range(2):
-        for m in range(6):
-            exact = k64[h] @ q64[h, m]
+        for m in range(M):
             got = z.ids[h, m].tolist()
-            assert set(np.argsort(-exact)[:50].tolist()) == set(got), (h, m)
-            np.testing.assert_allclose(z.scores[h, m].double().numpy(), exact[got], rtol=1e-5, atol=1e-4)
+            assert set(top[h, m].tolist()) == set(got), (h, m)
+            np.testing.assert_allclose(z.scores[h, m].double().numpy(), k64[h, got] @ q64[h, m], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(r.gather_values(z.ids)[1, 3].numpy(), v[1, z.ids[1, 3].numpy()].astype(np.float32))
+    narrow = DeviceRetriever(k, v, FlatLayerIndex(k), device="cpu", widen=1).zones(q, 50, 1.0)
+    missed = sum(len(set(top[h, m].tolist()) - set(narrow.ids[h, m].tolist())) for h in range(2) for m in range(M))
+    assert missed > 0
+    pads = torch.tensor([[[-1, 4]], [[7, -1]]])  # -1: a pad, read as row 0 (Retriever's contract)
+    want = np.stack([k[0, [0, 4]], k[1, [7, 0]]])[:, None].astype(np.float32)  # [2, 1, 2, D]
+    np.testing.assert_array_equal(r.gather_keys(pads).numpy(), want)
 
 
 def test_device_retrieval_with_every_key_equals_full_attention(smol, tmp_path):
@@ -100,7 +110,8 @@ def test_cuda_retriever_equals_the_cpu_one():
     cpu = DeviceRetriever(k, v, FlatLayerIndex(k), device="cpu")
     gpu = DeviceRetriever(k, v, FlatLayerIndex(k), device="cuda")
     q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(4))
-    a, b = cpu.zones(q, 30, 1.0), gpu.zones(q.cuda(), 30, 1.0)  # bf16 scores on the GPU, fp32 here
+    assert gpu.uva  # pinned pages read in place (gpu_check prints it as uva_gather)
+    a, b = cpu.zones(q, 30, 1.0), gpu.zones(q.cuda(), 30, 1.0)
     k64, q64 = k.astype(np.float64), q.double().numpy()
     for h in range(2):
         for m in range(4):
@@ -112,3 +123,19 @@ def test_cuda_retriever_equals_the_cpu_one():
     torch.testing.assert_close(gpu.gather_values(ids).cpu(), cpu.gather_values(a.ids))
     gpu.rows_k = gpu.rows_v = None  # the path without UVA: a host gather and a copy
     torch.testing.assert_close(gpu.gather_values(ids).cpu(), cpu.gather_values(a.ids))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prepares_of_one_document_share_its_device_retrievers(smol, tmp_path):
+    """Opening an open document again with other settings (serve keys its open documents by them)
+    holds one copy of the fp8 keys and pinned K/V, not one per prepare."""
+    import copy
+
+    model, tok, identity = smol
+    engine = Engine(tmp_path, Settings(sink=16, recent=32, index="flat"),
+                    loaded=(copy.deepcopy(model).cuda(), tok, identity))
+    doc = Document(text=book_text(3000), name="alice-part", kind="text")
+    p1 = engine.prepare(doc)
+    p2 = engine.prepare(doc, engine.settings.but(top_k=50, max_tokens=9))
+    assert isinstance(p1.retrievers[0], DeviceRetriever)
+    assert all(a is b for a, b in zip(p1.retrievers, p2.retrievers))

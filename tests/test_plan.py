@@ -100,7 +100,7 @@ def test_refusal_names_the_numbers_and_the_way_out():
     p = plan(shape, PlanInput(131072))
     assert refusal(p, "retrieval", 24 * 2**30) is None
     why = refusal(p, "full", 24 * 2**30)
-    assert "131,072 tokens need about 31.2 GiB" in why and "retrieval attention would need 19.8 GiB" in why
+    assert "131,072 tokens need about 31.2 GiB" in why and "retrieval attention would need 20.0 GiB" in why
     assert "retrieval attention would" not in (refusal(p, "full", 10 * 2**30) or "")
 
 
@@ -144,9 +144,9 @@ def test_plan_bytes_of_the_device_search_are_what_it_allocates(smol, tmp_path):
     """`flat` on a GPU (core/device.DeviceRetriever, built here on the CPU): the plan's device
     bytes are its fp8 keys of every layer, its host bytes the offloaded K and V it reads rows of,
     and its step workspace holds one layer's keys widened to the score dtype plus a block of
-    scores."""
+    scores and of its candidates' keys."""
     from conftest import book_text
-    from core.device import ROWS, DeviceRetriever
+    from core.device import ROWS, WIDEN, DeviceRetriever
     from core.documents import Document
     from core.engine import Engine, Settings
 
@@ -161,4 +161,5 @@ def test_plan_bytes_of_the_device_search_are_what_it_allocates(smol, tmp_path):
     KVH, N, D = dev[0].k8.shape
     widened = dev[0].k8.to(torch.bfloat16)
     scores = torch.empty(KVH, ROWS, N, dtype=torch.bfloat16)
-    assert r["decode_workspace_bytes"] >= widened.nbytes + scores.nbytes
+    candidates = torch.empty(KVH, ROWS, WIDEN * s.top_k, D)  # a block's candidate keys in fp32, as zones gathers them
+    assert r["decode_workspace_bytes"] >= widened.nbytes + scores.nbytes + candidates.nbytes
