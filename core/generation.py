@@ -76,7 +76,7 @@ def layerwise_supported(model) -> bool:
 @torch.inference_mode()
 def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
                       progress=None, start_layer: int = 0, hidden: torch.Tensor | None = None,
-                      on_layer=None, store_dtype: torch.dtype = torch.float32) -> None:
+                      on_layer=None, store_dtype: torch.dtype = torch.float32, one_buffer: bool | None = None) -> None:
     """`prefill` with memory that does not grow with the layers: one layer at a time over the whole
     prefix. The hidden states of every token [1, N, H] stay on the device; layer i runs over them
     chunk by chunk (each chunk attends to the chunks before it through a cache holding this layer's
@@ -88,7 +88,11 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     Resuming: `hidden` [1, N, H] is every token's state after layers [0, start_layer) (a
     checkpoint); on_layer(layers_done, hidden) is called after each layer (to checkpoint it).
     store_dtype: the K/V leave the device in it (fp16: half of fp32's bytes over the bus; the
-    rounding is the one the store's own conversion would make)."""
+    rounding is the one the store's own conversion would make).
+    one_buffer: a layer's K/V in one buffer of the document's length, so that each chunk attends
+    to the earlier keys in one flash call where core/attention.flash_usable (core/layer.PrefillKV);
+    None: on CUDA (on the CPU the fused kernel per earlier chunk is kept: it is what BENCHMARKS.md
+    measures)."""
     from .layer import PrefillKV, RaCache
 
     device = next(model.parameters()).device
@@ -97,10 +101,12 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     if hidden is None:
         hidden = body.embed_tokens(torch.from_numpy(ids.astype(np.int64))[None].to(device))  # [1, N, H]
     chunks = [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
+    if one_buffer is None:
+        one_buffer = device.type == "cuda"
     for i, layer in enumerate(body.layers[:L]):
         if i < start_layer:
             continue
-        kv = PrefillKV(i, capture)
+        kv = PrefillKV(i, capture, capacity=n if one_buffer else None)
         cache = RaCache([kv] * L)  # whichever index layer i asks for, it reaches this layer's K/V
         for start, end in chunks:
             x = hidden[:, start:end]
@@ -109,8 +115,8 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
                 capture.set_chunk(start, end)
             hidden[:, start:end] = layer(x, attention_mask=None, position_ids=pos, cache=cache, use_cache=True,
                                          position_embeddings=body.rotary_emb(x, position_ids=pos), ra_cache=cache)
-            write_kv(i, start, kv.k_chunks[-1][0].to(store_dtype).cpu().numpy(),
-                     kv.v_chunks[-1][0].to(store_dtype).cpu().numpy())
+            write_kv(i, start, kv.k_chunks[-1][0].to(store_dtype).contiguous().cpu().numpy(),
+                     kv.v_chunks[-1][0].to(store_dtype).contiguous().cpu().numpy())
         del kv, cache
         if progress:
             progress(int(n * (i + 1) / L), n)

@@ -35,7 +35,7 @@ import torch
 from torch.profiler import record_function
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import attention_from_scores, local_attention, merge, partial_attention
+from .attention import attention_from_scores, flash_attention, flash_usable, local_attention, merge, partial_attention
 from .cluster import Estimate, Zones, estimated_attention
 from .index import gather_rows
 from .longctx import Rope, ordered_scores
@@ -407,14 +407,21 @@ class DocumentLayer(CacheLayerMixin):
 
 class PrefillKV(CacheLayerMixin):
     """One layer's K/V while the layer-by-layer prefill (core/generation.prefill_layerwise) runs it
-    over the whole document, kept as the list of its chunks' K/V ([1, KVH, T, D] each, contiguous).
-    `attend` is a chunk's exact causal attention: one partial over its own keys (causal) and one
-    per earlier chunk, merged, through the fused kernel: no [T, S] score or mask tensor and no copy
-    of the earlier K/V is made."""
+    over the whole document, kept as the list of its chunks' K/V ([1, KVH, T, D] each).
+    `attend` is a chunk's exact causal attention: one partial over its own keys (causal) and the
+    earlier keys', merged, with no [T, S] score or mask tensor and no copy of the earlier K/V:
+      - on the CPU (and where flash does not apply) one partial per earlier chunk, through the
+        fused CPU kernel (core/attention.local_attention; fp32);
+      - with `capacity` (the document's tokens; a GPU's prefill) every chunk's K/V go into one
+        buffer [1, KVH, capacity, D] in the model's dtype, and where core/attention.flash_usable
+        says so (CUDA sm80+, fp16/bf16) the earlier keys are one flash call over the buffer's
+        rows before the chunk (core/attention.flash_attention)."""
 
-    def __init__(self, layer: int = 0, capture=None):
+    def __init__(self, layer: int = 0, capture=None, capacity: int | None = None):
         super().__init__()
         self.layer, self.capture = layer, capture  # capture: a core/generation.QueryCapture, or None
+        self.capacity = capacity
+        self.k_buf = self.v_buf = None             # [1, KVH, capacity, D], made at the first chunk
         self.k_chunks, self.v_chunks = [], []
         self.n = 0
         self.is_initialized = True
@@ -424,9 +431,20 @@ class PrefillKV(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Keeps the chunk's K/V; returns them (attend finds the earlier chunks itself)."""
-        self.k_chunks.append(key_states.contiguous())
-        self.v_chunks.append(value_states.contiguous())
-        self.n += key_states.shape[-2]
+        T = key_states.shape[-2]
+        if self.capacity is None:
+            self.k_chunks.append(key_states.contiguous())
+            self.v_chunks.append(value_states.contiguous())
+        else:
+            if self.k_buf is None:
+                _, KVH, _, D = key_states.shape
+                self.k_buf = key_states.new_empty(1, KVH, self.capacity, D)
+                self.v_buf = value_states.new_empty(1, KVH, self.capacity, D)
+            self.k_buf[:, :, self.n:self.n + T] = key_states
+            self.v_buf[:, :, self.n:self.n + T] = value_states
+            self.k_chunks.append(self.k_buf[:, :, self.n:self.n + T])
+            self.v_chunks.append(self.v_buf[:, :, self.n:self.n + T])
+        self.n += T
         return self.k_chunks[-1], self.v_chunks[-1]
 
     def get_seq_length(self) -> int:
@@ -444,11 +462,19 @@ class PrefillKV(CacheLayerMixin):
         KVH = key.shape[1]
         if self.capture is not None:
             self.capture.record(self.layer, query)
-        q = query[0].float().reshape(KVH, Hq // KVH, T, D)
-        parts = [local_attention(q, key[0].float(), value[0].float(), scale, causal_offset=0)]
-        for k, v in zip(self.k_chunks[:-1], self.v_chunks[:-1]):
-            parts.append(local_attention(q, k[0].float(), v[0].float(), scale))
-        o, _ = merge(parts)
+        if self.k_buf is not None and flash_usable(query):
+            q = query[0].reshape(KVH, Hq // KVH, T, D)
+            start = self.n - T  # the chunk's first row in the buffer
+            parts = [flash_attention(q, key[0], value[0], scale, causal=True)]
+            if start:
+                parts.append(flash_attention(q, self.k_buf[0, :, :start], self.v_buf[0, :, :start], scale))
+            o, _ = merge([(o.float(), lse) for o, lse in parts])
+        else:
+            q = query[0].float().reshape(KVH, Hq // KVH, T, D)
+            parts = [local_attention(q, key[0].float(), value[0].float(), scale, causal_offset=0)]
+            for k, v in zip(self.k_chunks[:-1], self.v_chunks[:-1]):
+                parts.append(local_attention(q, k[0].float(), v[0].float(), scale))
+            o, _ = merge(parts)
         return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
 
 

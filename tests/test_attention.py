@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from core.attention import merge_partials, partial_attention, reference_attention
+from core.attention import flash_attention, flash_usable, merge_partials, partial_attention, reference_attention
 
 
 def _rand(*shape, seed=0):
@@ -111,3 +111,33 @@ def test_static_kv_appends_in_place():
     torch.testing.assert_close(kk[:, :, :5], k)
     static.append(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))  # past the capacity: it grows
     assert static.n == 10 and torch.equal(static.k[:, :, :5], k)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device,dtype,tol", [("cpu", torch.float32, 1e-5), ("cpu", torch.bfloat16, 2e-2),
+                                              pytest.param("cuda", torch.bfloat16, 2e-2, marks=CUDA)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_equals_the_reference(device, dtype, tol, causal):
+    """core/attention.flash_attention (the GPU prefill's partial; on the CPU through its flash
+    kernel, the same reshapes) against float64 softmax written out here: GQA groups, keys read
+    in place from a slice of a longer buffer, the log-sum-exp included."""
+    g = torch.Generator().manual_seed(5)
+    KVH, G, T, D = 2, 3, 40, 16
+    S = T if causal else 70
+    q = torch.randn(KVH, G, T, D, generator=g).to(device, dtype)
+    buf_k = torch.randn(KVH, 100, D, generator=g).to(device, dtype)
+    buf_v = torch.randn(KVH, 100, D, generator=g).to(device, dtype)
+    k, v = buf_k[:, 10:10 + S], buf_v[:, 10:10 + S]  # not contiguous: the buffer's rows
+    assert flash_usable(q) and not k.is_contiguous()
+    o, lse = (x.cpu() for x in flash_attention(q, k, v, 0.25, causal=causal))
+    assert o.shape == (KVH, G, T, D) and lse.shape == (KVH, G, T) and lse.dtype == torch.float32
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    s = torch.einsum("hgtd,hsd->hgts", q.double(), k.double()) * 0.25
+    if causal:
+        s = s.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
+    want_lse = torch.logsumexp(s, -1)
+    want = torch.einsum("hgts,hsd->hgtd", torch.softmax(s, -1), v.double())
+    torch.testing.assert_close(o.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol)

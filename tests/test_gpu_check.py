@@ -25,7 +25,9 @@ def test_gpu_check_runs_reduced_on_the_cpu_without_optional_packages():
     report = json.loads(r.stdout.splitlines()[-1])
     assert report["ok"] and report["device"] == "cpu"
     checks = {row["check"]: row for row in report["exactness"]}
-    assert set(checks) == {"cpu float32 vs transformers", "cpu bfloat16 vs transformers", "device search on cpu"}
+    assert set(checks) == {"cpu float32 vs transformers", "cpu bfloat16 vs transformers", "device search on cpu",
+                           "flash prefill on cpu"}
+    assert checks["flash prefill on cpu"]["flash"] and checks["flash prefill on cpu"]["max_abs_diff"] <= 2e-2
     assert checks["cpu float32 vs transformers"]["max_abs_diff"] <= 1e-4
     assert checks["device search on cpu"]["missed"] == 0 and checks["device search on cpu"]["uva"] is False
     assert "exactness cuda vs cpu: skipped" in r.stdout

@@ -31,8 +31,10 @@ def _run(fn, model, ids, chunk):
     return keys, values, qs
 
 
-@pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen2Config])
-def test_layerwise_prefill_stores_what_the_chunked_prefill_stores(config_cls):
+@pytest.mark.parametrize("config_cls,one_buffer", [(LlamaConfig, False), (Qwen2Config, False), (LlamaConfig, True)])
+def test_layerwise_prefill_stores_what_the_chunked_prefill_stores(config_cls, one_buffer):
+    """one_buffer: the GPU's layout (a layer's K/V in one buffer, the earlier keys one flash call;
+    here the CPU's flash kernel)."""
     register()
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -42,7 +44,7 @@ def test_layerwise_prefill_stores_what_the_chunked_prefill_stores(config_cls):
     assert layerwise_supported(model)
     ids = np.random.default_rng(1).integers(0, 300, 701)  # not a multiple of the chunk
     k1, v1, q1 = _run(prefill, model, ids, 128)
-    k2, v2, q2 = _run(prefill_layerwise, model, ids, 128)
+    k2, v2, q2 = _run(lambda *a: prefill_layerwise(*a, one_buffer=one_buffer), model, ids, 128)
     np.testing.assert_allclose(k2, k1, rtol=0, atol=1e-6)
     np.testing.assert_allclose(v2, v1, rtol=0, atol=1e-6)
     assert q1.keys() == q2.keys() and all(np.allclose(q1[k], q2[k], atol=1e-6) for k in q1)
