@@ -43,6 +43,8 @@ step step_dtype python benchmarks/step_dtype.py --runs 5
 step exact_step python benchmarks/exact_step.py
 step serve_ask_bf16 python benchmarks/serve_ask.py --step-dtype bfloat16
 step serve_ask_fp32 python benchmarks/serve_ask.py --step-dtype float32
+# host memory of the layer-by-layer prefill vs the chunked one at 32K (issue 17)
+step prefill_memory python benchmarks/prefill_memory.py --tokens 32768 --work "$OUT/prefill_memory"
 # host memory of converting a GGUF (issue 17): the embedded file, and its blocks repeated 8 times (878M parameters)
 step gguf_convert python benchmarks/gguf_convert.py --shards 2048,64
 step gguf_convert_x8 python benchmarks/gguf_convert.py --blocks-times 8 --shards 2048,256
