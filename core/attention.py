@@ -70,8 +70,9 @@ def flash_usable(q: torch.Tensor) -> bool:
     D = q.shape[-1]
     if D % 8 or D > 256:
         return False
-    if q.device.type == "cuda":
-        return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    if q.device.type == "cuda":  # a build with flash attention (not every one has it), an sm80+ GPU
+        built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+        return built and q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -97,7 +98,8 @@ def flash_attention(q, k, v, scale: float, causal: bool = False):
     else:
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
     o, lse = out[0], out[1]  # o: [1, heads, rows, D]; lse: [1, heads, rows] (natural log, scaled logits)
-    return o.reshape(KVH, G, T, D), lse[..., :o.shape[-2]].float().reshape(KVH, G, T)
+    lse = lse[..., :o.shape[-2]].float().masked_fill(lse[..., :o.shape[-2]] == math.inf, -math.inf)  # no key: -inf, as merge reads it
+    return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T)
 
 
 def merge_partials(o1, lse1, o2, lse2):

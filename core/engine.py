@@ -470,7 +470,8 @@ class Engine:
         available = min(available, int(fraction * total))
         p = plan(Shape.from_config(self.model.config.to_dict()),
                  PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                           chunk=s.chunk_size, sink=s.sink, recent=s.recent, top_k=s.top_k,
+                           chunk=s.chunk_size, sink=s.sink, top_k=s.top_k,
+                           recent=max(s.recent, s.remap.local) if remap else s.recent,  # as static_sizes keeps
                            index="cluster" if remap and s.index in ("auto", "flat") else
                            "flat" if s.index == "auto" else s.index))
         why = refusal(p, s.attention, available)

@@ -189,7 +189,7 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
     if x.index == "flat":  # core/device.DeviceRetriever: fp8 keys on the device; a step widens one layer's to bf16
         device_index = heads * offloaded * D
         step = max(step, KVH * offloaded * D * 2 + KVH * DEVICE_ROWS * offloaded * 2  # + scores of ROWS rows
-                   + KVH * DEVICE_ROWS * DEVICE_WIDEN * x.top_k * D * 4)        # + their candidates' keys
+                   + KVH * DEVICE_ROWS * DEVICE_WIDEN * x.top_k * D * (x.store_bytes + 4))  # + their keys, as stored and fp32
     decode_ws = shape.activations(1, w) + step
     prefill_peak = weights + hidden + one_layer + act
     decode_peak = weights + static + device_index + decode_ws
