@@ -286,10 +286,7 @@ def device_search(device: str, N: int = 20000, k: int = 100) -> dict:
 
 def planned(model, n: int, s: Settings, dtype, cap: int | None) -> dict:
     """core/plan.py's peaks for this job (what the engine checks before a prefill on CUDA)."""
-    p = plan(Shape.from_config(model.config.to_dict()),
-             PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(dtype).bits // 8, chunk=s.chunk_size,
-                       sink=s.sink, recent=s.recent, top_k=s.top_k, index="flat" if s.index in ("flat", "auto") else "cluster"),
-             cap)
+    p = plan(Shape.from_config(model.config.to_dict()), PlanInput.of(n, s, torch.finfo(dtype).bits // 8), cap)
     r, f = p["retrieval"], p["full"]
     out = {"retrieval_prefill_gib": r["prefill_peak_bytes"] / GiB, "retrieval_decode_gib": r["decode_peak_bytes"] / GiB,
            "full_gib": f["peak_bytes"] / GiB, "retrieval_fits_cap": r.get("fits"),

@@ -97,8 +97,8 @@ def flash_attention(q, k, v, scale: float, causal: bool = False):
         out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)
     else:
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
-    o, lse = out[0], out[1]  # o: [1, heads, rows, D]; lse: [1, heads, rows] (natural log, scaled logits)
-    lse = lse[..., :o.shape[-2]].float().masked_fill(lse[..., :o.shape[-2]] == math.inf, -math.inf)  # no key: -inf, as merge reads it
+    o, lse = out[0], out[1].float()  # o: [1, heads, rows, D]; lse: [1, heads, rows] (natural log, scaled logits)
+    lse = lse.masked_fill(lse == math.inf, -math.inf)  # a row with no key: flash says +inf, merge reads -inf
     return o.reshape(KVH, G, T, D), lse.reshape(KVH, G, T)
 
 

@@ -240,12 +240,11 @@ def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scal
     """One decode step of the `exact` kind in one kernel: q [KVH, G, 1, D] (fp32, CPU) over every
     key of the document, read as stored (doc_k, doc_v: `rows` results (fp16 bits [KVH, N, D], 0)),
     and the n_new tokens after it (new_k, new_v: (fp32 [KVH, >= start + n_new, D], start)) ->
-(o [KVH, G, 1, D], lse [KVH, G, 1]); logits: None, or a buffer [KVH, G, N] (fp32, C-contiguous;
+    (o [KVH, G, 1, D], lse [KVH, G, 1]); logits: None, or a buffer [KVH, G, N] (fp32, C-contiguous;
     a tally's) that gets the unscaled logits of every document row, in document order. The same
-    softmax as `attention_f16`
-    over the document merged with a partial over the new tokens (core/layer: the static zone's
-    partial, the offloaded keys' partial and core/attention.merge), in one pass and one call per
-    layer."""
+    softmax as `attention_f16` over the document merged with a partial over the new tokens
+    (core/layer: the static zone's partial, the offloaded keys' partial and core/attention.merge),
+    in one pass and one call per layer."""
     KVH, G, T, D = q.shape
     (ka, _), (va, _) = doc_k, doc_v
     (kb, kb0), (vb, vb0), nb = new_k, new_v, n_new

@@ -77,7 +77,7 @@ class DeviceRetriever(Retriever):
     def __init__(self, keys, values, index, span: tuple[int, int] | None = None, device="cpu", widen: int = WIDEN):
         super().__init__(keys, values, index, span)
         self.device, self.widen = torch.device(device), widen
-        self.k8, self.kscale = scoring_keys(self.k, self.device)       # [KVH, N, D] fp8, [KVH, 1, 1]
+        self.k8, _ = scoring_keys(self.k, self.device)  # [KVH, N, D] fp8 (the per-head scale orders nothing)
         if self.device.type == "cuda":
             self.host_k = torch.empty(self.k.shape, dtype=self.k.dtype, pin_memory=True).copy_(self.k)
             self.host_v = torch.empty(self.v.shape, dtype=self.v.dtype, pin_memory=True).copy_(self.v)

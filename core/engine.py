@@ -455,9 +455,7 @@ class Engine:
 
     def _refuse_if_too_big(self, n: int, s: Settings, remap: bool = False) -> None:
         """Before a prefill on CUDA: refuse, with the plan's numbers, a job that would run out of GPU
-        memory halfway (core/plan.py; what is already allocated, the weights, counts as available).
-        The plan's `flat` is the search on the device (fp8 keys there), which `auto` picks on a GPU;
-        a remapped entry (past the window) is searched on the host: no index bytes on the device."""
+        memory halfway (core/plan.py; what is already allocated, the weights, counts as available)."""
         import torch
 
         from .plan import PlanInput, Shape, plan, refusal
@@ -469,11 +467,7 @@ class Engine:
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
         available = min(available, int(fraction * total))
         p = plan(Shape.from_config(self.model.config.to_dict()),
-                 PlanInput(n, capacity=s.max_tokens + 256, dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                           chunk=s.chunk_size, sink=s.sink, top_k=s.top_k,
-                           recent=max(s.recent, s.remap.local) if remap else s.recent,  # as static_sizes keeps
-                           index="cluster" if remap and s.index in ("auto", "flat") else
-                           "flat" if s.index == "auto" else s.index))
+                 PlanInput.of(n, s, torch.finfo(self.dtype).bits // 8, remap))
         why = refusal(p, s.attention, available)
         if why:
             raise DocumentTooLong(why)

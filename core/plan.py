@@ -15,7 +15,8 @@ cache, or a .gguf file's metadata. Every number is the arithmetic of what ra all
                    offloaded K/V stays in the store (page cache), the index on the host; but
                    `flat` on a GPU (what `auto` picks there) is searched on the device
                    (core/device.py): every offloaded key in fp8 on the device, plus one layer's
-                   keys widened to bf16 and a block of ROWS query rows' scores while a step searches
+                   keys widened to bf16 and a block of ROWS query rows' scores and candidate keys
+                   while a step searches
   host             retrieval: the opened index's in-memory tables (core/cluster.py: centroids,
                    sizes, value sums, order); flat on the GPU: the offloaded K and V copied into
                    pinned memory, which the device reads the chosen rows of
@@ -164,6 +165,17 @@ class PlanInput:
     index: str = "flat"         # flat (searched on the GPU) | cluster | exact (on the host)
     scan_max: int = DEFAULTS.scan_max  # cluster index: up to this many offloaded keys per head it also scans every key
     query_samples: int = DEFAULTS.query_samples
+
+    @classmethod
+    def of(cls, n: int, s, dtype_bytes: int, remap: bool = False) -> "PlanInput":
+        """The plan's input for a job of n document tokens under core/settings.Settings `s` on a
+        GPU: `auto` is `flat` there (searched on the device); a remapped document (past the
+        window) is searched on the host (no index bytes on the device: the cluster arithmetic)
+        and keeps its wider local window (Engine.static_sizes)."""
+        index = "flat" if s.index == "auto" else s.index
+        return cls(n, capacity=s.max_tokens + 256, dtype_bytes=dtype_bytes, chunk=s.chunk_size, sink=s.sink,
+                   recent=max(s.recent, s.remap.local) if remap else s.recent, top_k=s.top_k,
+                   index="cluster" if remap and index == "flat" else index)
 
 
 def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
