@@ -25,7 +25,12 @@ other than the needle's share the question's words; only the needle's passage ho
 (task `distract` in the rows).
 
 `cost` answers the same question about one document `--runs` times each with and without
-sources, alternating, and reports ms per answer token (medians) and their ratio.
+sources, alternating, and reports medians and ratios of: ms per decoded token (after the first,
+AnswerStats.ms_per_token, the per-token rate BENCHMARKS reports everywhere), ms per answer token
+with the first one (which also runs the question) included, the first token's ms, and the time
+ranking the sources takes after the answer (once per answer). Ratios both of the medians and the
+median of each run's own ratio (each run's two answers are next to each other, so a host whose
+speed drifts over the runs moves both).
 """
 from __future__ import annotations
 
@@ -242,16 +247,27 @@ def cost(engine, length: int, runs: int, log=print) -> str:
     text = insert_at(hay.cut(length, 1), "The secret passcode is 48213.", 50)
     p = engine.prepare(Document(text=text, name=f"cost-{length}", kind="text"))
     q = "What is the secret passcode, and what happens in the story around it? Answer in a few sentences."
-    ms = {0: [], 5: []}
+    ms = {0: [], 5: []}  # per answer: (decode ms/token, answer ms/token, first token ms, ranking ms)
     for run in range(runs):
         for sources in (0, 5) if run % 2 == 0 else (5, 0):
             st = AnswerStats()
+            t = time.perf_counter()
             "".join(engine.ask(p, q, st, sources=sources))
-            ms[sources].append(st.answer_s / max(1, st.answer_tokens) * 1000)
-            log(f"run {run + 1}, sources={sources}: {st.answer_tokens} tokens, {ms[sources][-1]:.1f} ms/token")
-    a, b = statistics.median(ms[0]), statistics.median(ms[5])
-    return (f"| document tokens | answer tokens | without sources, ms/token | with sources, ms/token | ratio |\n"
-            f"|---|---|---|---|---|\n| {p.entry.n_tokens:,} | {st.answer_tokens} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
+            ranking = time.perf_counter() - t - st.answer_s  # after the last token: the sources (none without)
+            ms[sources].append((st.ms_per_token, st.answer_s / max(1, st.answer_tokens) * 1000,
+                                st.first_token_s * 1000, ranking * 1000))
+            log(f"run {run + 1}, sources={sources}: {st.answer_tokens} tokens, {ms[sources][-1][0]:.1f} ms/token "
+                f"decoding, first token {ms[sources][-1][2]:.0f} ms")
+    med = lambda s, i: statistics.median(x[i] for x in ms[s])
+    pair = lambda i: statistics.median(b[i] / a[i] for a, b in zip(ms[0], ms[5]))  # run by run: drift cancels
+    head = ("| measure | without sources | with sources | ratio of medians | median of the runs' ratios |\n"
+            "|---|---|---|---|---|\n")
+    rows = [(f"decode ms/token (after the first; {st.answer_tokens - 1} tokens)", 0),
+            ("answer ms/token (first token included)", 1), ("first token ms (the question)", 2)]
+    return (f"{p.entry.n_tokens:,} document tokens, {runs} runs each way, alternating\n\n" + head
+            + "".join(f"| {name} | {med(0, i):.1f} | {med(5, i):.1f} | {med(5, i) / med(0, i):.3f} | {pair(i):.3f} |\n"
+                      for name, i in rows)
+            + f"| ranking the sources, ms (once per answer) | - | {med(5, 3):.0f} | | |")
 
 
 def main(argv=None) -> None:

@@ -155,12 +155,12 @@ def _combine(o_part, m_part, l_part, o, lse):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _shares(logits, lse, scale, starts, run_units, out, tokens):
+def _shares(logits, lse, scale, starts, run_units, skip, nowhere, out, tokens):
     """Each key's share of its query row's softmax, p = exp(scale * logit - lse), added to
-    out[l, r, run_units[j]] for every key of run j (keys starts[j]..starts[j + 1]) and to
-    tokens[l, i]: logits [L, R, n] unscaled, lse [L, R]; out [L, R, U] and tokens [L, n] fp32,
-    added to. Two passes per row: the shares (vectorized), then one sum per run. Layers over the
-    threads."""
+    tokens[l, i] and to out[l, r, u]: u = run_units[j] for the keys of run j (starts[j]..starts[j + 1])
+    but those in `skip`, u = nowhere for those. logits [L, R, n] unscaled, lse [L, R]; out [L, R, U]
+    and tokens [L, n] fp32, added to. Per row: the shares (vectorized), the skipped keys' summed
+    and zeroed, then one sum per run. Layers over the threads."""
     L, R, n = logits.shape
     for l in prange(L):
         p = np.empty(n, np.float32)
@@ -169,11 +169,13 @@ def _shares(logits, lse, scale, starts, run_units, out, tokens):
             for i in range(n):  # vectorizes
                 p[i] = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
                 tokens[l, i] += p[i]
+            t = np.float32(0.0)
+            for i in skip:
+                t += p[i]
+                p[i] = np.float32(0.0)
+            out[l, r, nowhere] += t
             for j in range(len(run_units)):
-                t = np.float32(0.0)
-                for i in range(starts[j], starts[j + 1]):
-                    t += p[i]
-                out[l, r, run_units[j]] += t
+                out[l, r, run_units[j]] += p[starts[j]:starts[j + 1]].sum()  # a slice's sum vectorizes
 
 
 def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, runs, out: torch.Tensor):
@@ -182,11 +184,11 @@ def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, runs, 
     to out [L, R, U] (fp32, in place) by `runs` (core/citations.unit_runs of the keys' passages);
     returns each key's shares summed over layers and rows [n] (fp64). No [L, R, n] temporary."""
     L, R, n = logits.shape
-    starts, run_units = runs
+    starts, run_units, skip, nowhere = runs
     assert starts[-1] == n, (starts[-1], n)
     tokens = np.zeros((L, n), np.float32)
     call(_shares, logits.contiguous().numpy(), lse.float().contiguous().numpy(), np.float32(scale), starts,
-         run_units, out.numpy(), tokens)
+         run_units, skip, np.int64(nowhere), out.numpy(), tokens)
     return torch.from_numpy(tokens.sum(0, dtype=np.float64))
 
 

@@ -209,16 +209,24 @@ def token_units(offsets, passages: Passages) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the tally
 
-def unit_runs(units) -> tuple[np.ndarray, np.ndarray]:
-    """units [n] (each token's passage) as runs of equal neighbours: (starts [R + 1] int64, each
-    run's unit [R] int64), as core/attention_f16.scatter_shares reads them. In document order a
-    passage is one run, or a few where whitespace tokens (which map to none) cut it; any order
+def unit_runs(units, nowhere: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """units [n] (each token's passage; `nowhere`: none) as core/attention_f16.scatter_shares reads
+    them: (starts [R + 1] int64, each run's unit [R] int64, skip [S] int64, nowhere). A run is a
+    maximal stretch of tokens whose passage tokens all share one unit; the `nowhere` tokens inside
+    it (`skip`: whitespace that cuts a passage, template tokens) are summed into the nowhere column
+    on their own and left out of the run's sum. In document order a passage is one run, so a step
+    sums a few long runs (whitespace alone cut a text passage into runs of ~8 tokens); any order
     works (runs of one)."""
     units = np.asarray(units, np.int64)
-    if not len(units):                                           # nothing offloaded: no runs
-        return np.zeros(1, np.int64), np.zeros(0, np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(units)) + 1, len(units)].astype(np.int64)
-    return starts, units[starts[:-1]].copy()
+    skip = np.flatnonzero(units == nowhere).astype(np.int64)
+    solid = np.flatnonzero(units != nowhere)
+    if not len(solid):                                           # no passage token (or no token)
+        return np.array([0, len(units)] if len(units) else [0], np.int64), \
+            np.full(1 if len(units) else 0, nowhere, np.int64), skip, nowhere
+    su = units[solid]
+    first = solid[np.r_[0, np.flatnonzero(np.diff(su)) + 1]]   # each run's first passage token
+    starts = np.r_[0, first[1:], len(units)].astype(np.int64)  # leading nowhere tokens join the first run
+    return starts, units[first].copy(), skip, nowhere
 
 
 class Tally:
@@ -252,8 +260,8 @@ class Tally:
         self.static_units = self.units[self.static_tokens]
         self.offload_start, self.n_offloaded = offload_start, n_offloaded
         self.offload_units = self.units[offload_start:offload_start + n_offloaded]
-        self.runs = unit_runs(units)                                      # scatter_shares' view of units
-        self.offload_runs = unit_runs(self.offload_units.numpy())         # ... and of the offloaded range's
+        self.runs = unit_runs(units, self.U)                               # scatter_shares' view of units
+        self.offload_runs = unit_runs(self.offload_units.numpy(), self.U)  # ... and of the offloaded range's
         self.clusters = tuple(clusters)
         self.cluster_mass: dict[int, object] = {}                      # layer -> [KVH, G, C] per member
         self.steps = 0

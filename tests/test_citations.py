@@ -379,18 +379,23 @@ def test_scatter_shares_equals_the_plain_computation():
     lse = torch.logsumexp(logits.double() * 0.125, -1).float() + 0.3  # the whole softmax holds other keys too
     units = torch.sort(torch.randint(0, U - 1, (n,), generator=g)).values
     units[::37] = U - 1  # "nowhere" tokens (template, whitespace) inside passages, as a real document has
+    units[:5] = U - 1    # ... and before the first passage (the template)
     out = torch.rand(L, R, U, generator=g)
     want_p = torch.exp(logits.double() * 0.125 - lse.double()[..., None])
     want = out.double().index_add(2, units, want_p)
-    got_tokens = scatter_shares(logits, lse, 0.125, unit_runs(units.numpy()), out)
+    got_tokens = scatter_shares(logits, lse, 0.125, unit_runs(units.numpy(), U - 1), out)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_tokens, want_p.sum((0, 1)), rtol=1e-5, atol=1e-7)
     shuffled = torch.randperm(n, generator=g)  # units in no order (runs of one): the same sums
     out2 = torch.zeros(L, R, U)
-    scatter_shares(logits[..., shuffled], lse, 0.125, unit_runs(units[shuffled].numpy()), out2)
+    scatter_shares(logits[..., shuffled], lse, 0.125, unit_runs(units[shuffled].numpy(), U - 1), out2)
     want2 = torch.zeros(L, R, U, dtype=torch.float64).index_add(2, units, want_p)
     torch.testing.assert_close(out2.double(), want2, rtol=1e-5, atol=1e-6)
+    out4 = torch.zeros(L, R, U)  # no passage token at all: everything to the nowhere column
+    scatter_shares(logits, lse, 0.125, unit_runs(np.full(n, U - 1), U - 1), out4)
+    torch.testing.assert_close(out4[..., -1].double(), want_p.sum(-1), rtol=1e-5, atol=1e-6)
+    assert bool((out4[..., :-1] == 0).all())
     # a document short enough to be all static offloads nothing: no runs, nothing added
     out3 = torch.ones(L, R, U)
-    got3 = scatter_shares(torch.zeros(L, R, 0), lse, 0.125, unit_runs(np.zeros(0, np.int64)), out3)
+    got3 = scatter_shares(torch.zeros(L, R, 0), lse, 0.125, unit_runs(np.zeros(0, np.int64), U - 1), out3)
     assert got3.shape == (0,) and bool((out3 == 1).all())
