@@ -157,18 +157,22 @@ def _combine(o_part, m_part, l_part, o, lse):
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _shares(logits, lse, scale, starts, run_units, skip, nowhere, out, tokens):
     """Each key's share of its query row's softmax, p = exp(scale * logit - lse), added to
-    tokens[l, i] and to out[l, r, u]: u = run_units[j] for the keys of run j (starts[j]..starts[j + 1])
-    but those in `skip`, u = nowhere for those. logits [L, R, n] unscaled, lse [L, R]; out [L, R, U]
-    and tokens [L, n] fp32, added to. Per row: the shares (vectorized), the skipped keys' summed
-    and zeroed, then one sum per run. Layers over the threads."""
+    out[l, r, u]: u = run_units[j] for the keys of run j (starts[j]..starts[j + 1]) but those in
+    `skip`, u = nowhere for those; and, when tokens is n wide, to tokens[l, i]. logits [L, R, n]
+    unscaled, lse [L, R]; out [L, R, U] and tokens [L, n] (or [1, 1]) fp32, added to. Per row: the
+    shares (vectorized), the skipped keys' summed and zeroed, then one sum per run. Layers over
+    the threads."""
     L, R, n = logits.shape
+    keep = tokens.shape[1] == n
     for l in prange(L):
         p = np.empty(n, np.float32)
         for r in range(R):
             m = lse[l, r]
             for i in range(n):  # vectorizes
                 p[i] = exp_f32(min(logits[l, r, i] * scale - m, np.float32(0.0)))
-                tokens[l, i] += p[i]
+            if keep:
+                for i in range(n):
+                    tokens[l, i] += p[i]
             t = np.float32(0.0)
             for i in skip:
                 t += p[i]
@@ -178,18 +182,20 @@ def _shares(logits, lse, scale, starts, run_units, skip, nowhere, out, tokens):
                 out[l, r, run_units[j]] += p[starts[j]:starts[j + 1]].sum()  # a slice's sum vectorizes
 
 
-def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, runs, out: torch.Tensor):
+def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, runs, out: torch.Tensor, tokens=None):
     """A tally's step over every document key (core/citations.Tally): logits [L, R, n] (fp32,
     unscaled), lse [L, R] of each row's whole softmax -> the shares exp(scale * logit - lse) added
-    to out [L, R, U] (fp32, in place) by `runs` (core/citations.unit_runs of the keys' passages);
-    returns each key's shares summed over layers and rows [n] (fp64). No [L, R, n] temporary."""
+    to out [L, R, U] (fp32, in place) by `runs` (core/citations.unit_runs of the keys' passages)
+    and, unless tokens is None, to tokens [L, n] (fp32, in place: each key's shares summed over a
+    layer's rows). No [L, R, n] temporary."""
     L, R, n = logits.shape
     starts, run_units, skip, nowhere = runs
     assert starts[-1] == n, (starts[-1], n)
-    tokens = np.zeros((L, n), np.float32)
+    if tokens is not None and tuple(tokens.shape) != (L, n):
+        raise ValueError(f"tokens buffer {tuple(tokens.shape)}, not {(L, n)}")
     call(_shares, logits.contiguous().numpy(), lse.float().contiguous().numpy(), np.float32(scale), starts,
-         run_units, skip, np.int64(nowhere), out.numpy(), tokens)
-    return torch.from_numpy(tokens.sum(0, dtype=np.float64))
+         run_units, skip, np.int64(nowhere), out.numpy(),
+         np.zeros((1, 1), np.float32) if tokens is None else tokens.numpy())
 
 
 def rows(a: np.ndarray, start: int = 0, stop: int | None = None):

@@ -273,6 +273,9 @@ class Tally:
         self._rows, self._start_rows = [], []  # the step's query rows per layer (see _row)
         self._kdoc, self._keys, self.scale = [], None, 1.0  # the static document keys: per layer [KVH, D, S], then stacked
         self._doc_logits = None  # document_logits' buffer [L, Hq, n], made at its first use
+        self._doc_lse = None     # ... and record_document's lse of each layer's row [L, Hq]
+        self._token_sums = {}    # scatter_shares' per-token sums [L, n or N] by zone ("document",
+                                 # "offloaded"): fp32, added to `tokens` once, in finish
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -320,18 +323,28 @@ class Tally:
             self._flush()
         if self._doc_logits is None:
             self._doc_logits = torch.empty(self.mass.shape[0], self.mass.shape[1], self.n)  # [L, Hq, n]
+            self._doc_lse = torch.empty(self.mass.shape[0], self.mass.shape[1])              # [L, Hq]
         return self._doc_logits[layer].view(kv_heads, -1, self.n)
 
-    def record_document(self, layer: int, q, lse, scale: float) -> None:
+    def record_document(self, layer: int, lse, scale: float) -> None:
         """`record` for a decode step whose attention wrote the logits of every document token in
-        document order into `document_logits(layer)` (core/attention_f16.step_attention): q
-        [KVH, G, 1, D], lse [KVH, G, 1] of the whole softmax. (The step before was added up when
-        layer 0 asked for its buffer.)"""
+        document order into `document_logits(layer)` (core/attention_f16.step_attention): lse
+        [KVH, G, 1] of the whole softmax. (The step before was added up when layer 0 asked for its
+        buffer.)"""
         if layer == 0:
             self.steps += 1
-        self._rows.append((q[:, :, -1], lse[:, :, -1].float(), "document", layer))
+        self._doc_lse.numpy()[layer] = lse.cpu().numpy().reshape(-1)  # numpy's assignment: a tenth of torch's
+        self._rows.append(("document", layer))
         self.scale = scale
         self._open = True
+
+    def _token_sum(self, zone: str, L: int, n: int):
+        """The fp32 [L, n] buffer scatter_shares adds a zone's per-token shares into (made once)."""
+        import torch
+
+        if zone not in self._token_sums:
+            self._token_sums[zone] = torch.zeros(L, n)
+        return self._token_sums[zone]
 
     @staticmethod
     def _row(row: int, q, lse, sel):
@@ -357,12 +370,10 @@ class Tally:
         from .attention_f16 import scatter_shares  # numba: imported where it is used
 
         L = len(rows)
-        if isinstance(rows[0][2], str):  # record_document: every document token's logit, in order
-            assert [r[3] for r in rows] == list(range(L))                         # layers 0..L-1, in order
-            lse = torch.stack([r[1] for r in rows]).reshape(L, -1)                # [L, Hq]
-            per_token = scatter_shares(self._doc_logits[:L], lse, self.scale, self.runs, out[:L])
-            if tokens:
-                self.tokens[:len(per_token)] += per_token
+        if isinstance(rows[0][0], str):  # record_document: every document token's logit, in order
+            assert [r[1] for r in rows] == list(range(L))                         # layers 0..L-1, in order
+            scatter_shares(self._doc_logits[:L], self._doc_lse[:L], self.scale, self.runs, out[:L],
+                           self._token_sum("document", self.mass.shape[0], self.n)[:L] if tokens else None)
             return
         if self._keys is None:  # every layer has been recorded once: stack their keys, once
             self._keys, self._kdoc = torch.stack(self._kdoc), None                # [L, KVH, D, S]
@@ -377,9 +388,8 @@ class Tally:
             return
         if rows[0][2] is None:  # every offloaded key, in order (`exact`): by runs of one passage
             logits = torch.stack([r[3] for r in rows]).reshape(L, Hq, -1)      # [L, Hq, N]
-            per_token = scatter_shares(logits, lse.reshape(L, Hq), self.scale, self.offload_runs, out[:L])
-            if tokens:
-                self.tokens[self.offload_start:self.offload_start + len(per_token)] += per_token
+            scatter_shares(logits, lse.reshape(L, Hq), self.scale, self.offload_runs, out[:L],
+                           self._token_sum("offloaded", self.mass.shape[0], logits.shape[-1])[:L] if tokens else None)
             return
         K = max(r[2].shape[-1] for r in rows)  # the clustered index retrieves unequal numbers
         pad = lambda x, value: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=value)
@@ -414,6 +424,10 @@ class Tally:
         import torch
 
         self._flush()
+        for zone, sums in self._token_sums.items():  # scatter_shares' per-token sums, once
+            start = 0 if zone == "document" else self.offload_start
+            self.tokens[start:start + sums.shape[1]] += sums.sum(0, dtype=torch.float64)
+        self._token_sums = {}
         for layer, pe in self.cluster_mass.items():
             idx = self.clusters[layer]
             KVH, G, C = pe.shape

@@ -170,7 +170,7 @@ class FusedStepLayer(torch.nn.Module):
             with span("ra.attend", cl.trace):                             # a profiler range only with trace on
                 o, lse = step_attention(qt, doc_k, doc_v, (k_rows, n0), (v_rows, n0), row + 1 - n0, self.scale,
                                         cl.tally_logits())               # o: [KVH, G, 1, D]
-                cl.stepped(qt, lse, self.scale)
+                cl.stepped(lse, self.scale)
             o = o.numpy().reshape(-1)                                     # heads in order: h = kv * G + g
         else:             # the layer's own update and attend, as transformers' attention module calls them
             kv = np.empty((2, n_kv, 1, D), np.float32)

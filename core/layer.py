@@ -348,11 +348,11 @@ class DocumentLayer(CacheLayerMixin):
         """The tally's buffer for this layer's document logits [KVH, G, n], or None (no tally)."""
         return None if self.tally is None else self.tally.document_logits(self.layer, self.static.k.shape[1])
 
-    def stepped(self, q=None, lse=None, scale: float = 1.0) -> None:
-        """The row from `step_rows` written and attended; with a tally, its step recorded (q
-        [KVH, G, 1, D], lse [KVH, G, 1]; the logits in the tally's buffer)."""
+    def stepped(self, lse=None, scale: float = 1.0) -> None:
+        """The row from `step_rows` written and attended; with a tally, its step recorded (lse
+        [KVH, G, 1]; the logits in the tally's buffer)."""
         if self.tally is not None:
-            self.tally.record_document(self.layer, q, lse, scale)
+            self.tally.record_document(self.layer, lse, scale)
         self.static.n += 1
         self.n_new += 1
         self.keys, self.values = self.static.k[:, :, :self.static.n], self.static.v[:, :, :self.static.n]
@@ -372,7 +372,7 @@ class DocumentLayer(CacheLayerMixin):
                     o, _ = self.retriever.whole_step(q, self.static, scale)
                 else:  # the tally reads every document key's logit: kept by the kernel, in its buffer
                     o, lse = self.retriever.whole_step(q, self.static, scale, self.tally_logits())
-                    self.tally.record_document(self.layer, q, lse, scale)
+                    self.tally.record_document(self.layer, lse, scale)
             self.last = None
             return o.reshape(Hq, T, D).transpose(0, 1)[None].to(query.dtype).contiguous()
         end = self.get_seq_length()

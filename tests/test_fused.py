@@ -119,8 +119,10 @@ def test_other_layers_step_through_their_own_update_and_attend(smol, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
         torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
-        assert ta.mass.sum() > 0
+        ta.finish(), tb.finish()
+        assert ta.mass.sum() > 0 and ta.tokens.sum() > 0
         torch.testing.assert_close(ta.mass, tb.mass, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ta.tokens, tb.tokens, rtol=1e-4, atol=1e-6)
     cache = engine.build_cache(prepared, capacity=len(ids) + 2)
     n = layer0.fused_steps
     forward(step, cache, ids, prepared.entry.n_tokens)  # several tokens at once: transformers' layer
