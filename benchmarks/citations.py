@@ -6,7 +6,7 @@
     python benchmarks/citations.py qa     --jsonl bench_out/cit_qa.jsonl
     python benchmarks/citations.py rules  --steps bench_out/cit_dev              # rules compared on the held-out cases
     python benchmarks/citations.py report --jsonl bench_out/cit_needle.jsonl ... # the tables again, running nothing
-    python benchmarks/citations.py cost   [--length 7500] [--runs 3]             # ms/token with and without sources
+    python benchmarks/citations.py cost   [--length 7500] [--runs 3] [--busy]    # ms/token with and without sources
     python benchmarks/citations.py needle --distractors 3 ...   # the grid with sentences that name the passcode, not give it
 
 The cases are benchmarks/accuracy.py's (needle grid, RULER-style tasks, question set): each is
@@ -30,7 +30,8 @@ AnswerStats.ms_per_token, the per-token rate BENCHMARKS reports everywhere), ms 
 with the first one (which also runs the question) included, the first token's ms, and the time
 ranking the sources takes after the answer (once per answer). Ratios both of the medians and the
 median of each run's own ratio (each run's two answers are next to each other, so a host whose
-speed drifts over the runs moves both).
+speed drifts over the runs moves both). `--busy` keeps one core busy with another process
+(`python -c "while True: pass"`) meanwhile: ra on a machine that is doing something else.
 """
 from __future__ import annotations
 
@@ -237,17 +238,12 @@ def rules(steps_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def cost(engine, length: int, runs: int, log=print) -> str:
-    from accuracy import insert_at
-
-    from core.documents import Document
+def _answers(engine, p, q: str, runs: int, log) -> dict:
+    """`runs` answers each way, alternating -> {sources: [(decode ms/token, answer ms/token, first
+    token ms, ranking ms, answer tokens)] per answer}."""
     from core.engine import AnswerStats
 
-    hay = Hay(engine.tokenizer)
-    text = insert_at(hay.cut(length, 1), "The secret passcode is 48213.", 50)
-    p = engine.prepare(Document(text=text, name=f"cost-{length}", kind="text"))
-    q = "What is the secret passcode, and what happens in the story around it? Answer in a few sentences."
-    ms = {0: [], 5: []}  # per answer: (decode ms/token, answer ms/token, first token ms, ranking ms)
+    ms = {0: [], 5: []}
     for run in range(runs):
         for sources in (0, 5) if run % 2 == 0 else (5, 0):
             st = AnswerStats()
@@ -255,16 +251,38 @@ def cost(engine, length: int, runs: int, log=print) -> str:
             "".join(engine.ask(p, q, st, sources=sources))
             ranking = time.perf_counter() - t - st.answer_s  # after the last token: the sources (none without)
             ms[sources].append((st.ms_per_token, st.answer_s / max(1, st.answer_tokens) * 1000,
-                                st.first_token_s * 1000, ranking * 1000))
-            log(f"run {run + 1}, sources={sources}: {st.answer_tokens} tokens, {ms[sources][-1][0]:.1f} ms/token "
-                f"decoding, first token {ms[sources][-1][2]:.0f} ms")
+                                st.first_token_s * 1000, ranking * 1000, st.answer_tokens))
+            log(f"run {run + 1}, sources={sources}: {st.answer_tokens} tokens, {st.ms_per_token:.1f} ms/token "
+                f"decoding, first token {st.first_token_s * 1000:.0f} ms")
+    return ms
+
+
+def cost(engine, length: int, runs: int, log=print, busy: bool = False) -> str:
+    import subprocess
+
+    from accuracy import insert_at
+
+    from core.documents import Document
+
+    hay = Hay(engine.tokenizer)
+    text = insert_at(hay.cut(length, 1), "The secret passcode is 48213.", 50)
+    p = engine.prepare(Document(text=text, name=f"cost-{length}", kind="text"))
+    q = "What is the secret passcode, and what happens in the story around it? Answer in a few sentences."
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None  # a busy host
+    try:
+        ms = _answers(engine, p, q, runs, log)
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
     med = lambda s, i: statistics.median(x[i] for x in ms[s])
     pair = lambda i: statistics.median(b[i] / a[i] for a, b in zip(ms[0], ms[5]))  # run by run: drift cancels
-    head = ("| measure | without sources | with sources | ratio of medians | median of the runs' ratios |\n"
-            "|---|---|---|---|---|\n")
-    rows = [(f"decode ms/token (after the first; {st.answer_tokens - 1} tokens)", 0),
+    rows = [(f"decode ms/token (after the first; {med(0, 4) - 1:.0f} tokens)", 0),
             ("answer ms/token (first token included)", 1), ("first token ms (the question)", 2)]
-    return (f"{p.entry.n_tokens:,} document tokens, {runs} runs each way, alternating\n\n" + head
+    return (f"{p.entry.n_tokens:,} document tokens, {runs} runs each way, alternating"
+            + (", one core kept busy by another process" if busy else "") + "\n\n"
+            + "| measure | without sources | with sources | ratio of medians | median of the runs' ratios |\n"
+            + "|---|---|---|---|---|\n"
             + "".join(f"| {name} | {med(0, i):.1f} | {med(5, i):.1f} | {med(5, i) / med(0, i):.3f} | {pair(i):.3f} |\n"
                       for name, i in rows)
             + f"| ranking the sources, ms (once per answer) | - | {med(5, 3):.0f} | | |")
@@ -282,6 +300,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=Path, help="keep each case's per-step mass here (held-out cases)")
     ap.add_argument("--length", type=int, default=7500)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--busy", action="store_true", help="cost: keep one core busy with another process meanwhile")
     ap.add_argument("--distractors", type=int, default=0,
                     help="needle: put this many sentences about the passcode that do not give it at other depths")
     ap.add_argument("--index", default="flat", help="the index the answers use: flat (the runs of BENCHMARKS.md's "
@@ -302,7 +321,7 @@ def main(argv=None) -> None:
     engine = make_engine(home, index=args.index, max_tokens=args.max_tokens)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     if args.task == "cost":
-        print(cost(engine, args.length, args.runs, log))
+        print(cost(engine, args.length, args.runs, log, args.busy))
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
