@@ -59,6 +59,7 @@ step cit_distract python benchmarks/citations.py needle --seeds 0,1,2 --index ex
 step citations_ruler python benchmarks/citations.py ruler --lengths 2000,4000,7500 --seeds 0,1,2 --home "$OUT/cit_home" --jsonl "$OUT/cit_ruler.jsonl"
 step citations_qa python benchmarks/citations.py qa --home "$OUT/cit_home" --jsonl "$OUT/cit_qa.jsonl"
 step citations_cost python benchmarks/citations.py cost --length 7500 --runs 9 --max-tokens 64 --index exact
+step citations_cost_busy python benchmarks/citations.py cost --length 7500 --runs 9 --max-tokens 64 --index exact --busy
 
 # accuracy against full attention on the same cached KV
 step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl "$OUT/needle.jsonl"
