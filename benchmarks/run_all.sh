@@ -60,6 +60,9 @@ step citations_ruler python benchmarks/citations.py ruler --lengths 2000,4000,75
 step citations_qa python benchmarks/citations.py qa --home "$OUT/cit_home" --jsonl "$OUT/cit_qa.jsonl"
 step citations_cost python benchmarks/citations.py cost --length 7500 --runs 9 --max-tokens 64 --index exact
 step citations_cost_busy python benchmarks/citations.py cost --length 7500 --runs 9 --max-tokens 64 --index exact --busy
+step threads_busy_1 env OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/citations.py cost --length 7500 --runs 3 --max-tokens 64 --index exact --busy
+step threads_quiet_1 env OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/citations.py cost --length 7500 --runs 3 --max-tokens 64 --index exact
+step threads_busy_2 python benchmarks/citations.py cost --length 7500 --runs 3 --max-tokens 64 --index exact --busy
 
 # accuracy against full attention on the same cached KV
 step needle python benchmarks/accuracy.py needle --home "$OUT/acc_home" --jsonl "$OUT/needle.jsonl"
