@@ -28,10 +28,11 @@ other than the needle's share the question's words; only the needle's passage ho
 sources, alternating, and reports medians and ratios of: ms per decoded token (after the first,
 AnswerStats.ms_per_token, the per-token rate BENCHMARKS reports everywhere), ms per answer token
 with the first one (which also runs the question) included, the first token's ms, and the time
-ranking the sources takes after the answer (once per answer). Ratios both of the medians and the
+outside the answer's clock (the answer's setup, and with sources the tally's finish and the
+ranking: the difference is what sources add, once per answer). Ratios both of the medians and the
 median of each run's own ratio (each run's two answers are next to each other, so a host whose
 speed drifts over the runs moves both). `--busy` keeps one core busy with another process
-(`python -c "while True: pass"`) meanwhile: ra on a machine that is doing something else.
+(a Python loop that ends with this process) meanwhile: ra on a machine that is doing something else.
 """
 from __future__ import annotations
 
@@ -239,17 +240,19 @@ def rules(steps_dir: Path) -> str:
 
 
 def _answers(engine, p, q: str, runs: int, log) -> dict:
-    """`runs` answers each way, alternating -> {sources: [(decode ms/token, answer ms/token, first
+    """`runs` answers each way, alternating, after one each way not counted -> {sources: [(decode ms/token, answer ms/token, first
     token ms, ranking ms, answer tokens)] per answer}."""
     from core.engine import AnswerStats
 
+    for sources in (0, 5):  # warm-up, not counted: the first answers of a process make its step model, load kernels
+        "".join(engine.ask(p, q, AnswerStats(), sources=sources))
     ms = {0: [], 5: []}
     for run in range(runs):
         for sources in (0, 5) if run % 2 == 0 else (5, 0):
             st = AnswerStats()
             t = time.perf_counter()
             "".join(engine.ask(p, q, st, sources=sources))
-            ranking = time.perf_counter() - t - st.answer_s  # after the last token: the sources (none without)
+            ranking = time.perf_counter() - t - st.answer_s  # outside answer_s: setup, and the sources (with)
             ms[sources].append((st.ms_per_token, st.answer_s / max(1, st.answer_tokens) * 1000,
                                 st.first_token_s * 1000, ranking * 1000, st.answer_tokens))
             log(f"run {run + 1}, sources={sources}: {st.answer_tokens} tokens, {st.ms_per_token:.1f} ms/token "
@@ -268,7 +271,8 @@ def cost(engine, length: int, runs: int, log=print, busy: bool = False) -> str:
     text = insert_at(hay.cut(length, 1), "The secret passcode is 48213.", 50)
     p = engine.prepare(Document(text=text, name=f"cost-{length}", kind="text"))
     q = "What is the secret passcode, and what happens in the story around it? Answer in a few sentences."
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None  # a busy host
+    spinner = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # ends when this process does
+    spin = subprocess.Popen([sys.executable, "-c", spinner]) if busy else None  # a busy host
     try:
         ms = _answers(engine, p, q, runs, log)
     finally:
@@ -285,7 +289,8 @@ def cost(engine, length: int, runs: int, log=print, busy: bool = False) -> str:
             + "|---|---|---|---|---|\n"
             + "".join(f"| {name} | {med(0, i):.1f} | {med(5, i):.1f} | {med(5, i) / med(0, i):.3f} | {pair(i):.3f} |\n"
                       for name, i in rows)
-            + f"| ranking the sources, ms (once per answer) | - | {med(5, 3):.0f} | | |")
+            + f"| after the last token, ms: with sources less without (finishing the tally, ranking) | "
+              f"{med(0, 3):.0f} | {med(5, 3):.0f} | {med(5, 3) - med(0, 3):+.0f} ms | |")
 
 
 def main(argv=None) -> None:

@@ -94,14 +94,13 @@ def _task(q, h, k, k0, v, v0, a, b, scale, o_out, m_out, l_out, logits, keep):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
+def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits, keep):
     """Each slice of SLICE keys' partial (`_slice`), the KV heads' slices spread over the threads:
     n keys, rows k0.. of k and v0.. of v; slice s of head h into o_part[h, s] [M, D],
-    m_part[h, s], l_part[h, s] [M]. `logits` [KVH, M, n] gets the unscaled q.k when it is n wide
-    (a tally wants them), else it is a [1, 1, 1] placeholder."""
+    m_part[h, s], l_part[h, s] [M]. With `keep`, `logits` [KVH, M, n] gets the unscaled q.k (a
+    tally wants them); else it is a placeholder, never written."""
     KVH = q.shape[0]
     S = o_part.shape[1]
-    keep = logits.shape[2] == n
     for task in prange(KVH * S):
         h, s = task // S, task % S
         a = s * SLICE
@@ -109,15 +108,14 @@ def _slices(q, k, k0, v, v0, n, scale, o_part, m_part, l_part, logits):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part, logits):
+def _slices2(q, ka, va, na, kb, kb0, vb, vb0, nb, scale, o_part, m_part, l_part, logits, keep):
     """`_slices` over two key sets at once: rows 0..na of ka, va (the document's fp16 rows) in
     the first slices of each head, rows kb0.. / vb0.. (nb of them) of kb, vb (the tokens after
-    it, fp32) in the rest. `logits` [KVH, M, na] gets the document rows' unscaled q.k when it is
-    na wide (a tally wants them), else it is a [1, 1, 1] placeholder."""
+    it, fp32) in the rest. With `keep`, `logits` [KVH, M, na] gets the document rows' unscaled q.k
+    (a tally wants them); else it is a placeholder, never written."""
     KVH = q.shape[0]
     S = o_part.shape[1]
     Sa = (na + SLICE - 1) // SLICE
-    keep = logits.shape[2] == na
     none = np.empty((1, 1, 1), np.float32)
     for task in prange(KVH * S):
         h, s = task // S, task % S
@@ -155,15 +153,14 @@ def _combine(o_part, m_part, l_part, o, lse):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _shares(logits, lse, scale, starts, run_units, skip, nowhere, out, tokens):
+def _shares(logits, lse, scale, starts, run_units, skip, nowhere, out, tokens, keep):
     """Each key's share of its query row's softmax, p = exp(scale * logit - lse), added to
     out[l, r, u]: u = run_units[j] for the keys of run j (starts[j]..starts[j + 1]) but those in
-    `skip`, u = nowhere for those; and, when tokens is n wide, to tokens[l, i]. logits [L, R, n]
-    unscaled, lse [L, R]; out [L, R, U] and tokens [L, n] (or [1, 1]) fp32, added to. Per row: the
-    shares (vectorized), the skipped keys' summed and zeroed, then one sum per run. Layers over
-    the threads."""
+    `skip`, u = nowhere for those; and, with `keep`, to tokens[l, i]. logits [L, R, n] unscaled,
+    lse [L, R]; out [L, R, U] fp32 and tokens [L, n] fp64 (without `keep`: a placeholder, never
+    written), added to. Per row: the shares (vectorized), the skipped keys' summed and zeroed,
+    then one sum per run. Layers over the threads."""
     L, R, n = logits.shape
-    keep = tokens.shape[1] == n
     for l in prange(L):
         p = np.empty(n, np.float32)
         for r in range(R):
@@ -186,16 +183,16 @@ def scatter_shares(logits: torch.Tensor, lse: torch.Tensor, scale: float, runs, 
     """A tally's step over every document key (core/citations.Tally): logits [L, R, n] (fp32,
     unscaled), lse [L, R] of each row's whole softmax -> the shares exp(scale * logit - lse) added
     to out [L, R, U] (fp32, in place) by `runs` (core/citations.unit_runs of the keys' passages)
-    and, unless tokens is None, to tokens [L, n] (fp32, in place: each key's shares summed over a
+    and, unless tokens is None, to tokens [L, n] (fp64, in place: each key's shares summed over a
     layer's rows). No [L, R, n] temporary."""
     L, R, n = logits.shape
     starts, run_units, skip, nowhere = runs
     assert starts[-1] == n, (starts[-1], n)
-    if tokens is not None and tuple(tokens.shape) != (L, n):
-        raise ValueError(f"tokens buffer {tuple(tokens.shape)}, not {(L, n)}")
+    if tokens is not None and (tuple(tokens.shape) != (L, n) or tokens.dtype != torch.float64):
+        raise ValueError(f"tokens buffer {tuple(tokens.shape)} {tokens.dtype}, not {(L, n)} float64")
     call(_shares, logits.contiguous().numpy(), lse.float().contiguous().numpy(), np.float32(scale), starts,
          run_units, skip, np.int64(nowhere), out.numpy(),
-         np.zeros((1, 1), np.float32) if tokens is None else tokens.numpy())
+         np.zeros((1, 1), np.float64) if tokens is None else tokens.numpy(), tokens is not None)
 
 
 def rows(a: np.ndarray, start: int = 0, stop: int | None = None):
@@ -239,7 +236,7 @@ def attention_f16(q: torch.Tensor, k, v, scale: float, keep_logits: bool = False
     parts = _slice_parts(KVH, S, M, D)
     if S:
         call(_slices, q.reshape(KVH, M, D).contiguous().numpy(), kb, ks, vb, vs, N, np.float32(scale), *parts,
-             logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32))
+             logits.numpy() if keep_logits else np.empty((1, 1, 1), np.float32), keep_logits)
     o, lse = _merged(parts, G, T)
     return o, lse, (logits if keep_logits else None)
 
@@ -263,5 +260,6 @@ def step_attention(q: torch.Tensor, doc_k, doc_v, new_k, new_v, n_new: int, scal
     if logits is not None and tuple(logits.shape) != (KVH, G, na):
         raise ValueError(f"logits buffer {tuple(logits.shape)}, not {(KVH, G, na)}")
     call(_slices2, q.reshape(KVH, M, D).contiguous().numpy(), ka, va, na, kb, kb0, vb, vb0, nb, np.float32(scale),
-         *parts, np.empty((1, 1, 1), np.float32) if logits is None else logits.numpy().reshape(KVH, M, na))
+         *parts, np.empty((1, 1, 1), np.float32) if logits is None else logits.numpy().reshape(KVH, M, na),
+         logits is not None)
     return _merged(parts, G, T)

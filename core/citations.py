@@ -275,7 +275,7 @@ class Tally:
         self._doc_logits = None  # document_logits' buffer [L, Hq, n], made at its first use
         self._doc_lse = None     # ... and record_document's lse of each layer's row [L, Hq]
         self._token_sums = {}    # scatter_shares' per-token sums [L, n or N] by zone ("document",
-                                 # "offloaded"): fp32, added to `tokens` once, in finish
+                                 # "offloaded"): fp64, added to `tokens` once, in finish
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -339,11 +339,11 @@ class Tally:
         self._open = True
 
     def _token_sum(self, zone: str, L: int, n: int):
-        """The fp32 [L, n] buffer scatter_shares adds a zone's per-token shares into (made once)."""
+        """The fp64 [L, n] buffer scatter_shares adds a zone's per-token shares into (made once)."""
         import torch
 
         if zone not in self._token_sums:
-            self._token_sums[zone] = torch.zeros(L, n)
+            self._token_sums[zone] = torch.zeros(L, n, dtype=torch.float64)
         return self._token_sums[zone]
 
     @staticmethod

@@ -383,8 +383,8 @@ def test_scatter_shares_equals_the_plain_computation():
     out = torch.rand(L, R, U, generator=g)
     want_p = torch.exp(logits.double() * 0.125 - lse.double()[..., None])
     want = out.double().index_add(2, units, want_p)
-    tokens = torch.rand(L, n, generator=g)
-    want_tokens = tokens.double() + want_p.sum(1)
+    tokens = torch.rand(L, n, generator=g, dtype=torch.float64)
+    want_tokens = tokens + want_p.sum(1)
     scatter_shares(logits, lse, 0.125, unit_runs(units.numpy(), U - 1), out, tokens)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tokens.double(), want_tokens, rtol=1e-5, atol=1e-6)
@@ -399,5 +399,5 @@ def test_scatter_shares_equals_the_plain_computation():
     assert bool((out4[..., :-1] == 0).all())
     # a document short enough to be all static offloads nothing: no runs, nothing added
     out3 = torch.ones(L, R, U)
-    scatter_shares(torch.zeros(L, R, 0), lse, 0.125, unit_runs(np.zeros(0, np.int64), U - 1), out3, torch.zeros(L, 0))
+    scatter_shares(torch.zeros(L, R, 0), lse, 0.125, unit_runs(np.zeros(0, np.int64), U - 1), out3, torch.zeros(L, 0, dtype=torch.float64))
     assert bool((out3 == 1).all())
