@@ -274,8 +274,8 @@ class Tally:
         self._kdoc, self._keys, self.scale = [], None, 1.0  # the static document keys: per layer [KVH, D, S], then stacked
         self._doc_logits = None  # document_logits' buffer [L, Hq, n], made at its first use
         self._doc_lse = None     # ... and record_document's lse of each layer's row [L, Hq]
-        self._token_sums = {}    # scatter_shares' per-token sums [L, n or N] by zone ("document",
-                                 # "offloaded"): fp64, added to `tokens` once, in finish
+        self._token_sums = {}    # scatter_shares' per-token sums [L, n or N] (fp64) by their first
+                                 # token (0: every document token; offload_start), added to `tokens` in finish
 
     def record(self, layer: int, q, k_static, lse, sel, scale: float) -> None:
         """One layer's step: q [KVH, G, T, D] (the last row, T-1, is the one that predicts the next
@@ -338,13 +338,13 @@ class Tally:
         self.scale = scale
         self._open = True
 
-    def _token_sum(self, zone: str, L: int, n: int):
-        """The fp64 [L, n] buffer scatter_shares adds a zone's per-token shares into (made once)."""
+    def _token_sum(self, start: int, n: int):
+        """The fp64 [L, n] buffer scatter_shares adds the shares of tokens start.. into (made once)."""
         import torch
 
-        if zone not in self._token_sums:
-            self._token_sums[zone] = torch.zeros(L, n, dtype=torch.float64)
-        return self._token_sums[zone]
+        if start not in self._token_sums:
+            self._token_sums[start] = torch.zeros(self.mass.shape[0], n, dtype=torch.float64)
+        return self._token_sums[start]
 
     @staticmethod
     def _row(row: int, q, lse, sel):
@@ -373,7 +373,7 @@ class Tally:
         if isinstance(rows[0][0], str):  # record_document: every document token's logit, in order
             assert [r[1] for r in rows] == list(range(L))                         # layers 0..L-1, in order
             scatter_shares(self._doc_logits[:L], self._doc_lse[:L], self.scale, self.runs, out[:L],
-                           self._token_sum("document", self.mass.shape[0], self.n)[:L] if tokens else None)
+                           self._token_sum(0, self.n)[:L] if tokens else None)
             return
         if self._keys is None:  # every layer has been recorded once: stack their keys, once
             self._keys, self._kdoc = torch.stack(self._kdoc), None                # [L, KVH, D, S]
@@ -389,7 +389,7 @@ class Tally:
         if rows[0][2] is None:  # every offloaded key, in order (`exact`): by runs of one passage
             logits = torch.stack([r[3] for r in rows]).reshape(L, Hq, -1)      # [L, Hq, N]
             scatter_shares(logits, lse.reshape(L, Hq), self.scale, self.offload_runs, out[:L],
-                           self._token_sum("offloaded", self.mass.shape[0], logits.shape[-1])[:L] if tokens else None)
+                           self._token_sum(self.offload_start, logits.shape[-1])[:L] if tokens else None)
             return
         K = max(r[2].shape[-1] for r in rows)  # the clustered index retrieves unequal numbers
         pad = lambda x, value: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=value)
@@ -424,9 +424,8 @@ class Tally:
         import torch
 
         self._flush()
-        for zone, sums in self._token_sums.items():  # scatter_shares' per-token sums, once
-            start = 0 if zone == "document" else self.offload_start
-            self.tokens[start:start + sums.shape[1]] += sums.sum(0, dtype=torch.float64)
+        for start, sums in self._token_sums.items():  # scatter_shares' per-token sums, once
+            self.tokens[start:start + sums.shape[1]] += sums.sum(0)
         self._token_sums = {}
         for layer, pe in self.cluster_mass.items():
             idx = self.clusters[layer]
