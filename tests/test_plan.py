@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from conftest import ROOT
 from core.attention import register
-from core.generation import prefill_layerwise
+from core.generation import QueryCapture, prefill_layerwise
+from core.outbox import Outbox
 from core.plan import PlanInput, Shape, parse_size, plan, read_shape
 from ra_cli.main import app
 
@@ -48,6 +49,15 @@ def test_plan_counts_what_the_model_allocates(cls, cfg_cls, tied):
     seen = []
     prefill_layerwise(model, np.zeros(n, np.int64), 32, lambda layer, start, k, v: seen.append(k.nbytes + v.nbytes))
     assert p["prefill_layer_kv_bytes"] == sum(seen) // cfg.num_hidden_layers
+    # what is on its way to the host at once: the engine's query samples, the Outbox's ring (deferred
+    # on the CPU as on a GPU), K/V in the store dtype (fp16 here, as the plan's store_bytes)
+    box = Outbox("cpu", defer=True)
+    samples = max(PlanInput(n).query_samples, n // 25)
+    q_pos = np.unique(np.linspace(0, n - 1, num=min(samples, n)).astype(np.int64))
+    prefill_layerwise(model, np.zeros(n, np.int64), 32, lambda *a: None,
+                      QueryCapture(q_pos, lambda *a: None, box), store_dtype=torch.float16, outbox=box)
+    one_row = 2 * cfg.num_attention_heads * shape.head_dim * 4  # a query position per chunk: the plan's margin
+    assert p["prefill_copy_out_bytes"] - one_row <= box.peak_bytes <= p["prefill_copy_out_bytes"]
 
 
 def test_plan_of_the_embedded_model_reads_the_gguf(smol):
