@@ -268,7 +268,8 @@ def overlapped_copies(device: str) -> dict:
     the host's writes while the next chunk computes) against a copy and write per chunk before the
     next: the same K/V and queries, bit for bit, on a model in the GPU's dtype. On the CPU the
     Outbox runs its ring with plain copies (defer=True). On CUDA also counts the calls that
-    synchronise with the GPU in each run (torch.cuda.set_sync_debug_mode)."""
+    synchronise with the GPU in each run (torch.cuda.set_sync_debug_mode; it does not see event
+    waits) and the outbox's deliveries that had to wait for their copy (Outbox.waits)."""
     import warnings
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -279,24 +280,27 @@ def overlapped_copies(device: str) -> dict:
     n = 4096 if device == "cuda" else 1024
     ids = np.random.default_rng(3).integers(0, 512, n)
     runs, syncs = {}, {}
-    for name, box in (("direct", None), ("outbox", Outbox(device, depth=2, defer=True))):
+    box = Outbox(device, defer=True)
+    for name, outbox in (("direct", None), ("outbox", box)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                runs[name] = layerwise_into_arrays(model, ids, 256, box, torch.float16)
+                runs[name] = layerwise_into_arrays(model, ids, 256, outbox, torch.float16)
             finally:
                 if device == "cuda":
                     torch.cuda.set_sync_debug_mode("default")
         syncs[name] = sum("synchroniz" in str(w.message) for w in caught)
     ok = all(np.array_equal(a, b) for a, b in zip(runs["direct"], runs["outbox"]))
-    what = (f"synchronising calls: {syncs['direct']} direct, {syncs['outbox']} through the outbox"
+    what = (f"synchronising calls: {syncs['direct']} direct, {syncs['outbox']} through the outbox, whose "
+            f"{box.delivered} deliveries waited for their copy {box.waits} times"
             if device == "cuda" else "the ring with plain copies on the CPU")
     say(f"exactness overlapped copy-out on {device}: {n:,} tokens, 4 layers, 256-token chunks, K/V and queries "
         f"through core/outbox.Outbox vs a copy per chunk: {'equal' if ok else 'DIFFER'} ({what}) "
         f"{'OK' if ok else 'FAIL'}")
-    return {"check": f"overlapped copy-out on {device}", "ok": ok, "syncs": syncs}
+    return {"check": f"overlapped copy-out on {device}", "ok": ok, "syncs": syncs, "deliveries": box.delivered,
+            "waits": box.waits}
 
 
 def overlap_timing(model, device: str, n: int = 8192, chunk: int = 1024) -> dict:
@@ -310,16 +314,19 @@ def overlap_timing(model, device: str, n: int = 8192, chunk: int = 1024) -> dict
     times = {"direct": [], "outbox": []}
     for rep in range(3):
         for name in ("direct", "outbox"):
+            box = Outbox(device) if name == "outbox" else None
             sync(device)
             t = time.perf_counter()
-            layerwise_into_arrays(model, ids, chunk, Outbox(device) if name == "outbox" else None, torch.float16)
+            layerwise_into_arrays(model, ids, chunk, box, torch.float16)
             sync(device)
             if rep:
                 times[name].append(time.perf_counter() - t)
     d, o = min(times["direct"]), min(times["outbox"])
     say(f"prefill copy-out, {n:,} tokens in {chunk:,}-token chunks, host arrays as the store: per chunk {d:.2f} s, "
-        f"overlapped (core/outbox.py) {o:.2f} s: {d / o:.2f}x (best of 2 each)")
-    return {"tokens": n, "direct_s": d, "overlapped_s": o, "speedup": d / o}
+        f"overlapped (core/outbox.py) {o:.2f} s: {d / o:.2f}x (best of 2 each; the last overlapped run's "
+        f"{box.delivered} deliveries waited for their copy {box.waits} times)")
+    return {"tokens": n, "direct_s": d, "overlapped_s": o, "speedup": d / o, "waits": box.waits,
+            "deliveries": box.delivered}
 
 
 def flash_prefill(device: str) -> dict:

@@ -379,11 +379,10 @@ class Engine:
                                      windows=windows, loc_start=extra.get("loc_start", 0), on_chunk=on_chunk)
             elif layerwise:
                 def on_layer(done, hidden):
-                    if due():
-                        w.checkpoint(done, _to_numpy(hidden), meta)
+                    w.checkpoint(done, _to_numpy(hidden), meta)
                 hidden = _from_numpy(state["hidden"], self.device) if kept else None
                 prefill_layerwise(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report,
-                                  start_layer=kept, hidden=hidden, on_layer=on_layer,
+                                  start_layer=kept, hidden=hidden, on_layer=on_layer, due=due,
                                   store_dtype=getattr(torch, s.kv_dtype), outbox=outbox)
             else:
                 prefill(self.model, prefix.ids, s.chunk_size, w.write_kv, capture, report)

@@ -52,6 +52,8 @@ def prefill(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCap
     Only the decoder body runs (no vocabulary projection: the prefix needs no logits). Peak memory
     is the prefix KV plus one chunk's activations.
     """
+    if capture is not None and capture.outbox is not None:
+        raise ValueError("prefill writes as it goes: give its QueryCapture no outbox")
     device = next(model.parameters()).device
     body = model.base_model
     cache = DynamicCache(config=model.config)
@@ -85,8 +87,8 @@ def layerwise_supported(model) -> bool:
 @torch.inference_mode()
 def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture: QueryCapture | None = None,
                       progress=None, start_layer: int = 0, hidden: torch.Tensor | None = None,
-                      on_layer=None, store_dtype: torch.dtype = torch.float32, one_buffer: bool | None = None,
-                      outbox=None) -> None:
+                      on_layer=None, due=None, store_dtype: torch.dtype = torch.float32,
+                      one_buffer: bool | None = None, outbox=None) -> None:
     """`prefill` with memory that does not grow with the layers: one layer at a time over the whole
     prefix. The hidden states of every token [1, N, H] stay on the device; layer i runs over them
     chunk by chunk (each chunk attends to the chunks before it through a cache holding this layer's
@@ -96,7 +98,8 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     activations (against all L layers' K/V for `prefill`).
 
     Resuming: `hidden` [1, N, H] is every token's state after layers [0, start_layer) (a
-    checkpoint); on_layer(layers_done, hidden) is called after each layer (to checkpoint it).
+    checkpoint); on_layer(layers_done, hidden) is called after a layer (to checkpoint it) when
+    due() says so (after every layer without `due`), every row of the layers done delivered.
     store_dtype: the K/V leave the device in it (fp16: half of fp32's bytes over the bus; the
     rounding is the one the store's own conversion would make).
     one_buffer: a layer's K/V in one buffer of the document's length, so that each chunk attends
@@ -104,8 +107,8 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     None: on CUDA (on the CPU the fused kernel per earlier chunk is kept: it is what BENCHMARKS.md
     measures).
     outbox: a core/outbox.Outbox the K/V leave through (give `capture` the same one): on a GPU the
-    copies and the store's writes then overlap the next chunk's compute; flushed at the end of
-    every layer, before on_layer, so a checkpoint never counts a layer whose rows are in flight.
+    copies and the store's writes then overlap the next chunk's compute, across layers too; flushed
+    before on_layer (a checkpoint never counts a layer whose rows are in flight) and at the end.
     None: each chunk's K/V are copied and written before the next chunk starts."""
     from .layer import PrefillKV, RaCache
 
@@ -135,13 +138,15 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
                 write_kv(i, start, k.cpu().numpy(), v.cpu().numpy())
             else:
                 outbox.send((k, v), lambda k, v, i=i, start=start: write_kv(i, start, k, v))
-        if outbox is not None:
-            outbox.flush()
-        del kv, cache
+        del kv, cache  # rows still on their way stay alive: core/outbox.py (record_stream)
         if progress:
             progress(int(n * (i + 1) / L), n)
-        if on_layer is not None and i + 1 < L:
+        if on_layer is not None and i + 1 < L and (due is None or due()):
+            if outbox is not None:
+                outbox.flush()
             on_layer(i + 1, hidden)
+    if outbox is not None:
+        outbox.flush()
 
 
 @torch.inference_mode()

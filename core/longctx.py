@@ -281,6 +281,8 @@ def prefill_long(model, ids, chunk_size: int, writer, scheme: RemapScheme, captu
     is called after each chunk (to checkpoint)."""
     from .layer import RaCache
 
+    if capture is not None and capture.outbox is not None:
+        raise ValueError("prefill_long writes as it goes: give its QueryCapture no outbox")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     rope = Rope(model)

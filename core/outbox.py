@@ -35,7 +35,10 @@ class Outbox:
         self.pending = deque()                   # (deliver, host views, slot, done event | None, bytes)
         self.stream = torch.cuda.Stream(self.device) if self.cuda and self.defer else None
         self.sent = self.delivered = 0
-        self.in_flight = self.peak_bytes = 0     # bytes sent and not yet delivered (on a GPU: held there)
+        self.waits = 0                           # deliveries that had to wait for their copy (CUDA)
+        # bytes sent and not yet delivered, as host buffers hold them; on a GPU the sources are held
+        # there until their copy completes, which is no later than their delivery
+        self.in_flight = self.peak_bytes = 0
 
     def send(self, tensors: tuple[torch.Tensor, ...], deliver: Callable[..., None]) -> None:
         """tensors: ready on the current stream (not to be written again by the caller: the copy
@@ -58,7 +61,7 @@ class Outbox:
                 for h, t in zip(host, tensors):
                     h.copy_(t, non_blocking=True)
                     t.record_stream(self.stream)  # the allocator keeps t until this stream is past the copy
-                done = self.stream.record_event()
+                done = self.stream.record_event(torch.cuda.Event(blocking=True))  # a wait sleeps: the host writes
         else:
             for h, t in zip(host, tensors):
                 h.copy_(t)
@@ -75,18 +78,23 @@ class Outbox:
     def _complete_oldest(self) -> None:
         deliver, host, slot, done, nbytes = self.pending.popleft()
         self.in_flight -= nbytes
-        if done is not None:
-            done.synchronize()
-        deliver(*[h.numpy() for h in host])
-        self.delivered += 1
-        self.slots.append(slot)
+        try:
+            if done is not None:
+                if not done.query():
+                    self.waits += 1
+                done.synchronize()
+            deliver(*[h.numpy() for h in host])
+            self.delivered += 1
+        finally:
+            self.slots.append(slot)
 
     def _view(self, slot: list, i: int, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor shaped like t, in slot's i-th buffer (pinned on CUDA), grown when too small."""
+        """A host tensor shaped like t, in slot's i-th buffer (pinned on CUDA), grown when too small
+        (to a power of two: sizes that vary by a row do not allocate pinned memory each time)."""
         nbytes = t.numel() * t.element_size()
         if len(slot) <= i:
             slot.append(None)
         if slot[i] is None or slot[i].numel() < nbytes:
-            slot[i] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+            slot[i] = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, pin_memory=self.cuda)
         return slot[i][:nbytes].view(t.dtype).view(t.shape)
 

@@ -204,8 +204,9 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
         step = max(step, KVH * offloaded * D * 2 + KVH * DEVICE_ROWS * offloaded * 2  # + scores of ROWS rows
                    + KVH * DEVICE_ROWS * DEVICE_WIDEN * x.top_k * D * (x.store_bytes + 4))  # + their keys, as stored and fp32
     decode_ws = shape.activations(1, w) + step
-    # on their way to the host (core/outbox.Outbox, 4 sends in flight): two chunks' K/V in the store dtype
-    # and their sampled queries in fp32 (every chunk has some: the samples are spread evenly)
+    # on their way to the host (core/outbox.Outbox at its default depth, 4 sends in flight, K/V and a
+    # chunk's sampled queries in turn): two chunks' K/V in the store dtype and their queries in fp32,
+    # held on the device until copied (every chunk has samples: they are spread evenly over the document)
     c = min(x.chunk, n)
     samples = min(n, max(x.query_samples, min(8192, n // 25)))
     copy_out = 2 * (c * 2 * KVH * D * x.store_bytes + shape.q_heads * (math.ceil(samples * c / n) + 1) * D * 4)

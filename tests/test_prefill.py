@@ -82,6 +82,17 @@ def test_copies_through_a_deferred_outbox_store_what_direct_copies_store():
     assert seen == [(layer, start) for layer in range(3) for start in chunks]  # in send order
     assert at_layer_end == [(d, [(layer, s) for layer in range(d) for s in chunks]) for d in (1, 2)]
     assert box.sent == box.delivered == 3 * len(chunks) + 3 * len(chunks)  # K/V and queries (every chunk has some)
+    # a checkpoint only when due: the rows stay in flight across layers, all delivered at the end
+    seen.clear()
+    box2, calls = Outbox("cpu", depth=2, defer=True), []
+    k3, v3, _ = _run(lambda model, ids, chunk, write, cap: prefill_layerwise(
+        model, ids, chunk, write, cap, one_buffer=True, outbox=box2, due=lambda: False,
+        on_layer=lambda *a: calls.append(a)), model, ids, 128, box2)
+    np.testing.assert_array_equal(k3, k1)
+    np.testing.assert_array_equal(v3, v1)
+    assert calls == [] and box2.sent == box2.delivered
+    with pytest.raises(ValueError, match="no outbox"):  # the chunked prefill writes at once
+        _run(prefill, model, ids, 128, Outbox("cpu", defer=True))
 
 
 def test_outbox_delivers_copies_in_order_and_holds_at_most_its_depth():
