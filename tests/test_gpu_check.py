@@ -79,3 +79,19 @@ def test_profiler_ranges_name_the_parts_and_change_no_result():
         # with trace (Settings.trace) the parts are named; without it no range is entered at all
         assert names(prof) == ({"ra.select", "ra.copy", "ra.attend"} if trace else set())
     assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_a_check_that_raises_is_a_failed_row_not_the_end_of_the_run(capsys):
+    """On a rare GPU run, a broken exactness step is reported as FAIL (and fails the exit code)
+    while the other checks and the scale run still go on."""
+    import runpy
+
+    check = runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"))
+
+    def broken(device):
+        raise RuntimeError("no such kernel")
+
+    row = check["guarded"](broken, "cpu")
+    assert row == {"check": "broken on cpu", "ok": False, "error": "RuntimeError: no such kernel"}
+    assert "exactness broken on cpu: raised RuntimeError: no such kernel FAIL" in capsys.readouterr().out
+    assert check["guarded"](lambda device: {"check": "fine", "ok": True}, "cpu")["ok"]
