@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .outbox import Outbox
+
 
 class QueryCapture:
     """Keeps the prefill queries at `positions` (sorted absolute positions) for each layer.
@@ -115,6 +117,7 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
     device = next(model.parameters()).device
     body = model.base_model
     n, L = len(ids), model.config.num_hidden_layers
+    outbox = Outbox(device, defer=False) if outbox is None else outbox  # not deferred: each send written at once
     if hidden is None:
         hidden = body.embed_tokens(torch.from_numpy(ids.astype(np.int64))[None].to(device))  # [1, N, H]
     chunks = [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
@@ -134,19 +137,14 @@ def prefill_layerwise(model, ids: np.ndarray, chunk_size: int, write_kv, capture
                                          position_embeddings=body.rotary_emb(x, position_ids=pos), ra_cache=cache)
             k = kv.k_chunks[-1][0].to(store_dtype).contiguous()  # [KVH, T, D]
             v = kv.v_chunks[-1][0].to(store_dtype).contiguous()
-            if outbox is None:
-                write_kv(i, start, k.cpu().numpy(), v.cpu().numpy())
-            else:
-                outbox.send((k, v), lambda k, v, i=i, start=start: write_kv(i, start, k, v))
+            outbox.send((k, v), lambda k, v, i=i, start=start: write_kv(i, start, k, v))
         del kv, cache  # rows still on their way stay alive: core/outbox.py (record_stream)
         if progress:
             progress(int(n * (i + 1) / L), n)
         if on_layer is not None and i + 1 < L and (due is None or due()):
-            if outbox is not None:
-                outbox.flush()
+            outbox.flush()
             on_layer(i + 1, hidden)
-    if outbox is not None:
-        outbox.flush()
+    outbox.flush()
 
 
 @torch.inference_mode()

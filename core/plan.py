@@ -208,8 +208,8 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
     # chunk's sampled queries in turn): two chunks' K/V in the store dtype and their queries in fp32,
     # held on the device until copied (every chunk has samples: they are spread evenly over the document)
     c = min(x.chunk, n)
-    samples = min(n, max(x.query_samples, min(8192, n // 25)))
-    copy_out = 2 * (c * 2 * KVH * D * x.store_bytes + shape.q_heads * (math.ceil(samples * c / n) + 1) * D * 4)
+    samples = max(x.query_samples, min(8192, n // 25))  # prefill queries kept (core/engine.Engine.query_count)
+    copy_out = 2 * (c * 2 * KVH * D * x.store_bytes + shape.q_heads * (math.ceil(min(n, samples) * c / n) + 1) * D * 4)
     prefill_peak = weights + hidden + one_layer + act + copy_out
     decode_peak = weights + static + device_index + decode_ws
     if x.index == "flat":  # the offloaded K and V in pinned host memory
@@ -220,7 +220,7 @@ def plan(shape: Shape, x: PlanInput, gpu_memory: int | None = None) -> dict:
         host_index = heads * (clusters * (D * 4 + 4 + 8 + 8) + offloaded * 8)
         if offloaded <= x.scan_max:  # its exact zone is a scan: an fp32 copy of the keys, and each key's cluster
             host_index += heads * offloaded * (D * 4 + 8)
-    queries = L * shape.q_heads * max(x.query_samples, min(8192, n // 25)) * D * x.store_bytes
+    queries = L * shape.q_heads * samples * D * x.store_bytes
     index_disk = 0 if x.index in ("flat", "exact") else heads * (clusters * (2 * D * 4 + 4 + 8) + offloaded * 4)
     disk = shape.kv_per_token(x.store_bytes) * n + queries + index_disk + n * 8
     out = {
